@@ -1,0 +1,169 @@
+"""Sora-style video diffusion transformer over spacetime patches.
+
+Patchify (t, h, w) -> tokens; blocks of [adaLN-zero self-attention with 3D RoPE] -> [cross-attention to text tokens]
+-> [adaLN-zero MLP]; adaLN final layer; unpatchify. Everything is real-valued and shape-derived from the input so it
+exports to ONNX for any latent shape.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiTConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like diffusion timesteps). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_dims(head_dim: int) -> tuple[int, int, int]:
+    """Split of the head dimension over (t, h, w); each part even (Wan-style split)."""
+    d = 2 * (head_dim // 6)
+    return head_dim - 2 * d, d, d
+
+
+def rope_cos_sin(grid_t: torch.Tensor | int, grid_h: torch.Tensor | int, grid_w: torch.Tensor | int,
+                 head_dim: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (N, head_dim // 2) for N = T*H*W tokens in (t, h, w) raster order."""
+    parts = []
+    for n, d in zip((grid_t, grid_h, grid_w), rope_dims(head_dim)):
+        pos = torch.arange(n, dtype=torch.float32, device=device)
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+        parts.append(pos[:, None] * inv[None])  # (n, d/2)
+    at, ah, aw = parts
+    T, H, W = at.shape[0], ah.shape[0], aw.shape[0]
+    ang = torch.cat([at[:, None, None, :].expand(T, H, W, -1),
+                     ah[None, :, None, :].expand(T, H, W, -1),
+                     aw[None, None, :, :].expand(T, H, W, -1)], dim=-1).reshape(T * H * W, head_dim // 2)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, heads, N, head_dim) by the angles in cos/sin (N, head_dim // 2)."""
+    xp = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, attn_mask):
+        B, N, D = x.shape
+        L, h = ctx.shape[1], self.heads
+        q = self.q_norm(self.q(x).view(B, N, h, D // h).transpose(1, 2))
+        k, v = self.kv(ctx).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, self.k_norm(k), v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(d, cfg.heads)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.cross = CrossAttention(d, cfg.heads)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_hidden, d))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x, c, ctx, attn_mask, cos, sin):
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), cos, sin)
+        x = x + self.cross(self.norm2(x), ctx, attn_mask)
+        return x + g2[:, None] * self.mlp(modulate(self.norm3(x), sh2, sc2))
+
+
+class VideoDiT(nn.Module):
+    """forward(latents (B,C,T,H,W), t (B,) in [0,1], text (B,L,text_dim), mask (B,L) bool) -> velocity like latents."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, (pt, ph, pw) = cfg.hidden, cfg.patch
+        self.patch_embed = nn.Linear(cfg.in_channels * pt * ph * pw, d)
+        self.t_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d),
+                                        nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final = nn.Linear(d, cfg.in_channels * pt * ph * pw)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for b in self.blocks:  # adaLN-zero: every residual branch starts closed
+            nn.init.zeros_(b.adaLN[-1].weight)
+            nn.init.zeros_(b.adaLN[-1].bias)
+        nn.init.zeros_(self.final_adaLN[-1].weight)
+        nn.init.zeros_(self.final_adaLN[-1].bias)
+        nn.init.zeros_(self.final.weight)
+
+    def patchify(self, x):
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.cfg.patch
+        x = x.reshape(B, C, T // pt, pt, H // ph, ph, W // pw, pw)
+        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, (T // pt) * (H // ph) * (W // pw), C * pt * ph * pw)
+
+    def unpatchify(self, x, T, H, W):
+        B, C = x.shape[0], self.cfg.in_channels
+        pt, ph, pw = self.cfg.patch
+        x = x.reshape(B, T // pt, H // ph, W // pw, C, pt, ph, pw)
+        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(B, C, T, H, W)
+
+    def forward(self, latents, t, text, mask):
+        T, H, W = latents.shape[2], latents.shape[3], latents.shape[4]
+        pt, ph, pw = self.cfg.patch
+        x = self.patch_embed(self.patchify(latents))
+        cos, sin = rope_cos_sin(T // pt, H // ph, W // pw, self.cfg.head_dim, self.cfg.rope_theta, latents.device)
+        c = self.t_embed(timestep_embedding(t, self.cfg.freq_dim).to(x.dtype))
+        ctx = self.text_embed(text.to(x.dtype))
+        attn_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, L): True = attend
+        for blk in self.blocks:
+            x = blk(x, c, ctx, attn_mask, cos, sin)
+        sh, sc = self.final_adaLN(c).chunk(2, dim=-1)
+        x = self.final(modulate(self.final_norm(x), sh, sc))
+        return self.unpatchify(x, T, H, W)

@@ -1,0 +1,129 @@
+"""Train the tiny model (causal VAE, then DiT) on the synthetic text-to-video world, on CPU.
+
+    vidrt train --out runs/tiny            # what produced models/weights/tiny
+Stage 1 trains the VAE on freshly rendered clips; stage 2 encodes a fixed clip set to latents and trains the DiT with
+the rectified-flow objective (velocity = noise - x0), 10% empty-prompt dropout for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .config import ModelConfig, preset
+from .dit import VideoDiT
+from .synthetic import Scene, render, split_scenes, to_tensor_range
+from .text import TextEncoder
+from .vae import CausalVAE
+
+
+def render_batch(scenes: list[Scene], cfg: ModelConfig, rng: np.random.Generator) -> torch.Tensor:
+    s = cfg.sample
+    return torch.from_numpy(np.stack([to_tensor_range(render(sc, s.num_frames, s.height, rng)) for sc in scenes]))
+
+
+def _cosine_lr(opt, step, steps, lr, warmup=50):
+    f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for g in opt.param_groups:
+        g["lr"] = lr * max(f, 0.02)
+
+
+def train_vae(cfg: ModelConfig, scenes: list[Scene], steps: int, batch: int = 16, lr: float = 2e-3,
+              kl_weight: float = 1e-6, seed: int = 0) -> CausalVAE:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = CausalVAE(cfg.vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        x = render_batch([scenes[i] for i in rng.integers(len(scenes), size=batch)], cfg, rng)
+        mean, logvar = vae.encode_stats(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = vae.decode(z)
+        mse = F.mse_loss(rec, x)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = mse + 0.1 * F.l1_loss(rec, x) + kl_weight * kl
+        _cosine_lr(opt, step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(mse=f"{mse.item():.5f}", kl=f"{kl.item():.2f}", refresh=False)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_clips(vae: CausalVAE, cfg: ModelConfig, scenes: list[Scene], per_scene: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    lat, idx = [], []
+    for i, sc in enumerate(tqdm(scenes, desc="encode", mininterval=5)):
+        lat.append(vae.encode(render_batch([sc] * per_scene, cfg, rng)))
+        idx += [i] * per_scene
+    return torch.cat(lat), torch.tensor(idx)
+
+
+def train_dit(cfg: ModelConfig, latents: torch.Tensor, scene_idx: torch.Tensor, text: torch.Tensor,
+              mask: torch.Tensor, null_text: torch.Tensor, null_mask: torch.Tensor, steps: int, batch: int = 64,
+              lr: float = 5e-4, p_uncond: float = 0.1, seed: int = 0) -> VideoDiT:
+    """latents are already normalised; text/mask are per scene; null_* is the empty prompt (1, L, D)."""
+    torch.manual_seed(seed)
+    dit = VideoDiT(cfg.dit)
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in dit.state_dict().items()}
+    bar = tqdm(range(steps), desc="dit", mininterval=5)
+    for step in bar:
+        j = torch.randint(len(latents), (batch,))
+        x0 = latents[j]
+        ctx, m = text[scene_idx[j]].clone(), mask[scene_idx[j]].clone()
+        drop = torch.rand(batch) < p_uncond
+        ctx[drop], m[drop] = null_text[0], null_mask[0]
+        t = torch.sigmoid(torch.randn(batch))  # logit-normal timesteps
+        noise = torch.randn_like(x0)
+        tt = t[:, None, None, None, None]
+        v = dit((1 - tt) * x0 + tt * noise, t, ctx, m)
+        loss = F.mse_loss(v, noise - x0)
+        _cosine_lr(opt, step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + step) / (10 + step))
+            for k, p in dit.state_dict().items():
+                ema[k].mul_(decay).add_(p, alpha=1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    dit.load_state_dict(ema)
+    return dit.eval()
+
+
+def train_tiny(out: str | Path, vae_steps: int = 1500, dit_steps: int = 4000, clips_per_scene: int = 32,
+               seed: int = 0, vae_dir: str | Path | None = None) -> Path:
+    """Full recipe; returns the checkpoint directory. `vae_dir` reuses a trained VAE (stage 2 only)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = preset("tiny")
+    train_scenes, _ = split_scenes()
+    t0 = time.time()
+    if vae_dir is not None:
+        from .checkpoint import _load_into
+        vae = CausalVAE(cfg.vae)
+        _load_into(vae, Path(vae_dir) / "vae.safetensors")
+        vae.eval()
+    else:
+        vae = train_vae(cfg, train_scenes, vae_steps, seed=seed)
+        save_checkpoint(Path(out) / "vae_only", cfg, VideoDiT(cfg.dit), vae)
+    latents, idx = encode_clips(vae, cfg, train_scenes, clips_per_scene, seed=seed + 1)
+    cfg.vae.latent_mean, cfg.vae.latent_std = float(latents.mean()), float(latents.std())
+    latents = (latents - cfg.vae.latent_mean) / cfg.vae.latent_std
+    te = TextEncoder(cfg.text)
+    text, mask = te.encode([s.prompt for s in train_scenes])
+    null_text, null_mask = te.encode([""])
+    dit = train_dit(cfg, latents, idx, text, mask, null_text, null_mask, dit_steps, seed=seed)
+    path = save_checkpoint(out, cfg, dit, vae)
+    print(f"trained tiny model in {time.time() - t0:.0f}s -> {path}")
+    return path

@@ -1,0 +1,181 @@
+"""Causal 3D convolutional VAE: spatial x8, temporal x4 (frames = 4k+1 -> latent frames k+1).
+
+Causality: every temporal conv pads only the past (replicating frame 0), so output frame i depends on inputs <= i.
+All norms are per position (RMS over channels), so decoding is local in time and temporal tiles with enough past
+context reproduce the full decode exactly (see `decode_tiled`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+
+
+class ChannelRMSNorm(nn.Module):
+    def __init__(self, ch: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(ch, 1, 1, 1))
+
+    def forward(self, x):  # (B, C, T, H, W)
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d whose time axis is padded with (kt - 1) copies of the first frame; spatial 'same' zero padding."""
+
+    def __init__(self, cin, cout, kernel=(3, 3, 3), stride=(1, 1, 1)):
+        super().__init__()
+        kt, kh, kw = kernel
+        self.time_pad = kt - 1
+        self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x):
+        if self.time_pad:
+            x = torch.cat([x[:, :, :1]] * self.time_pad + [x], dim=2)
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = ChannelRMSNorm(cin), CausalConv3d(cin, cout)
+        self.norm2, self.conv2 = ChannelRMSNorm(cout), CausalConv3d(cout, cout)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch, temporal: bool):
+        super().__init__()
+        self.spatial = nn.Conv3d(ch, ch, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.temporal = CausalConv3d(ch, ch, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x):  # T = 1 + 2m -> 1 + m when temporal
+        x = self.spatial(x)
+        return self.temporal(x) if self.temporal is not None else x
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch, temporal: bool):
+        super().__init__()
+        self.spatial = nn.Conv3d(ch, ch, (1, 3, 3), padding=(0, 1, 1))
+        self.temporal = CausalConv3d(ch, ch, (3, 1, 1)) if temporal else None
+
+    def forward(self, x):  # T = 1 + m -> 1 + 2m when temporal (frame 0 maps to one frame)
+        if self.temporal is not None:
+            x = torch.repeat_interleave(x, 2, dim=2)[:, :, 1:]
+            x = self.temporal(x)
+        B, C, T, H, W = x.shape
+        x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), scale_factor=2.0, mode="nearest")
+        x = x.reshape(B, T, C, 2 * H, 2 * W).transpose(1, 2)
+        return self.spatial(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.ch_mult]
+        self.conv_in = CausalConv3d(3, chs[0])
+        layers, cin = [], chs[0]
+        for i, ch in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(cin, ch))
+                cin = ch
+            if i < len(chs) - 1:
+                layers.append(Downsample(ch, cfg.temporal_down[i]))
+        self.down = nn.Sequential(*layers)
+        self.mid = ResBlock(cin, cin)
+        self.norm_out = ChannelRMSNorm(cin)
+        self.conv_out = CausalConv3d(cin, 2 * cfg.z_channels)
+
+    def forward(self, x):
+        h = self.mid(self.down(self.conv_in(x)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.ch_mult][::-1]
+        temporal_up = cfg.temporal_down[::-1]
+        self.conv_in = CausalConv3d(cfg.z_channels, chs[0])
+        self.mid = ResBlock(chs[0], chs[0])
+        layers, cin = [], chs[0]
+        for i, ch in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(cin, ch))
+                cin = ch
+            if i < len(chs) - 1:
+                layers.append(Upsample(ch, temporal_up[i]))
+        self.up = nn.Sequential(*layers)
+        self.norm_out = ChannelRMSNorm(cin)
+        self.conv_out = CausalConv3d(cin, 3)
+
+    def forward(self, z):
+        h = self.up(self.mid(self.conv_in(z)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def temporal_receptive_field(self) -> int:
+        """Latent frames of past context that can influence an output frame (an upper bound)."""
+        rate, lookback = 1, 0.0
+        for m in self.modules():
+            if isinstance(m, Upsample) and m.temporal is not None:
+                rate *= 2
+            if isinstance(m, CausalConv3d):
+                lookback += m.time_pad / rate
+        return math.ceil(lookback)
+
+
+class CausalVAE(nn.Module):
+    """Videos in [-1, 1], (B, 3, 4k+1, H, W) <-> latents (B, z, k+1, H/8, W/8)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x, sample: bool = False, generator: torch.Generator | None = None):
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        if not sample:
+            return mean
+        std = torch.exp(0.5 * logvar.clamp(-30, 20))
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    def encode_stats(self, x):
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def num_frames(self, latent_frames: int) -> int:
+        return (latent_frames - 1) * self.cfg.temporal_factor + 1
+
+    @torch.no_grad()
+    def decode_tiled(self, z, tile: int = 4, context: int | None = None):
+        """Decode `tile` latent frames at a time with `context` latent frames of past context per tile.
+
+        Memory is bounded by tile + context latent frames. With context >= the decoder's temporal receptive field + 1
+        (the default), the result equals `decode(z)` up to float rounding: no seams, no blending needed.
+        """
+        T, f = z.shape[2], self.cfg.temporal_factor
+        if tile < 1:
+            raise ValueError(f"tile must be >= 1 latent frame, got {tile}")
+        context = self.decoder.temporal_receptive_field() + 1 if context is None else context
+        out = []
+        for s in range(0, T, tile):
+            e, a = min(T, s + tile), max(0, s - context)
+            frames = self.decoder(z[:, :, a:e])
+            keep = 0 if s == a else 1 + f * (s - a - 1)  # tile-local index of latent s's first output frame
+            out.append(frames[:, :, keep:])
+        return torch.cat(out, dim=2)

