@@ -70,13 +70,15 @@ def evaluate(model, seeds, json_out):
 @main.command()
 @click.option("--out", required=True, help="Checkpoint directory to write")
 @click.option("--vae-steps", type=int, default=1000, show_default=True)
-@click.option("--dit-steps", type=int, default=3000, show_default=True)
+@click.option("--vae-finetune-steps", type=int, default=500, show_default=True,
+              help="VAE fine-tuning with object pixels weighted x10")
+@click.option("--dit-steps", type=int, default=2500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--vae-dir", help="Reuse the VAE of this checkpoint and train only the DiT")
-def train(out, vae_steps, dit_steps, seed, vae_dir):
-    """Train the tiny model on the synthetic world (CPU, ~40 min on 2 cores)."""
+@click.option("--vae-dir", help="Start from this checkpoint's VAE: skip the first VAE stage")
+def train(out, **kw):
+    """Train the tiny model on the synthetic world (CPU, about 50 min on 2 cores)."""
     from vidrt.models.train import train_tiny
-    train_tiny(out, vae_steps=vae_steps, dit_steps=dit_steps, seed=seed, vae_dir=vae_dir)
+    train_tiny(out, **kw)
 
 
 if __name__ == "__main__":
