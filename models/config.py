@@ -23,6 +23,9 @@ class DiTConfig:
     text_dim: int = 384
     rope_theta: float = 10000.0
     freq_dim: int = 256  # sinusoidal timestep embedding size
+    # False: DiT-style adaLN, a Linear(d, 6d) per block. True: Wan/PixArt "adaLN-single", one shared Linear(d, 6d)
+    # plus a learned (6, d) table per block (what the Wan2.1 and STDiT3 parameter counts assume).
+    shared_adaln: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -152,7 +155,7 @@ def _opensora() -> ModelConfig:
     return ModelConfig(
         "opensora-1.2",
         dit=DiTConfig(in_channels=4, hidden=1152, depth=28, heads=16, mlp_hidden=4608, patch=(1, 2, 2),
-                      text_dim=4096),
+                      text_dim=4096, shared_adaln=True),
         vae=VAEConfig(z_channels=4, base_channels=128),
         text=TextConfig(encoder="t5", max_length=300, dim=4096),
         sample=SampleDefaults(num_frames=51, height=240, width=432, num_inference_steps=30, guidance_scale=7.0))
@@ -163,7 +166,7 @@ def _wan() -> ModelConfig:
     return ModelConfig(
         "wan2.1-1.3b",
         dit=DiTConfig(in_channels=16, hidden=1536, depth=30, heads=12, mlp_hidden=8960, patch=(1, 2, 2),
-                      text_dim=4096),
+                      text_dim=4096, shared_adaln=True),
         vae=VAEConfig(z_channels=16, base_channels=96),
         text=TextConfig(encoder="umt5", max_length=512, dim=4096),
         sample=SampleDefaults(num_frames=81, height=480, width=832, num_inference_steps=50, guidance_scale=5.0,

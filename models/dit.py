@@ -104,10 +104,17 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.mlp_hidden, d))
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.shared_adaln:
+            self.adaLN_table = nn.Parameter(torch.zeros(1, 6, d))
+        else:
+            self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x, c, ctx, attn_mask, cos, sin):
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
+        """c: (B, d) timestep embedding, or (B, 6, d) shared modulation when cfg.shared_adaln."""
+        if c.dim() == 3:
+            sh1, sc1, g1, sh2, sc2, g2 = (c + self.adaLN_table).unbind(1)
+        else:
+            sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), cos, sin)
         x = x + self.cross(self.norm2(x), ctx, attn_mask)
         return x + g2[:, None] * self.mlp(modulate(self.norm3(x), sh2, sc2))
@@ -124,6 +131,7 @@ class VideoDiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.text_embed = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d),
                                         nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.adaLN_shared = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d)) if cfg.shared_adaln else None
         self.blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -135,9 +143,10 @@ class VideoDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for b in self.blocks:  # adaLN-zero: every residual branch starts closed
-            nn.init.zeros_(b.adaLN[-1].weight)
-            nn.init.zeros_(b.adaLN[-1].bias)
+        for lin in [b.adaLN[-1] for b in self.blocks if not self.cfg.shared_adaln] + (
+                [self.adaLN_shared[-1]] if self.cfg.shared_adaln else []):
+            nn.init.zeros_(lin.weight)  # adaLN-zero: every residual branch starts closed
+            nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.final_adaLN[-1].weight)
         nn.init.zeros_(self.final_adaLN[-1].bias)
         nn.init.zeros_(self.final.weight)
@@ -162,8 +171,9 @@ class VideoDiT(nn.Module):
         c = self.t_embed(timestep_embedding(t, self.cfg.freq_dim).to(x.dtype))
         ctx = self.text_embed(text.to(x.dtype))
         attn_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, L): True = attend
+        mod = self.adaLN_shared(c).unflatten(-1, (6, -1)) if self.adaLN_shared is not None else c
         for blk in self.blocks:
-            x = blk(x, c, ctx, attn_mask, cos, sin)
+            x = blk(x, mod, ctx, attn_mask, cos, sin)
         sh, sc = self.final_adaLN(c).chunk(2, dim=-1)
         x = self.final(modulate(self.final_norm(x), sh, sc))
         return self.unpatchify(x, T, H, W)
