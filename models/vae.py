@@ -162,12 +162,14 @@ class CausalVAE(nn.Module):
         return (latent_frames - 1) * self.cfg.temporal_factor + 1
 
     @torch.no_grad()
-    def decode_tiled(self, z, tile: int = 4, context: int | None = None):
+    def decode_tiled(self, z, tile: int = 4, context: int | None = None, decode_fn=None):
         """Decode `tile` latent frames at a time with `context` latent frames of past context per tile.
 
         Memory is bounded by tile + context latent frames. With context >= the decoder's temporal receptive field + 1
         (the default), the result equals `decode(z)` up to float rounding: no seams, no blending needed.
+        `decode_fn` replaces the PyTorch decoder for each tile (an ONNX/TensorRT session of the same graph).
         """
+        decode_fn = decode_fn or self.decoder
         T, f = z.shape[2], self.cfg.temporal_factor
         if tile < 1:
             raise ValueError(f"tile must be >= 1 latent frame, got {tile}")
@@ -175,7 +177,7 @@ class CausalVAE(nn.Module):
         out = []
         for s in range(0, T, tile):
             e, a = min(T, s + tile), max(0, s - context)
-            frames = self.decoder(z[:, :, a:e])
+            frames = decode_fn(z[:, :, a:e])
             keep = 0 if s == a else 1 + f * (s - a - 1)  # tile-local index of latent s's first output frame
             out.append(frames[:, :, keep:])
         return torch.cat(out, dim=2)

@@ -174,3 +174,18 @@ def test_compare_metrics():
     q = ox.compare(ref, np.array([4.0, -3.0], np.float32), "2")  # orthogonal, same norm
     assert q.cosine == pytest.approx(0.0, abs=1e-9) and q.rel_l2 == pytest.approx(2 ** 0.5)
     assert not ox.compare(ref, np.array([np.nan, 0], np.float32), "2").ok(1.0)
+
+
+def test_onnx_tiles_reproduce_the_full_pytorch_decode(tiny_bundle):
+    """The exported tile graph, driven tile by tile, equals the PyTorch decoder on the whole latent video."""
+    out, man = tiny_bundle
+    cfg, _, vae = load_model("tiny")
+    sess = ox.ort_session(out / "vae_decoder.fp32.onnx")
+    z = torch.randn(1, 8, 23, 4, 4, generator=torch.Generator().manual_seed(0))  # 89 frames, > one tile
+    dec = ox._Decoder(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    with torch.no_grad():
+        full = dec(z)
+    tiled = vae.decode_tiled(z, tile=man["vae_tile"],
+                             decode_fn=lambda t: torch.from_numpy(sess.run(None, {"latents": t.numpy()})[0]))
+    assert tiled.shape == full.shape == (1, 3, 89, 32, 32)
+    torch.testing.assert_close(tiled, full, atol=2e-5, rtol=1e-5)
