@@ -18,13 +18,12 @@ import torch
 from torch import nn
 
 from vidrt.models.config import ModelConfig
-from vidrt.models.dit import VideoDiT
 from vidrt.models.vae import CausalVAE
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, with headroom
 
-# Part name -> (input names, output names, dynamic axes)
+# (input names, output names, dynamic axes) per part
 DIT_IO = (["latents", "timestep", "text", "text_mask"], ["velocity"], {
     "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
     "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
@@ -34,9 +33,10 @@ VAE_IO = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "heig
 TEXT_IO = (["input_ids", "attention_mask"], ["text"], {
     "input_ids": {0: "batch", 1: "text_len"}, "attention_mask": {0: "batch", 1: "text_len"},
     "text": {0: "batch", 1: "text_len"}})
+IO = {"text_encoder": TEXT_IO, "dit": DIT_IO, "vae_decoder": VAE_IO}
 
 
-class _Decoder(nn.Module):
+class DecoderPart(nn.Module):
     """The VAE decoder as exported: de-normalised DiT latents in, video in [-1, 1] out (one temporal tile)."""
 
     def __init__(self, vae: CausalVAE, mean: float, std: float):
@@ -64,7 +64,7 @@ def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int],
     return {"latents": torch.randn(batch, cfg.vae.z_channels, *latent_shape, generator=g)}
 
 
-def _export(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
+def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
             external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     names, outs, axes = io
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,23 +84,6 @@ def _export(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
     else:
         onnx.save_model(model, str(path))
     return path
-
-
-def export_dit(dit: VideoDiT, cfg: ModelConfig, path: str | Path, latent_shape=None, **kw) -> Path:
-    latent_shape = latent_shape or cfg.latent_shape(cfg.sample.num_frames, cfg.sample.height, cfg.sample.width)[1:]
-    return _export(dit, dit_inputs(cfg, 2, latent_shape), DIT_IO, Path(path), **kw)
-
-
-def export_vae_decoder(vae: CausalVAE, cfg: ModelConfig, path: str | Path, latent_shape=None, **kw) -> Path:
-    latent_shape = latent_shape or cfg.latent_shape(cfg.sample.num_frames, cfg.sample.height, cfg.sample.width)[1:]
-    mod = _Decoder(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
-    return _export(mod, vae_inputs(cfg, 1, latent_shape), VAE_IO, Path(path), **kw)
-
-
-def export_text_encoder(text_encoder, path: str | Path, **kw) -> Path:
-    tok = text_encoder.tokenize(["a red circle moving left on a blue background", "x"])
-    inputs = {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
-    return _export(text_encoder, inputs, TEXT_IO, Path(path), **kw)
 
 
 @dataclass

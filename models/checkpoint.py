@@ -65,6 +65,6 @@ def load_model(model: str | Path = "tiny", seed: int = 0) -> tuple[ModelConfig, 
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in dit.named_parameters():
-                if "adaLN" in name and p.dim() > 1 or name.startswith("final") and p.dim() > 1:
+                if p.dim() > 1 and ("adaLN" in name or name.startswith("final")):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return cfg, dit.eval(), vae.eval()

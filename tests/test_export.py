@@ -182,7 +182,7 @@ def test_onnx_tiles_reproduce_the_full_pytorch_decode(tiny_bundle):
     cfg, _, vae = load_model("tiny")
     sess = ox.ort_session(out / "vae_decoder.fp32.onnx")
     z = torch.randn(1, 8, 23, 4, 4, generator=torch.Generator().manual_seed(0))  # 89 frames, > one tile
-    dec = ox._Decoder(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    dec = ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     with torch.no_grad():
         full = dec(z)
     tiled = vae.decode_tiled(z, tile=man["vae_tile"],

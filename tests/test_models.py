@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vidrt.models.checkpoint import load_model
 from vidrt.models.config import ConfigError, ModelConfig, preset
