@@ -1,6 +1,6 @@
 from setuptools import setup
 
-AREAS = ["models", "runtime", "export"]
+AREAS = ["models", "runtime", "export", "calibration"]
 
 setup(
     name="vidrt",

@@ -68,6 +68,33 @@ def evaluate(model, seeds, json_out):
 
 
 @main.command()
+@click.option("--model", default="tiny", show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="One prompt per line ('#' comments); default: the project's prompts + the six Sora prompts")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Calibration set directory to create")
+@click.option("--frames", "num_frames", type=int)
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--steps", "num_inference_steps", type=int)
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds per prompt")
+@click.option("--overwrite", is_flag=True)
+def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
+    """Capture DiT and VAE-decoder inputs on real sampling trajectories (calibration set for INT8/FP8)."""
+    from vidrt.calibration.capture import CalibrationError, capture, default_prompts, read_prompts
+    from vidrt.export.bundle import BundleError
+    from vidrt.runtime.pipeline import Pipeline
+    try:
+        prompts = read_prompts(prompts_file) if prompts_file else default_prompts()
+        m = capture(Pipeline(model), prompts, out, seeds=tuple(int(x) for x in seeds.split(",")),
+                    overwrite=overwrite, **{k: v for k, v in kw.items() if v is not None})
+    except (ConfigError, CalibrationError, BundleError, ValueError) as e:
+        _fail(e)
+    n = len(m["shards"]) * m["steps"] * m["cfg_batch"]
+    click.echo(f"wrote {out}: {len(m['shards'])} trajectories, {n} DiT input samples, "
+               f"video {'x'.join(map(str, m['video_shape']))}, {m['steps']} steps")
+
+
+@main.command()
 @click.option("--out", required=True, help="Checkpoint directory to write")
 @click.option("--vae-steps", type=int, default=1000, show_default=True)
 @click.option("--vae-finetune-steps", type=int, default=500, show_default=True,

@@ -75,10 +75,11 @@ class Pipeline:
         u8 = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
         return list(u8)
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
-                 shift: float | None = None, decode_tile: int = 4, progress: bool = True) -> VideoOutput:
+    def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
+                       num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                       num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                       solver: str = "euler", shift: float | None = None, progress: bool = True) -> torch.Tensor:
+        """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
         s = self.cfg.sample
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -95,9 +96,13 @@ class Pipeline:
 
         gen = torch.Generator().manual_seed(seed)  # noise drawn on CPU: same video on every device
         latents = torch.randn((len(prompts), *shape), generator=gen).to(self.device, self.dtype)
-        if g > 1.0:
-            text, mask = self.encode_prompts(negs + prompts)
-        else:
-            text, mask = self.encode_prompts(prompts)
-        latents = self.denoise(latents, text, mask, g, sched, progress)
-        return VideoOutput(self.decode(latents, tile=decode_tile), fps=s.fps)
+        text, mask = self.encode_prompts(negs + prompts if g > 1.0 else prompts)
+        return self.denoise(latents, text, mask, g, sched, progress)
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
+                 shift: float | None = None, decode_tile: int = 4, progress: bool = True) -> VideoOutput:
+        latents = self.sample_latents(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                                      guidance_scale, seed, solver, shift, progress)
+        return VideoOutput(self.decode(latents, tile=decode_tile), fps=self.cfg.sample.fps)

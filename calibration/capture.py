@@ -1,0 +1,137 @@
+"""Calibration sets captured on real sampling trajectories.
+
+`capture()` runs the reference pipeline over a prompt list and records every DiT call's inputs (both CFG branches,
+every sampled timestep) and the VAE decoder's input, as safetensors shards plus manifest.json (prompts, seeds, steps,
+shapes, model digest, SHA-256 per shard). `load_set()` verifies a set against the model and shape it is used for.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from vidrt.export.bundle import BundleWriter
+from vidrt.models.config import ModelConfig
+from vidrt.models.synthetic import split_scenes
+
+SORA_PROMPTS = [
+    "A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage",
+    "A litter of golden retriever puppies playing in the snow",
+    "A drone camera circles around a beautiful historic church built on a rocky outcropping along the Amalfi Coast",
+    "Borneo wildlife on the Kinabatangan River",
+    "A Chinese Lunar New Year celebration video with Chinese Dragon",
+    "Reflections in the window of a train traveling through the Tokyo suburbs",
+]
+
+
+class CalibrationError(ValueError):
+    """Bad or mismatched calibration input; the message names the fix."""
+
+
+def default_prompts() -> list[str]:
+    """The project's own training prompts (every 8th scene: all colours, directions, backgrounds) + the Sora six."""
+    train, _ = split_scenes()
+    return [s.prompt for s in train[::8]] + SORA_PROMPTS
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"prompt file {str(p)!r} does not exist")
+    prompts = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise CalibrationError(f"prompt file {str(p)!r} has no prompts: write one prompt per line")
+    return prompts
+
+
+def model_digest(cfg: ModelConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Recorder(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, latents, timestep, text, mask):
+        self.calls.append((latents.detach().clone(), timestep.detach().clone(), text.detach().clone(),
+                           mask.detach().clone()))
+        return self.inner(latents, timestep, text, mask)
+
+
+def _check_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CalibrationError(f"{name}: captured {k} has NaN/inf values; the model or its inputs are broken "
+                                   "(check the checkpoint and the guidance scale) and cannot be calibrated on")
+
+
+def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = None, height: int | None = None,
+            width: int | None = None, num_inference_steps: int | None = None, seeds: tuple[int, ...] = (0,),
+            guidance_scale: float | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run `pipe` on every prompt x seed, record DiT and VAE-decoder inputs; returns the manifest."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise CalibrationError("the prompt list is empty or has an empty prompt: give one prompt per line")
+    cfg, s = pipe.cfg, pipe.cfg.sample
+    num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
+    steps = num_inference_steps or s.num_inference_steps
+    guidance = s.guidance_scale if guidance_scale is None else guidance_scale
+    latent_shape = cfg.latent_shape(num_frames, height, width)
+    shards = []
+    with BundleWriter(out, overwrite=overwrite) as w:
+        inner, rec = pipe.dit, _Recorder(pipe.dit)
+        pipe.dit = rec
+        try:
+            jobs = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
+            for i, prompt, seed in tqdm(jobs, desc="calibrate", disable=not progress):
+                rec.calls.clear()
+                lat = pipe.sample_latents(prompt, "", num_frames, height, width, steps, guidance, seed,
+                                          progress=False).float().cpu()
+                dit = {k: torch.stack([c[j] for c in rec.calls]) for j, k in
+                       enumerate(("latents", "timestep", "text", "text_mask"))}
+                name = f"shard_{len(shards):04d}"
+                _check_finite(f"{name} ({prompt!r}, seed {seed})", {**dit, "vae_latents": lat})
+                save_file({**{f"dit.{k}": v.contiguous() for k, v in dit.items()}, "vae.latents": lat.contiguous()},
+                          str(w.dir / f"{name}.safetensors"))
+                shards.append({"file": f"{name}.safetensors", "prompt": prompt, "seed": seed})
+        finally:
+            pipe.dit = inner
+        manifest = {"kind": "vidrt-calibration", "model": cfg.name, "model_digest": model_digest(cfg),
+                    "video_shape": [num_frames, height, width], "latent_shape": list(latent_shape),
+                    "steps": steps, "guidance_scale": guidance, "cfg_batch": 2 if guidance > 1 else 1,
+                    "seeds": list(seeds), "shards": shards}
+        w.finish(manifest)
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, int] | None = None) -> dict:
+    """Verify and load a calibration set: {'dit': {name: (N, ...)}, 'vae': {'latents': (M, ...)}, 'manifest'}.
+    Refuses a set captured on another model or shape, a corrupt shard, or NaN/inf values."""
+    from vidrt.export.bundle import BundleError, load_manifest
+    try:
+        m = load_manifest(path, check_versions=False)
+    except BundleError as e:
+        raise CalibrationError(f"calibration set {path}: {e}") from e
+    if m.get("kind") != "vidrt-calibration":
+        raise CalibrationError(f"{path} is not a calibration set (run `vidrt calibrate`)")
+    if m["model_digest"] != model_digest(cfg):
+        raise CalibrationError(f"calibration set {path} was captured on model {m['model']!r} with another "
+                               f"config than {cfg.name!r}; re-run `vidrt calibrate --model` for this model")
+    if video_shape is not None and list(video_shape) != m["video_shape"]:
+        raise CalibrationError(f"calibration set {path} is for {'x'.join(map(str, m['video_shape']))} videos, not "
+                               f"{'x'.join(map(str, video_shape))}; capture one for this shape")
+    dit, vae = {}, []
+    for sh in m["shards"]:
+        t = load_file(str(Path(path) / sh["file"]))
+        _check_finite(sh["file"], t)
+        for k, v in t.items():
+            if k.startswith("dit."):
+                dit.setdefault(k[4:], []).append(v.flatten(0, 1))  # (steps * cfg_batch, ...)
+        vae.append(t["vae.latents"])
+    return {"dit": {k: torch.cat(v) for k, v in dit.items()}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
+
