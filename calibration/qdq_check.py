@@ -29,8 +29,11 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
             consumers.setdefault(i, []).append(n)
     errors, summary = [], {"quantize": 0, "dequantize": 0, "per_channel_weights": 0, "dtypes": set()}
 
+    def const_proto(name):
+        return inits.get(name, consts.get(name)) if name else None
+
     def const(name):
-        t = inits.get(name) if name in inits else consts.get(name)
+        t = const_proto(name)
         return None if t is None else numpy_helper.to_array(t)
 
     for n in g.node:
@@ -43,8 +46,7 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
             errors.append(f"{where}: scale {n.input[1]!r} is computed at run time; TensorRT needs a constant")
         elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
             errors.append(f"{where}: scale has non-positive or non-finite values")
-        zp_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
-        zp_t = (inits.get(zp_name) or consts.get(zp_name)) if zp_name else None
+        zp_t = const_proto(n.input[2] if len(n.input) > 2 else "")
         if zp_t is None and n.op_type == "QuantizeLinear" and not any(a.name == "output_dtype" for a in n.attribute):
             errors.append(f"{where}: no zero point, so ONNX makes it uint8; give an int8 zero point of 0")
         if zp_t is not None:

@@ -53,7 +53,7 @@ def profiles_for(part: str, cfg: ModelConfig, buckets: list[Bucket], max_batch: 
                 "text": ((1, L, cfg.text.dim), (B, L, cfg.text.dim), (B, L, cfg.text.dim)),
                 "text_mask": ((1, L), (B, L), (B, L))})
         elif part == "vae_decoder":
-            ctx = _vae_context(cfg)  # past context frames of a temporal tile (decoder receptive field + 1)
+            ctx = _vae_context(cfg)  # past context frames of a temporal tile
             tmax = min(t, vae_tile + ctx)
             profiles.append({"latents": ((1, c, 1, h, w), (1, c, tmax, h, w), (1, c, tmax, h, w))})
         elif part == "text_encoder":
@@ -71,7 +71,7 @@ def _vae_context(cfg: ModelConfig) -> int:
     import torch
     from vidrt.models.vae import Decoder
     with torch.device("meta"):
-        return Decoder(cfg.vae).temporal_receptive_field() + 1
+        return Decoder(cfg.vae).tile_context()
 
 
 def trt_version() -> str | None:

@@ -156,9 +156,10 @@ class VideoDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for lin in [b.adaLN[-1] for b in self.blocks if not self.cfg.shared_adaln] + (
-                [self.adaLN_shared[-1]] if self.cfg.shared_adaln else []):
-            nn.init.zeros_(lin.weight)  # adaLN-zero: every residual branch starts closed
+        # adaLN-zero: every residual branch starts closed
+        mods = [self.adaLN_shared[-1]] if self.cfg.shared_adaln else [b.adaLN[-1] for b in self.blocks]
+        for lin in mods:
+            nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         nn.init.zeros_(self.final_adaLN[-1].weight)
         nn.init.zeros_(self.final_adaLN[-1].bias)

@@ -134,6 +134,10 @@ class Decoder(nn.Module):
                 lookback += m.time_pad / rate
         return math.ceil(lookback)
 
+    def tile_context(self) -> int:
+        """Past latent frames a temporal tile needs to decode exactly like the full video."""
+        return self.temporal_receptive_field() + 1
+
 
 class CausalVAE(nn.Module):
     """Videos in [-1, 1], (B, 3, 4k+1, H, W) <-> latents (B, z, k+1, H/8, W/8)."""
@@ -173,7 +177,7 @@ class CausalVAE(nn.Module):
         T, f = z.shape[2], self.cfg.temporal_factor
         if tile < 1:
             raise ValueError(f"tile must be >= 1 latent frame, got {tile}")
-        context = self.decoder.temporal_receptive_field() + 1 if context is None else context
+        context = self.decoder.tile_context() if context is None else context
         out = []
         for s in range(0, T, tile):
             e, a = min(T, s + tile), max(0, s - context)
