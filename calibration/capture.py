@@ -133,5 +133,6 @@ def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, in
             if k.startswith("dit."):
                 dit.setdefault(k[4:], []).append(v.flatten(0, 1))  # (steps * cfg_batch, ...)
         vae.append(t["vae.latents"])
-    return {"dit": {k: torch.cat(v) for k, v in dit.items()}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
+    order = ("latents", "timestep", "text", "text_mask")  # the DiT's argument order (shards store keys sorted)
+    return {"dit": {k: torch.cat(dit[k]) for k in order}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
 

@@ -23,6 +23,7 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     consts = {n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute}
+    producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
@@ -60,7 +61,9 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
                 errors.append(f"{where}: zero point is not 0 (asymmetric); TensorRT needs symmetric quantization")
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         if scale is not None and scale.size > 1:  # per-channel: only weights, on the output-channel axis
-            x = const(n.input[0])
+            src = producer.get(n.input[0])
+            # a weight is a constant, stored quantized or as a float constant behind its own QuantizeLinear
+            x = const(src.input[0] if src is not None and src.op_type == "QuantizeLinear" else n.input[0])
             if x is None:
                 errors.append(f"{where}: per-channel scales on an activation; use per-tensor for activations")
                 continue

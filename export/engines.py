@@ -19,7 +19,8 @@ from .tensorrt import Bucket, build_engine, profiles_for, trt_unavailable_reason
 
 FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANT = ("int8", "fp8")
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}  # rel L2 vs the fp32 PyTorch part
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2,  # rel L2 vs the fp32 PyTorch part
+             "int8": 0.15, "fp8": 0.25}  # quantized: on held-out captured inputs (tiny measures 0.07 / 0.14)
 PARTS = ("text_encoder", "dit", "vae_decoder")
 
 
@@ -77,19 +78,29 @@ def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
 def export_engines(model: str, out: str | Path, precisions: list[str], buckets: list[Bucket], tile: int = 4,
                    max_batch: int = 2, build: bool = True, overwrite: bool = False, opt_level: int = 3,
                    external_threshold: int = ox.EXTERNAL_DATA_THRESHOLD, progress: bool = True,
-                   parts: tuple[str, ...] = PARTS) -> dict:
+                   parts: tuple[str, ...] = PARTS, calib: str | Path | None = None, recipe=None,
+                   quality: bool = True) -> dict:
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
-    is written then) and ConfigError on bad input."""
+    is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
+    (recipe: calibration.quantize.QuantRecipe fields; the VAE decoder and text encoder stay float)."""
     bad = [p for p in precisions if p not in FLOAT and p not in QUANT]
     if bad or not precisions:
         raise ConfigError(f"unknown precision {', '.join(bad) or '(none)'}; choose from fp32,fp16,bf16,int8,fp8")
     quant = [p for p in precisions if p in QUANT]
-    if quant:
-        raise ConfigError(f"{','.join(quant)} need calibrated Q/DQ graphs (`vidrt calibrate`, then "
-                          "--calib DIR), which this version does not have yet; export fp32/fp16/bf16 for now")
+    if quant and calib is None:
+        raise ConfigError(f"{','.join(quant)} need a calibration set: run `vidrt calibrate --model {model} --out DIR` "
+                          "and pass --calib DIR")
     cfg, dit, vae = load_model(model)
     for b in buckets:
         cfg.latent_shape(b.frames, b.height, b.width)  # clear error before any work
+    calib_set = None
+    if quant:
+        from vidrt.calibration.capture import load_set
+        calib_set = load_set(calib, cfg)  # refuses another model's set, corrupt shards, NaN/inf
+        if str(Bucket(*calib_set["manifest"]["video_shape"])) not in [str(b) for b in buckets]:
+            raise ConfigError(f"calibration set {calib} was captured at {Bucket(*calib_set['manifest']['video_shape'])}"
+                              f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
+                              "--bucket or capture a set at a bucket shape")
     te = None
     if "text_encoder" in parts:
         from vidrt.models.text import TextEncoder
@@ -102,12 +113,25 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 "opset": ox.OPSET, "parts": {}, "validation": {},
                 "engines": {"built": skip_reason is None, "skipped_reason": skip_reason}}
     # The text encoder runs once per video: it stays fp32 (HF BERT's fp16 export mixes types, and it is not the cost).
-    jobs = [(part, prec) for part in parts for prec in (["fp32"] if part == "text_encoder" else precisions)]
+    floats = [p for p in precisions if p in FLOAT] or ["fp32"]  # quantized bundles still need a float VAE
+    jobs = [(part, prec) for part in parts for prec in
+            (["fp32"] if part == "text_encoder" else precisions if part == "dit" else floats)]
+    if quant:
+        manifest["calibration"] = {"set": str(calib), "manifest_digest": calib_set["manifest"]["digest"],
+                                   "video_shape": calib_set["manifest"]["video_shape"]}
+        manifest["quality"] = {}
     with BundleWriter(out, overwrite=overwrite) as w:
         for part, prec in tqdm(jobs, desc="export", disable=not progress):
             name = f"{part}.{prec}"
             t0 = time.time()
             ref = modules[part]
+            if prec in QUANT:
+                path, report, qual = _quantized_dit(w.dir, cfg, dit, model, calib_set, prec, recipe or {},
+                                                    quality, "dit.fp32" not in [f"{a}.{b}" for a, b in jobs])
+                manifest["validation"][name], manifest["quality"][name] = report, qual
+                manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason,
+                                                 out, opt_level, t0)
+                continue
             m = ref if prec == "fp32" else _Cast(copy.deepcopy(ref), FLOAT[prec])
             cases = _cases(part, cfg, buckets, te.tokenize if te else None, tile)
             # trace with the largest validation input; the axes are dynamic, so any in-range shape serves
@@ -127,19 +151,63 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 worst = max(report["parity"], key=lambda p: p["rel_l2"])
                 raise ExportError(f"{name}: onnxruntime output differs from PyTorch (rel L2 {worst['rel_l2']:.2e} "
                                   f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
-            entry = {"part": part, "precision": prec, "onnx": path.name,
-                     "external_data": sorted(p.name for p in w.dir.glob(path.name + ".data")),
-                     "profiles": [{k: [list(s) for s in v] for k, v in pr.items()}
-                                  for pr in profiles_for(part, cfg, buckets, max_batch, tile)],
-                     "engine": None, "seconds": round(time.time() - t0, 2)}
-            if skip_reason is None:
-                entry["engine"] = build_engine(path, w.dir / f"{name}.plan", [
-                    {k: tuple(map(tuple, v)) for k, v in pr.items()} for pr in entry["profiles"]],
-                    timing_cache=Path(out).parent / "timing.cache", opt_level=opt_level).name
-            manifest["parts"][name] = entry
+            manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out,
+                                             opt_level, t0)
             manifest["validation"][name] = report
         w.finish(manifest)
     return load_manifest(out)
+
+
+def _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out, opt_level, t0) -> dict:
+    entry = {"part": part, "precision": prec, "onnx": path.name,
+             "external_data": sorted(p.name for p in w.dir.glob(path.name + ".data")),
+             "profiles": [{k: [list(s) for s in v] for k, v in pr.items()}
+                          for pr in profiles_for(part, cfg, buckets, max_batch, tile)],
+             "engine": None, "seconds": round(time.time() - t0, 2)}
+    if skip_reason is None:
+        entry["engine"] = build_engine(path, w.dir / f"{part}.{prec}.plan", [
+            {k: tuple(map(tuple, v)) for k, v in pr.items()} for pr in entry["profiles"]],
+            timing_cache=Path(out).parent / "timing.cache", opt_level=opt_level).name
+    return entry
+
+
+def _quantized_dit(d: Path, cfg: ModelConfig, dit: nn.Module, model: str, calib_set: dict, prec: str, recipe: dict,
+                   quality: bool, drop_fp32: bool) -> tuple[Path, dict, dict | None]:
+    """Calibrate + quantize the fp32 DiT graph; check TensorRT's Q/DQ rules; parity on held-out captured inputs;
+    the quality report (per-step error, video PSNR/SSIM, faithfulness on tiny). Returns (path, validation, quality)."""
+    import onnx
+    from vidrt.calibration import quantize as Q
+    from vidrt.calibration.qdq_check import check_tensorrt_qdq
+    rec = Q.QuantRecipe(precision=prec, **recipe)
+    cal, val = Q.split_samples(calib_set["dit"])
+    fp32 = d / "dit.fp32.onnx"
+    if not fp32.exists():
+        ox.export_onnx(dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO, fp32)
+    model_q = Q.quantize(fp32, Q.collect(fp32, cal, rec), rec)
+    path = d / f"dit.{prec}.onnx"
+    onnx.save_model(model_q, str(path))
+    report = {"graph": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path), "recipe": rec.to_dict(),
+              "layers": model_q.doc_string, "calibration_samples": 2 * len(cal), "tolerance_rel_l2": TOLERANCE[prec],
+              "onnxruntime": "ORT_ENABLE_BASIC" if prec == "fp8" else "all optimizations"}
+    if drop_fp32:
+        fp32.unlink()
+    par = ox.parity(dit, path, [{k: torch.from_numpy(v) for k, v in f.items()} for f in val],
+                    basic_opt=prec == "fp8")
+    report["parity"] = [p.__dict__ for p in par]
+    report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
+    if not report["passed"]:
+        worst = max(par, key=lambda p: p.rel_l2)
+        raise ExportError(f"dit.{prec}: the quantized DiT is off by rel L2 {worst.rel_l2:.3f} > {TOLERANCE[prec]} on "
+                          "held-out calibration inputs; try --observer mse or keep more layers in float; "
+                          "bundle not written")
+    qual = None
+    if quality:
+        from vidrt.calibration.report import quality_report
+        from vidrt.runtime.backends import OrtPart
+        from vidrt.runtime.pipeline import Pipeline
+        qual = quality_report(Pipeline(model), OrtPart("dit", path, basic_opt=prec == "fp8"),
+                              faithfulness=cfg.name == "tiny")
+    return path, report, qual
 
 
 def summary_table(manifest: dict) -> str:
@@ -149,9 +217,18 @@ def summary_table(manifest: dict) -> str:
             rows.append(f"{name:<26}{'-':>11}{'-':>11}{'-':>11}  not validated: {rep['skipped'][:60]}")
             continue
         worst = max(rep["parity"], key=lambda p: p["rel_l2"])
-        poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
-        rows.append(f"{name:<26}{worst['max_abs']:>11.2e}{worst['rel_l2']:>11.2e}{worst['cosine']:>11.6f}  "
-                    f"ok on {len(rep['parity'])} shapes, {poly}")
+        if "tensorrt_qdq" in rep:
+            q = manifest.get("quality", {}).get(name)
+            status = (f"ok on {len(rep['parity'])} held-out inputs, TensorRT Q/DQ rules ok"
+                      + (f", video PSNR {q['psnr_mean']:.1f} dB" if q else ""))
+        else:
+            poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
+            status = f"ok on {len(rep['parity'])} shapes, {poly}"
+        rows.append(f"{name:<26}{worst['max_abs']:>11.2e}{worst['rel_l2']:>11.2e}{worst['cosine']:>11.6f}  {status}")
+    for name, q in (manifest.get("quality") or {}).items():
+        if q:
+            from vidrt.calibration.report import format_report
+            rows.append(format_report(name, q))
     return "\n".join(rows)
 
 
@@ -166,14 +243,23 @@ def summary_table(manifest: dict) -> str:
 @click.option("--vae-tile", type=int, default=4, show_default=True, help="Latent frames per VAE decoder tile")
 @click.option("--no-build", is_flag=True, help="Write the validated ONNX bundle only, never build engines")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out (atomically)")
-def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite):
+@click.option("--calib", type=click.Path(file_okay=False), help="Calibration set (`vidrt calibrate`) for int8/fp8")
+@click.option("--observer", type=click.Choice(["max", "percentile", "mse"]), default="max", show_default=True,
+              help="Activation range observer for int8/fp8")
+@click.option("--smoothquant", type=float, help="SmoothQuant alpha in (0, 1) (off by default; see docs)")
+@click.option("--quantize-all", is_flag=True, help="Also quantize the sensitive layers (embedders, adaLN, final)")
+@click.option("--no-quality", is_flag=True, help="Skip the quantized-video quality report")
+def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
+         smoothquant, quantize_all, no_quality):
     """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
     try:
         cfg = resolve_model(model)[0]
         s = cfg.sample
         bks = [Bucket(frames or s.num_frames, height or s.height, width or s.width)] + [Bucket.parse(b) for b in buckets]
+        recipe = {"observer": observer, "smoothquant": smoothquant, **({"skip": ()} if quantize_all else {})}
         man = export_engines(model, out, [p.strip() for p in precision.split(",") if p.strip()], bks, tile=vae_tile,
-                             build=not no_build, overwrite=overwrite)
+                             build=not no_build, overwrite=overwrite, calib=calib, recipe=recipe,
+                             quality=not no_quality)
     except (ConfigError, ExportError, BundleError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(summary_table(man))

@@ -47,10 +47,11 @@ def rope_cos_sin(grid_t: torch.Tensor | int, grid_h: torch.Tensor | int, grid_w:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of x (B, heads, N, head_dim) by the angles in cos/sin (N, head_dim // 2)."""
-    xp = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    # split/concat, not x[..., 0] / x[..., 1]: indexing exports as strided Gathers, which cost onnxruntime 18% of
+    # the small DiT step (measured); the arithmetic is the same
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).split(1, dim=-1)
+    cos, sin = cos[..., None], sin[..., None]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,248 @@
+"""Explicit Q/DQ quantization (INT8, FP8 E4M3) of an exported fp32 ONNX graph, in the form TensorRT builds from.
+
+    stats = collect(fp32_onnx, samples, recipe)          # run onnxruntime on calibration inputs, observe activations
+    model = quantize(fp32_onnx, stats, recipe)           # insert Q/DQ, return an onnx.ModelProto
+
+Rules (checked by qdq_check.check_tensorrt_qdq): symmetric, zero point 0, int8 or float8e4m3fn, constant scales,
+per-tensor activations, per-channel weights on the output-channel axis (MatMul [K, N]: 1; Gemm transB [N, K]: 0;
+Conv [Cout, ...]: 0). Weights are stored quantized (int8 / fp8 initializers behind a DequantizeLinear), which is
+also what lets onnxruntime's CPU fuse each INT8 layer into one MatMulIntegerToFloat kernel.
+
+Why by hand and not onnxruntime.quantization / ModelOpt (measured, docs/quantization.md): ORT's calibrators give only
+per-tensor (min, max), so no SmoothQuant statistics; its FP8 path needs the Distribution calibrator and lost accuracy
+on our DiT; ModelOpt's ONNX PTQ works on CPU but pins onnxruntime-gpu, cupy and an older onnx, and puts per-channel
+scales on some activations that TensorRT then has to fold. Both serve as references in the comparison.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+QMAX = {"int8": 127.0, "fp8": 448.0}
+QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
+# Layers that see the raw conditioning or produce the output, which quantization hurts most (measured in
+# docs/quantization.md): the patch embedding, timestep and caption embedders, adaLN modulation, final projection.
+SENSITIVE = (r"/patch_embed/", r"/t_embed/", r"/text_embed/", r"adaLN", r"^/final/")
+
+
+@dataclass
+class QuantRecipe:
+    precision: str = "int8"          # int8 | fp8
+    observer: str = "max"            # max | percentile | mse (activation amax)
+    percentile: float = 99.99        # for observer="percentile"
+    smoothquant: float | None = None  # SmoothQuant alpha (migrates activation outliers into weights); None = off
+    skip: tuple[str, ...] = SENSITIVE  # regexes on node names left in float
+    ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    rows: int = 1 << 18              # activation values kept per tensor for percentile/mse/SmoothQuant
+
+    def __post_init__(self):
+        if self.precision not in QMAX:
+            raise ValueError(f"precision {self.precision!r}: quantize to int8 or fp8")
+        if self.observer not in ("max", "percentile", "mse"):
+            raise ValueError(f"observer {self.observer!r}: choose max, percentile or mse")
+        if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
+            raise ValueError(f"SmoothQuant alpha {self.smoothquant} must be in (0, 1)")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Target:
+    node: str           # node name
+    op: str
+    act: str            # activation tensor (input 0)
+    weight: str         # weight initializer (input 1)
+    w_axis: int         # output-channel axis of the weight (per-channel scales)
+    in_axis: int        # input-channel axis of the weight (SmoothQuant scaling)
+
+
+@dataclass
+class Stats:
+    """Per activation tensor: per-channel abs max (channel = last axis, Conv: axis 1) and a row sample."""
+    chan_max: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    samples: int = 0
+
+
+def targets(model: onnx.ModelProto, recipe: QuantRecipe) -> tuple[list[Target], list[str]]:
+    """(layers to quantize, names skipped by the recipe). Only layers with a constant weight are candidates."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out, skipped = [], []
+    for n in model.graph.node:
+        if n.op_type not in recipe.ops or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        ndim = len(inits[n.input[1]].dims)
+        if n.op_type == "MatMul" and ndim != 2:
+            continue
+        if n.op_type == "Gemm":
+            attrs = {a.name: a.i for a in n.attribute}
+            if attrs.get("transA", 0):
+                continue
+            w_axis = 0 if attrs.get("transB", 0) else 1
+        else:
+            w_axis = 1 if n.op_type == "MatMul" else 0
+        if n.op_type == "Conv" and any(a.name == "group" and a.i != 1 for a in n.attribute):
+            continue  # depthwise/grouped: per-channel input scaling would cross groups
+        if any(re.search(p, n.name) for p in recipe.skip):
+            skipped.append(n.name)
+            continue
+        in_axis = {"MatMul": 0, "Conv": 1}.get(n.op_type, 1 - w_axis)
+        out.append(Target(n.name, n.op_type, n.input[0], n.input[1], w_axis, in_axis))
+    return out, skipped
+
+
+def _channels_last(x: np.ndarray, op: str) -> np.ndarray:
+    """Activation as rows of its input channels: (..., K)."""
+    return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if op == "Conv" else x.reshape(-1, x.shape[-1])
+
+
+def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> Stats:
+    """Run the fp32 graph on each feed dict in `samples` and observe the input activation of every candidate layer
+    (the recipe's skip list is ignored here, so one Stats serves every recipe)."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+    model = onnx.load(str(fp32_path))
+    tg, _ = targets(model, QuantRecipe(recipe.precision, skip=(), ops=recipe.ops))
+    acts = {}
+    for t in tg:
+        acts.setdefault(t.act, t.op)
+    names = {o.name for o in model.graph.output}
+    for a in acts:
+        if a not in names:
+            model.graph.output.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    samples = list(samples)
+    if not samples:
+        raise ValueError("no calibration samples")
+    rng = np.random.default_rng(0)
+    st = Stats(samples=len(samples))
+    order = list(acts)
+    for feed in tqdm(samples, desc="observe", disable=not progress):
+        outs = dict(zip(order, sess.run(order, feed)))
+        for a, x in outs.items():
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"activation {a} has NaN/inf on a calibration sample; the fp32 graph is broken")
+            r = np.abs(_channels_last(x, acts[a]))
+            m = r.max(axis=0)
+            st.chan_max[a] = m if a not in st.chan_max else np.maximum(st.chan_max[a], m)
+            keep = max(1, recipe.rows // (r.shape[1] * len(samples)))
+            idx = rng.choice(r.shape[0], size=min(keep, r.shape[0]), replace=False)
+            st.rows.setdefault(a, []).append(r[idx])
+    return st
+
+
+def fake_quant(x: np.ndarray, scale, precision: str) -> np.ndarray:
+    """Quantize-dequantize like the ONNX ops do (round half to even, saturate)."""
+    if precision == "int8":
+        return np.clip(np.rint(x / scale), -128, 127) * scale
+    q = torch.from_numpy(np.clip(x / scale, -448, 448).astype(np.float32)).to(torch.float8_e4m3fn)
+    return q.float().numpy() * scale
+
+
+def observe(rows: np.ndarray, chan_max: np.ndarray, recipe: QuantRecipe) -> float:
+    """Per-tensor amax of an activation (rows hold |x|, already divided by any SmoothQuant scale)."""
+    amax = float(chan_max.max())
+    if recipe.observer == "max" or amax == 0:
+        return max(amax, 1e-8)
+    if recipe.observer == "percentile":
+        return max(float(np.percentile(rows, recipe.percentile)), 1e-8)
+    # mse: the clipping threshold with the least quantization error on the kept values (both signs quantize alike)
+    cands = amax * np.linspace(0.2, 1.0, 41)
+    errs = [float(np.mean((fake_quant(rows, c / QMAX[recipe.precision], recipe.precision) - rows) ** 2))
+            for c in cands]
+    return float(cands[int(np.argmin(errs))])
+
+
+def _const(name: str, arr: np.ndarray, dtype: int | None = None) -> TensorProto:
+    if dtype == TensorProto.FLOAT8E4M3FN:
+        q = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.float8_e4m3fn)
+        return helper.make_tensor(name, dtype, list(arr.shape), q.view(torch.uint8).numpy().tobytes(), raw=True)
+    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+
+
+def _zero(name: str, precision: str, shape=()) -> TensorProto:
+    if precision == "int8":
+        return numpy_helper.from_array(np.zeros(shape, np.int8), name)
+    return _const(name, np.zeros(shape, np.float32), TensorProto.FLOAT8E4M3FN)
+
+
+def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
+    """A copy of the fp32 graph with Q/DQ around every target layer's activation and quantized weights."""
+    model = onnx.load(str(fp32_path))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = {n.name: n for n in g.node}
+    qmax, qtype, p = QMAX[recipe.precision], QTYPE[recipe.precision], recipe.precision
+    tg, skipped = targets(model, recipe)
+    new_nodes: dict[str, list] = {}  # node name -> nodes to insert before it
+    used_w = {}
+    for i, t in enumerate(tg):
+        n, w = nodes[t.node], numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+        rows = np.concatenate(stats.rows[t.act])
+        chan = stats.chan_max[t.act]
+        pre, act_in = [], t.act
+        if recipe.smoothquant is not None and t.op != "Conv":  # s_j = max|X_j|^a / max|W_j|^(1-a)
+            wmax = np.abs(w).max(axis=t.w_axis)
+            s = (np.maximum(chan, 1e-5) ** recipe.smoothquant / np.maximum(wmax, 1e-5) ** (1 - recipe.smoothquant))
+            s = np.clip(s, 1e-2, 1e2).astype(np.float32)
+            w = w * (s[:, None] if t.in_axis == 0 else s[None, :])
+            rows, chan = rows / s, chan / s
+            g.initializer.append(_const(f"{t.node}/smooth_inv", (1.0 / s).astype(np.float32)))
+            act_in = f"{t.node}/smoothed"
+            pre.append(helper.make_node("Mul", [t.act, f"{t.node}/smooth_inv"], [act_in], name=f"{t.node}/smooth"))
+        amax = observe(rows, chan, recipe)
+        a_scale, zp = f"{t.node}/act_scale", f"{t.node}/act_zp"
+        g.initializer.extend([_const(a_scale, np.array(amax / qmax, np.float32)), _zero(zp, p)])
+        pre += [helper.make_node("QuantizeLinear", [act_in, a_scale, zp], [f"{t.node}/act_q"], name=f"{t.node}/act_Q"),
+                helper.make_node("DequantizeLinear", [f"{t.node}/act_q", a_scale, zp], [f"{t.node}/act_dq"],
+                                 name=f"{t.node}/act_DQ")]
+        # weights: per output channel, amax/qmax, stored quantized
+        red = tuple(a for a in range(w.ndim) if a != t.w_axis)
+        w_scale = np.maximum(np.abs(w).max(axis=red), 1e-8) / qmax
+        bshape = [1] * w.ndim
+        bshape[t.w_axis] = -1
+        wq = w / w_scale.reshape(bshape)
+        wq = np.clip(np.rint(wq), -127, 127).astype(np.int8) if p == "int8" else wq
+        used_w[t.weight] = used_w.get(t.weight, 0) + 1
+        wname = f"{t.node}/w_q"
+        g.initializer.extend([_const(wname, wq, qtype), _const(f"{t.node}/w_scale", w_scale.astype(np.float32)),
+                              _zero(f"{t.node}/w_zp", p, (w_scale.size,))])
+        pre.append(helper.make_node("DequantizeLinear", [wname, f"{t.node}/w_scale", f"{t.node}/w_zp"],
+                                    [f"{t.node}/w_dq"], name=f"{t.node}/w_DQ", axis=t.w_axis))
+        n.input[0], n.input[1] = f"{t.node}/act_dq", f"{t.node}/w_dq"
+        new_nodes[t.node] = pre
+    order = []
+    for n in g.node:
+        order += new_nodes.get(n.name, []) + [n]
+    del g.node[:]
+    g.node.extend(order)
+    still_used = {i for n in g.node for i in n.input}
+    for name in used_w:  # the float weights are now unused
+        if name not in still_used:
+            g.initializer.remove(inits[name])
+    if p == "fp8":  # FLOAT8 Q/DQ needs opset 19; 18 -> 19 changes no op we emit
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < 19:
+                o.version = 19
+    model.doc_string = f"vidrt {p} Q/DQ: {len(tg)} layers quantized, {len(skipped)} kept in float"
+    return model
+
+
+def split_samples(inputs: dict[str, torch.Tensor], n_calib: int = 64, n_val: int = 8, batch: int = 2,
+                  seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Calibration and held-out validation feeds (numpy dicts of `batch` rows) from captured DiT inputs, drawn at
+    random across every prompt and timestep; the two never share a sample."""
+    n = next(iter(inputs.values())).shape[0]
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(n_val * batch, n // 4)
+    val, cal = perm[:n_val], perm[n_val:n_val + n_calib]
+    feeds = lambda ix: [{k: v[ix[i:i + batch]].numpy() for k, v in inputs.items()} for i in range(0, len(ix), batch)]
+    return feeds(cal), feeds(val)

@@ -1,0 +1,119 @@
+"""INT8 / FP8 Q/DQ graphs from a real calibration set of the tiny model: TensorRT rules, onnxruntime runs, quality."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from vidrt.calibration import quantize as Q
+from vidrt.calibration.capture import capture, default_prompts, load_set
+from vidrt.calibration.qdq_check import check_tensorrt_qdq
+from vidrt.export import onnx_export as ox
+from vidrt.export.engines import export_engines
+from vidrt.export.tensorrt import Bucket
+from vidrt.models.config import ConfigError
+from vidrt.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cal")
+    # every 3rd default prompt (project + Sora), 20 steps, both CFG rows: 320 samples on real trajectories
+    capture(Pipeline("tiny"), default_prompts()[::3], d / "set", progress=False)
+    return d / "set"
+
+
+@pytest.fixture(scope="module")
+def bundle(calib, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    man = export_engines("tiny", out, ["int8", "fp8"], [Bucket(9, 32, 32)], calib=calib, progress=False,
+                         parts=("dit",))
+    return out, man
+
+
+def test_quantized_bundle_meets_quality_goals(bundle):
+    out, man = bundle
+    assert set(man["parts"]) == {"dit.int8", "dit.fp8"}  # the fp32 graph they came from is not left behind
+    for prec in ("int8", "fp8"):
+        q, v = man["quality"][f"dit.{prec}"], man["validation"][f"dit.{prec}"]
+        assert v["passed"] and v["tensorrt_qdq"]["dtypes"] == [{"int8": "int8", "fp8": "float8e4m3fn"}[prec]]
+        assert q["psnr_mean"] >= 30 and q["psnr_min"] >= 25 and q["ssim_mean"] > 0.95
+        assert len(q["per_step"]) == 20 and all(0 < s["rel_l2"] < 0.2 and s["cosine"] > 0.97 for s in q["per_step"])
+        f = q["faithfulness"]
+        for k in ("color", "direction"):
+            assert f["quantized"][k] >= f["fp32"][k] - 0.05
+        assert q["psnr_mean"] < 80  # a real quantized graph, not the fp32 one
+    assert man["validation"]["dit.int8"]["onnxruntime"] == "all optimizations"
+    assert man["validation"]["dit.fp8"]["onnxruntime"] == "ORT_ENABLE_BASIC"
+
+
+def test_qdq_graph_form(bundle):
+    """Checker + TensorRT rules on the files; weights dequantize to the fp32 weights per output channel; the
+    recipe's sensitive layers stay float; FP8 uses opset 19."""
+    out, _ = bundle
+    from vidrt.models.checkpoint import load_model
+    _, dit, _ = load_model("tiny")
+    for prec in ("int8", "fp8"):
+        path = out / f"dit.{prec}.onnx"
+        onnx.checker.check_model(str(path))
+        s = check_tensorrt_qdq(path)
+        assert s["per_channel_weights"] == s["dequantize"] - s["quantize"] > 20
+        m = onnx.load(str(path))
+        assert m.opset_import[0].version == (19 if prec == "fp8" else 18)
+        init = {t.name: t for t in m.graph.initializer}
+        qkv = "/blocks.0/attn/qkv/MatMul"
+        wq = init[f"{qkv}/w_q"]
+        scale = numpy_helper.to_array(init[f"{qkv}/w_scale"])
+        if prec == "int8":
+            w = numpy_helper.to_array(wq).astype(np.float32) * scale[None, :]
+        else:
+            raw = np.frombuffer(wq.raw_data, np.uint8).reshape(tuple(wq.dims))
+            w = torch.from_numpy(raw.copy()).view(torch.float8_e4m3fn).float().numpy() * scale[None, :]
+        ref = dit.blocks[0].attn.qkv.weight.detach().numpy().T  # MatMul weight [K, N]: per-channel along axis 1
+        err = np.abs(w - ref).max(axis=0) / np.abs(ref).max(axis=0)
+        assert err.max() <= (0.5 / 127 + 1e-6 if prec == "int8" else 1 / 16 + 1e-6)
+        names = {n.name for n in m.graph.node if n.op_type == "DequantizeLinear"}
+        assert not any(("patch_embed" in n or "adaLN" in n or n.startswith("/final/")) for n in names)
+
+
+def test_observers_and_smoothquant(calib):
+    """mse picks the clipping with the least error; percentile is the percentile; SmoothQuant divides the activation by s and multiplies
+    the weight rows by s, so the float graph is unchanged."""
+    from vidrt.models.checkpoint import load_model
+    cfg, dit, _ = load_model("tiny")
+    cal, val = Q.split_samples(load_set(calib, cfg)["dit"], n_calib=16, n_val=2)
+    rows = np.abs(np.random.default_rng(0).standard_t(3, size=(4096, 8))).astype(np.float32)
+    chan = rows.max(axis=0)
+    amax = {o: Q.observe(rows, chan, Q.QuantRecipe(observer=o)) for o in ("max", "percentile", "mse")}
+    assert amax["max"] == pytest.approx(chan.max()) and amax["mse"] < amax["max"]
+    assert amax["percentile"] == pytest.approx(np.percentile(rows, 99.99))
+    err = {o: np.mean((Q.fake_quant(rows, a / 127, "int8") - rows) ** 2) for o, a in amax.items()}
+    assert err["mse"] <= min(err["max"], err["percentile"])  # what mse is for
+
+    import tempfile
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp())
+    fp32 = ox.export_onnx(dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO, d / "dit.onnx")
+    rec = Q.QuantRecipe(smoothquant=0.5)
+    m = Q.quantize(fp32, Q.collect(fp32, cal, rec), rec)
+    # strip the activation Q/DQ pairs: what is left is the smoothed float graph with int8 weights
+    for n in m.graph.node:
+        for i, x in enumerate(n.input):
+            if x.endswith("/act_dq"):
+                n.input[i] = x.replace("/act_dq", "/smoothed")
+    onnx.save(m, str(d / "smooth.onnx"))
+    ref = ox.ort_session(fp32).run(None, val[1])[0]
+    out = ox.ort_session(d / "smooth.onnx").run(None, val[1])[0]
+    assert ox.compare(ref, out, "").rel_l2 < 0.02  # only the int8 weight rounding remains
+
+
+def test_bad_quantization_input(calib, tmp_path):
+    with pytest.raises(ConfigError, match="need a calibration set"):
+        export_engines("tiny", tmp_path / "a", ["int8"], [Bucket(9, 32, 32)], progress=False)
+    with pytest.raises(ConfigError, match="not one of the buckets"):
+        export_engines("tiny", tmp_path / "b", ["fp8"], [Bucket(13, 32, 32)], calib=calib, progress=False)
+    with pytest.raises(ValueError, match="observer"):
+        Q.QuantRecipe(observer="minmax")
+    with pytest.raises(ValueError, match="int8 or fp8"):
+        Q.QuantRecipe(precision="int4")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
