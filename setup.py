@@ -1,6 +1,6 @@
 from setuptools import setup
 
-AREAS = ["models", "runtime", "export", "calibration"]
+AREAS = ["models", "runtime", "export", "calibration", "benchmarks"]
 
 setup(
     name="vidrt",

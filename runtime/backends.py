@@ -100,3 +100,98 @@ class OrtPart:
         b.bind_output(self.output, dev, idx, np.float32, list(shape), self._out.data_ptr())
         self.sess.run_with_iobinding(b)
         return self._out if self.reuse_output else self._out.clone()
+
+
+_TRT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
+               "INT32": torch.int32, "BOOL": torch.bool, "INT8": torch.int8}
+
+
+class SharedDeviceMemory:
+    """One scratch allocation shared by every TensorRT engine of a pipeline (they run one after another on one
+    stream), sized to the largest engine's need: the activation memory of the text encoder, DiT and VAE is not
+    held three times."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buf = device, None
+
+    def reserve(self, nbytes: int) -> int:
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+        return self.buf.data_ptr()
+
+
+class TrtPart:
+    """A TensorRT engine (from a bundle) as a part: one execution context with user-managed (shared) device
+    memory, one optimization profile per shape bucket chosen per call, inputs/outputs bound by address
+    (set_tensor_address), execute_async_v3 on the current torch CUDA stream. Written against the TensorRT 10/11 API;
+    NOT RUN: no machine here has TensorRT."""
+    backend = "tensorrt"
+
+    def __init__(self, name: str, path: str | Path, device: str = "cuda", shared: SharedDeviceMemory | None = None):
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise BackendError("the tensorrt backend needs the tensorrt Python package (TensorRT 10 or 11 on an NVIDIA "
+                               "GPU machine); use backend='onnxruntime' or 'torch' here") from e
+        if not torch.cuda.is_available():
+            raise BackendError("the tensorrt backend needs a CUDA device and none is visible")
+        self.trt, self.name, self.device = trt, name, torch.device(device)
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT could not load {path} (built by another TensorRT version or GPU?); "
+                               "rebuild it with export-engines on this machine")
+        self.shared = shared or SharedDeviceMemory(self.device)
+        self.ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.profiles = [{n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, p)] for n in self.inputs}
+                         for p in range(self.engine.num_optimization_profiles)]
+        self._profile = -1
+
+    def _pick_profile(self, shapes: dict[str, tuple]) -> int:
+        for i, prof in enumerate(self.profiles):
+            if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], prof[n][0], prof[n][2])) for n in self.inputs):
+                return i
+        served = "; ".join(", ".join(f"{n} {list(p[n][0])}..{list(p[n][2])}" for n in self.inputs)
+                           for p in self.profiles)
+        raise BackendError(f"{self.name}: input shapes {shapes} are outside every optimization profile of the engine "
+                           f"({served}); export a bundle with this shape as a --bucket")
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        xs = [x.to(self.device, _TRT_DTYPES.get(self.engine.get_tensor_dtype(n).name, x.dtype)).contiguous()
+              for n, x in zip(self.inputs, inputs)]  # alive until the call returns
+        shapes = {n: tuple(x.shape) for n, x in zip(self.inputs, xs)}
+        stream = torch.cuda.current_stream(self.device)
+        p = self._pick_profile(shapes)
+        if p != self._profile:
+            self.ctx.set_optimization_profile_async(p, stream.cuda_stream)
+            self._profile = p
+        for n, x in zip(self.inputs, xs):
+            self.ctx.set_input_shape(n, tuple(x.shape))
+            self.ctx.set_tensor_address(n, x.data_ptr())
+        out = torch.empty(tuple(self.ctx.get_tensor_shape(self.output)), device=self.device,
+                          dtype=_TRT_DTYPES[self.engine.get_tensor_dtype(self.output).name])
+        self.ctx.set_tensor_address(self.output, out.data_ptr())
+        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        ptr = self.shared.reserve(size)
+        if hasattr(self.ctx, "set_device_memory"):
+            self.ctx.set_device_memory(ptr, size)
+        else:
+            self.ctx.device_memory = ptr
+        if not self.ctx.execute_async_v3(stream.cuda_stream):
+            raise BackendError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log)")
+        return out.float()
+
+
+def make_part(backend: str, name: str, source, device: str = "cpu", **kw) -> Part:
+    """`source`: an nn.Module for torch, an .onnx path for onnxruntime, a .plan path for tensorrt."""
+    if backend == "torch":
+        return TorchPart(name, source, **kw)
+    if backend == "onnxruntime":
+        return OrtPart(name, source, device=device, **kw)
+    if backend == "tensorrt":
+        return TrtPart(name, source, device=device, **kw)
+    raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

@@ -1,4 +1,4 @@
-"""`vidrt` command line: generate, evaluate, train."""
+"""`vidrt` command line: generate, evaluate, calibrate, bench, train."""
 from __future__ import annotations
 
 import json
@@ -92,6 +92,39 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
     n = len(m["shards"]) * m["steps"] * m["cfg_batch"]
     click.echo(f"wrote {out}: {len(m['shards'])} trajectories, {n} DiT input samples, "
                f"video {'x'.join(map(str, m['video_shape']))}, {m['steps']} steps")
+
+
+@main.command()
+@click.option("--model", default="small", show_default=True)
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+              help="export-engines bundle for the onnxruntime/tensorrt runners")
+@click.option("--runners", default=None, help="Comma list BACKEND:PRECISION[+graphs]; the first is the baseline. "
+              "Default CPU: torch:fp32,torch.compile:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp8,"
+              "tensorrt:fp16; CUDA adds torch:bf16 and torch:bf16+graphs")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--frames", type=int)
+@click.option("--height", type=int)
+@click.option("--width", type=int)
+@click.option("--steps", type=int, default=10, show_default=True, help="Sampling steps of the end-to-end runs")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per stage")
+@click.option("--e2e-runs", type=int, default=3, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for results.json/.md/.png")
+def bench(model, bundle, runners, device, out, **kw):
+    """Benchmark every backend x precision side by side: per stage and end to end, ratios vs the first runner."""
+    from vidrt.benchmarks.bench import parse_runners, run
+    if runners is None:
+        runners = ("torch:fp32,torch:bf16,torch:bf16+graphs,torch.compile:bf16,onnxruntime:fp32,tensorrt:fp16"
+                   if device.startswith("cuda") else
+                   "torch:fp32,torch.compile:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp8,tensorrt:fp16")
+    try:
+        rep = run(model, parse_runners(runners), out, bundle=bundle, device=device,
+                  **{k: v for k, v in kw.items() if v is not None})
+    except (ConfigError, ValueError) as e:
+        _fail(e)
+    from vidrt.benchmarks.bench import to_markdown
+    click.echo(to_markdown(rep))
+    click.echo(f"wrote {out}/results.json, results.md, results.png")
 
 
 @main.command()

@@ -25,8 +25,30 @@ class VideoOutput:
         return save_video(self.frames[index], path, fps=self.fps, scale=scale)
 
 
+class Cancelled(RuntimeError):
+    """Raised when a step callback asked to stop; nothing is returned for the cancelled request."""
+
+
+class _BundleTextEncoder:
+    """Tokenizer + the text-encoder part of a bundle (same encode() contract as TextEncoder)."""
+
+    def __init__(self, cfg, part):
+        from transformers import AutoTokenizer
+
+        from vidrt.models.text import resolve_text_encoder_path
+        self.cfg, self.part = cfg, part
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(cfg.encoder), local_files_only=True)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.cfg.max_length,
+                             return_tensors="pt")
+        return self.part(tok["input_ids"], tok["attention_mask"]).float(), tok["attention_mask"].bool()
+
+
 class Pipeline:
-    """`Pipeline("tiny")(prompt, ...)` -> VideoOutput. Not thread-safe: use one Pipeline per thread."""
+    """`Pipeline("tiny")(prompt, ...)` -> VideoOutput; `Pipeline.from_bundle(dir, backend=...)` runs an exported
+    bundle. Not thread-safe (parts hold bound buffers and sessions): use one Pipeline per thread; there is no global
+    state, so several pipelines in one process are independent."""
 
     def __init__(self, model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
                  text_encoder: TextEncoder | None = None):
@@ -35,6 +57,80 @@ class Pipeline:
         self.dit.to(self.device, dtype)
         self.vae.to(self.device, dtype)
         self._text_encoder = text_encoder
+        self.vae_part = None  # a backend part decoding normalised latent tiles (bundles); None: self.vae
+        self.backend = "torch"
+        self.cuda_graphs, self.graph_fallback = False, None  # see runtime/cudagraph.py
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
+                    device: str = "cpu", vae_precision: str | None = None) -> "Pipeline":
+        """Load a verified export-engines bundle. backend: onnxruntime (ONNX parts) or tensorrt (engines);
+        precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision` or the bundle's first
+        float one. The Pipeline API is unchanged."""
+        from vidrt.export.bundle import load_manifest
+        from vidrt.models.vae import CausalVAE
+
+        from .backends import BACKENDS, BackendError, SharedDeviceMemory, make_part
+        if backend not in BACKENDS or backend == "torch":
+            raise BackendError(f"backend {backend!r} cannot load a bundle; choose onnxruntime or tensorrt "
+                               "(backend torch is Pipeline(model))")
+        if backend == "tensorrt":
+            from vidrt.export.tensorrt import trt_unavailable_reason
+            reason = trt_unavailable_reason()
+            if reason:
+                raise BackendError(f"backend tensorrt cannot run here: {reason}; use backend='onnxruntime'")
+        m = load_manifest(bundle)
+        root, parts = Path(bundle), m["parts"]
+
+        def pick(part: str, prec: str | None) -> dict:
+            names = [n for n in parts if parts[n]["part"] == part]
+            name = f"{part}.{prec}" if prec else next((n for n in names if parts[n]["precision"] in
+                                                       ("fp32", "fp16", "bf16")), None)
+            if name not in parts:
+                raise BackendError(f"bundle {root} has no {part} at {prec or 'a float precision'} (it has "
+                                   f"{', '.join(names) or 'none'}); export it with export-engines --precision")
+            e = parts[name]
+            if backend == "tensorrt" and not e.get("engine"):
+                raise BackendError(f"bundle {root} has no TensorRT engine for {name} ({m['engines']['skipped_reason']})"
+                                   "; use backend='onnxruntime' or rebuild on a TensorRT machine")
+            return e
+
+        self = cls.__new__(cls)
+        self.cfg = ModelConfig.from_dict(m["model"])
+        self.device, self.dtype, self.backend = torch.device(device), torch.float32, backend
+        self.cuda_graphs, self.graph_fallback = False, None
+        shared = SharedDeviceMemory(self.device) if backend == "tensorrt" else None
+        cfg = self.cfg
+
+        def part(name: str, e: dict, out_shape, reuse: bool = False):
+            if backend == "tensorrt":
+                return make_part(backend, name, root / e["engine"], device, shared=shared)
+            return make_part(backend, name, root / e["onnx"], device, basic_opt=e["precision"] == "fp8",
+                             out_shape=out_shape, reuse_output=reuse)
+
+        sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
+        self.dit = part("dit", pick("dit", precision), lambda x, *_: x.shape, reuse=True)
+        self.vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
+            z.shape[0], 3, (z.shape[2] - 1) * tf + 1, z.shape[3] * sf, z.shape[4] * sf))
+        te = part("text_encoder", pick("text_encoder", None), lambda ids, _: (*ids.shape, cfg.text.dim))
+        self._text_encoder = _BundleTextEncoder(cfg.text, te)
+        with torch.device("meta"):  # tiling logic only (tile context, temporal factor): no weights
+            self.vae = CausalVAE(cfg.vae)
+        self.bundle, self.buckets, self.max_batch = str(root), list(m["buckets"]), m["max_batch"]
+        return self
+
+    def _check_bundle_shape(self, frames: int, height: int, width: int, dit_batch: int) -> None:
+        """Bundles serve their buckets only (TensorRT profiles are exact per bucket); the onnxruntime backend
+        enforces the same, so a request that works on CPU works on the engines."""
+        if getattr(self, "buckets", None) is None:
+            return
+        from .backends import BackendError
+        if f"{frames}x{height}x{width}" not in self.buckets:
+            raise BackendError(f"{frames}x{height}x{width} is not a shape this bundle serves ({', '.join(self.buckets)}"
+                               f"); re-export with --bucket {frames}x{height}x{width}")
+        if dit_batch > self.max_batch:
+            raise BackendError(f"this bundle's DiT takes batches up to {self.max_batch} (prompts x 2 with guidance); "
+                               f"{dit_batch} requested: generate fewer prompts per call")
 
     @property
     def config(self) -> ModelConfig:
@@ -52,8 +148,14 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance_scale: float,
-                solver, progress: bool = True) -> torch.Tensor:
-        """Run the sampling loop. With CFG, text/mask hold [uncond; cond] (2B rows) and the DiT runs as one batch."""
+                solver, progress: bool = True, callback=None) -> torch.Tensor:
+        """Run the sampling loop. With CFG, text/mask hold [uncond; cond] (2B rows) and the DiT runs as one batch.
+        `callback(step, num_steps, latents)` runs after every step; returning False cancels (raises Cancelled)."""
+        if self.cuda_graphs:
+            from .cudagraph import graphed_denoise
+            out = graphed_denoise(self, latents, text, mask, guidance_scale, solver, callback)
+            if out is not None:
+                return out
         cfg_on = text.shape[0] == 2 * latents.shape[0]
         solver.reset()
         x = latents
@@ -66,19 +168,25 @@ class Pipeline:
                 v_u, v_c = v.chunk(2)
                 v = v_u + guidance_scale * (v_c - v_u)
             x = solver.step(i, x, v).to(latents.dtype)
+            if callback is not None and callback(i + 1, steps, x) is False:
+                raise Cancelled(f"cancelled after step {i + 1} of {steps}")
         return x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int = 4) -> list[np.ndarray]:
-        z = latents * self.cfg.vae.latent_std + self.cfg.vae.latent_mean
-        video = self.vae.decode_tiled(z.to(self.dtype), tile=tile).float().clamp(-1, 1)
+        if self.vae_part is not None:  # the exported part de-normalises itself; tiling commutes with that
+            video = self.vae.decode_tiled(latents.float(), tile=tile, decode_fn=self.vae_part).float()
+        else:
+            z = latents * self.cfg.vae.latent_std + self.cfg.vae.latent_mean
+            video = self.vae.decode_tiled(z.to(self.dtype), tile=tile).float().clamp(-1, 1)
         u8 = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
         return list(u8)
 
     def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
                        num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
-                       solver: str = "euler", shift: float | None = None, progress: bool = True) -> torch.Tensor:
+                       solver: str = "euler", shift: float | None = None, progress: bool = True,
+                       callback=None) -> torch.Tensor:
         """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
         s = self.cfg.sample
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -92,17 +200,19 @@ class Pipeline:
         steps = num_inference_steps or s.num_inference_steps
         g = s.guidance_scale if guidance_scale is None else guidance_scale
         shape = self.cfg.latent_shape(num_frames, height, width)  # validates, naming the fix
+        self._check_bundle_shape(num_frames, height, width, len(prompts) * (2 if g > 1.0 else 1))
         sched = make_solver(solver, steps, s.shift if shift is None else shift)
 
         gen = torch.Generator().manual_seed(seed)  # noise drawn on CPU: same video on every device
         latents = torch.randn((len(prompts), *shape), generator=gen).to(self.device, self.dtype)
         text, mask = self.encode_prompts(negs + prompts if g > 1.0 else prompts)
-        return self.denoise(latents, text, mask, g, sched, progress)
+        return self.denoise(latents, text, mask, g, sched, progress, callback)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
-                 shift: float | None = None, decode_tile: int = 4, progress: bool = True) -> VideoOutput:
+                 shift: float | None = None, decode_tile: int = 4, progress: bool = True,
+                 callback=None) -> VideoOutput:
         latents = self.sample_latents(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                                      guidance_scale, seed, solver, shift, progress)
+                                      guidance_scale, seed, solver, shift, progress, callback)
         return VideoOutput(self.decode(latents, tile=decode_tile), fps=self.cfg.sample.fps)

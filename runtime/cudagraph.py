@@ -1,0 +1,97 @@
+"""CUDA graph of one whole denoising step: DiT call + CFG combine + Euler update, captured once per shape after
+warm-up, with static buffers, then replayed for every step (host work per step: two scalar fills and a replay).
+
+    pipe = Pipeline("wan2.1-1.3b", device="cuda", dtype=torch.bfloat16); pipe.cuda_graphs = True
+    pipe(prompt)   # captures on the first call of each shape, replays after; falls back (logged) when it cannot
+
+Works for DiT parts whose kernels can be captured: torch modules and TensorRT engines (execute_async_v3 on the
+capturing stream). Falls back, with the reason logged and kept in `pipe.graph_fallback`, on CPU, for onnxruntime
+parts, for multistep solvers (their history lives on the host) and when capture raises.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .schedulers import FlowEuler
+
+log = logging.getLogger("vidrt")
+
+
+def unsupported(pipe, latents: torch.Tensor, solver) -> str | None:
+    """Why the step cannot be graphed here, or None."""
+    if latents.device.type != "cuda":
+        return "CUDA graphs need a CUDA device (running on " + latents.device.type + ")"
+    if getattr(pipe.dit, "backend", "torch") not in ("torch", "tensorrt"):
+        return f"the {pipe.dit.backend} DiT part cannot be captured (onnxruntime runs its own CUDA graphs)"
+    if not isinstance(solver, FlowEuler):
+        return f"solver {solver.name} keeps its multistep history on the host; only euler is graphed"
+    return None
+
+
+class GraphedStep:
+    """Static buffers + one captured step for one (latent shape, text shape, CFG) combination."""
+
+    def __init__(self, dit, latents: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, warmup: int = 2):
+        self.dit, self.cfg_on = dit, text.shape[0] == 2 * latents.shape[0]
+        self.x, self.text, self.mask = latents.clone(), text.clone(), mask.clone()
+        self.t = torch.zeros(text.shape[0], device=latents.device, dtype=torch.float32)
+        self.dt = torch.zeros((), device=latents.device, dtype=torch.float32)
+        self.g = torch.zeros((), device=latents.device, dtype=torch.float32)
+        side = torch.cuda.Stream(latents.device)
+        side.wait_stream(torch.cuda.current_stream(latents.device))
+        x0 = self.x.clone()
+        with torch.cuda.stream(side), torch.no_grad():  # warm-up: allocator, cuBLAS handles, TensorRT profiles
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(latents.device).wait_stream(side)
+        self.x.copy_(x0)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self._step()
+        self.x.copy_(x0)  # capture ran the step once on x0
+
+    def _step(self):
+        xin = torch.cat([self.x, self.x]) if self.cfg_on else self.x
+        v = self.dit(xin, self.t, self.text, self.mask).to(torch.float32)
+        if self.cfg_on:
+            v_u, v_c = v.chunk(2)
+            v = v_u + self.g * (v_c - v_u)
+        self.x.copy_((self.x.float() + self.dt * v).to(self.x.dtype))
+
+    def run(self, latents, text, mask, guidance: float, solver, callback=None, progress_bar=None) -> torch.Tensor:
+        self.x.copy_(latents)
+        self.text.copy_(text)
+        self.mask.copy_(mask)
+        self.g.fill_(guidance)
+        ts = solver.timesteps
+        for i in range(len(ts) - 1):
+            self.t.fill_(ts[i])
+            self.dt.fill_(ts[i + 1] - ts[i])
+            self.graph.replay()
+            if progress_bar is not None:
+                progress_bar.update(1)
+            if callback is not None and callback(i + 1, len(ts) - 1, self.x) is False:
+                from .pipeline import Cancelled
+                raise Cancelled(f"cancelled after step {i + 1} of {len(ts) - 1}")
+        return self.x.clone()
+
+
+def graphed_denoise(pipe, latents, text, mask, guidance: float, solver, callback=None):
+    """The graphed loop, or None (reason logged, kept in pipe.graph_fallback) when it cannot run."""
+    reason = unsupported(pipe, latents, solver)
+    if reason is None:
+        key = (tuple(latents.shape), latents.dtype, tuple(text.shape), text.dtype)
+        cache = pipe.__dict__.setdefault("_graphs", {})
+        try:
+            if key not in cache:
+                cache[key] = GraphedStep(pipe.dit, latents, text, mask)
+        except RuntimeError as e:  # CUDA capture errors are RuntimeErrors
+            reason = f"capture failed: {str(e).splitlines()[0]}"
+        else:
+            pipe.graph_fallback = None
+            return cache[key].run(latents, text, mask, guidance, solver, callback)
+    pipe.graph_fallback = reason
+    log.warning("vidrt: CUDA graphs off for this call: %s; running the step eagerly", reason)
+    return None
