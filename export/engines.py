@@ -205,8 +205,9 @@ def _quantized_dit(d: Path, cfg: ModelConfig, dit: nn.Module, model: str, calib_
         from vidrt.calibration.report import quality_report
         from vidrt.runtime.backends import OrtPart
         from vidrt.runtime.pipeline import Pipeline
+        f, h, w = calib_set["manifest"]["video_shape"]
         qual = quality_report(Pipeline(model), OrtPart("dit", path, basic_opt=prec == "fp8"),
-                              faithfulness=cfg.name == "tiny")
+                              faithfulness=cfg.name == "tiny", num_frames=f, height=h, width=w)
     return path, report, qual
 
 

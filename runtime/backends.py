@@ -67,8 +67,10 @@ class OrtPart:
         if want not in ort.get_available_providers():
             raise BackendError(f"onnxruntime here has no {want} (available: {', '.join(ort.get_available_providers())})"
                                f"; install onnxruntime-gpu for CUDA or use device='cpu'")
+        from vidrt.export.onnx_export import no_spinning
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        no_spinning(so)
         if basic_opt:  # FP8 Q/DQ MatMul is mis-fused at higher levels (onnxruntime bug)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if threads:
