@@ -93,8 +93,15 @@ def make_pipeline(model: str, bundle: str | None, r: Runner, device: str):
     from vidrt.runtime.backends import TorchPart
     from vidrt.runtime.pipeline import Pipeline
     if r.backend in ("torch", "torch.compile"):
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[r.precision]
+        if r.precision == "int8":
+            raise ValueError("the torch backend has no INT8 path; INT8 runs on onnxruntime/TensorRT bundles")
+        # fp8: FP8 _scaled_mm linears in a bf16 (CUDA) / fp32 (CPU) model
+        fp8_base = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": fp8_base}[r.precision]
         pipe = Pipeline(model, device=device, dtype=dtype)
+        if r.precision == "fp8":
+            from vidrt.runtime.fp8 import to_fp8
+            to_fp8(pipe.dit)
         if r.backend == "torch.compile":
             pipe.dit = TorchPart("dit", pipe.dit, compile=True)
     else:

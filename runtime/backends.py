@@ -108,6 +108,17 @@ _TRT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bflo
                "INT32": torch.int32, "BOOL": torch.bool, "INT8": torch.int8}
 
 
+def pick_profile(name: str, profiles: list[dict], shapes: dict[str, tuple]) -> int:
+    """Index of the first optimization profile ({input: (min, opt, max)}) that holds every input shape."""
+    for i, prof in enumerate(profiles):
+        if all(len(shapes[n]) == len(prof[n][0]) and all(lo <= d <= hi for d, lo, hi in
+                                                         zip(shapes[n], prof[n][0], prof[n][2])) for n in prof):
+            return i
+    served = "; ".join(", ".join(f"{n} {list(p[n][0])}..{list(p[n][2])}" for n in p) for p in profiles)
+    raise BackendError(f"{name}: input shapes {shapes} are outside every optimization profile of the engine "
+                       f"({served}); export a bundle with this shape as a --bucket")
+
+
 class SharedDeviceMemory:
     """One scratch allocation shared by every TensorRT engine of a pipeline (they run one after another on one
     stream), sized to the largest engine's need: the activation memory of the text encoder, DiT and VAE is not
@@ -153,21 +164,12 @@ class TrtPart:
                          for p in range(self.engine.num_optimization_profiles)]
         self._profile = -1
 
-    def _pick_profile(self, shapes: dict[str, tuple]) -> int:
-        for i, prof in enumerate(self.profiles):
-            if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], prof[n][0], prof[n][2])) for n in self.inputs):
-                return i
-        served = "; ".join(", ".join(f"{n} {list(p[n][0])}..{list(p[n][2])}" for n in self.inputs)
-                           for p in self.profiles)
-        raise BackendError(f"{self.name}: input shapes {shapes} are outside every optimization profile of the engine "
-                           f"({served}); export a bundle with this shape as a --bucket")
-
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         xs = [x.to(self.device, _TRT_DTYPES.get(self.engine.get_tensor_dtype(n).name, x.dtype)).contiguous()
               for n, x in zip(self.inputs, inputs)]  # alive until the call returns
         shapes = {n: tuple(x.shape) for n, x in zip(self.inputs, xs)}
         stream = torch.cuda.current_stream(self.device)
-        p = self._pick_profile(shapes)
+        p = pick_profile(self.name, self.profiles, shapes)
         if p != self._profile:
             self.ctx.set_optimization_profile_async(p, stream.cuda_stream)
             self._profile = p

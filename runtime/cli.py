@@ -100,7 +100,8 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
               help="export-engines bundle for the onnxruntime/tensorrt runners")
 @click.option("--runners", default=None, help="Comma list BACKEND:PRECISION[+graphs]; the first is the baseline. "
               "Default CPU: torch:fp32,torch.compile:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp8,"
-              "tensorrt:fp16; CUDA adds torch:bf16 and torch:bf16+graphs")
+              "tensorrt:fp16; CUDA: torch fp32/bf16/bf16+graphs/compile bf16/fp8 (torch._scaled_mm)/fp8+graphs, onnxruntime, "
+              "tensorrt")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--frames", type=int)
 @click.option("--height", type=int)
@@ -114,7 +115,8 @@ def bench(model, bundle, runners, device, out, **kw):
     """Benchmark every backend x precision side by side: per stage and end to end, ratios vs the first runner."""
     from vidrt.benchmarks.bench import parse_runners, run
     if runners is None:
-        runners = ("torch:fp32,torch:bf16,torch:bf16+graphs,torch.compile:bf16,onnxruntime:fp32,tensorrt:fp16"
+        runners = ("torch:fp32,torch:bf16,torch:bf16+graphs,torch.compile:bf16,torch:fp8,torch:fp8+graphs,"
+                   "onnxruntime:fp32,tensorrt:fp16"
                    if device.startswith("cuda") else
                    "torch:fp32,torch.compile:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp8,tensorrt:fp16")
     try:

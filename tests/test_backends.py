@@ -11,7 +11,7 @@ import torch
 from vidrt.benchmarks.bench import Runner, parse_runners, run
 from vidrt.export.engines import export_engines
 from vidrt.export.tensorrt import Bucket
-from vidrt.runtime.backends import BackendError, OrtPart, TrtPart, make_part
+from vidrt.runtime.backends import INPUTS, BackendError, OrtPart, TrtPart, make_part, pick_profile
 from vidrt.runtime.pipeline import Cancelled, Pipeline
 
 PROMPT = "a green square moving up on a black background"
@@ -63,6 +63,36 @@ def test_bundle_serves_its_buckets_only(bundle):
         Pipeline.from_bundle(bundle, precision="int8")
 
 
+def test_pipeline_calls_fit_the_bundle_profiles(bundle):
+    """What TensorRT would be asked at run time: every part call of a real pipeline run falls inside the optimization
+    profiles written to the manifest (the ones the engines are built with); other shapes are refused by name."""
+    from vidrt.export.bundle import load_manifest
+    man = load_manifest(bundle)
+    pipe = Pipeline.from_bundle(bundle)
+    seen = {}
+
+    def tap(part):
+        def call(*xs):
+            seen.setdefault(part.name, set()).add(tuple(tuple(x.shape) for x in xs))
+            return part(*xs)
+        call.name, call.backend = part.name, part.backend
+        return call
+
+    pipe.dit, pipe.vae_part = tap(pipe.dit), tap(pipe.vae_part)
+    pipe._text_encoder.part = tap(pipe._text_encoder.part)
+    pipe(PROMPT, progress=False)
+    pipe(PROMPT, guidance_scale=1.0, num_inference_steps=2, progress=False)  # no CFG: batch 1
+    assert set(seen) == {"dit", "vae_decoder", "text_encoder"} and len(seen["dit"]) == 2
+    for name, shape_sets in seen.items():
+        entry = man["parts"][f"{name}.fp32"]
+        for shapes in shape_sets:
+            assert pick_profile(name, entry["profiles"], dict(zip(INPUTS[name], shapes))) == 0
+    dit_profiles = man["parts"]["dit.fp32"]["profiles"]
+    bad = {"latents": (2, 8, 4, 4, 4), "timestep": (2,), "text": (2, 32, 384), "text_mask": (2, 32)}
+    with pytest.raises(BackendError, match="outside every optimization profile.*--bucket"):
+        pick_profile("dit", dit_profiles, bad)
+
+
 def test_missing_tensorrt_and_cuda_are_clear(bundle):
     with pytest.raises(BackendError, match="tensorrt cannot run here: the tensorrt Python package is not installed"):
         Pipeline.from_bundle(bundle, backend="tensorrt")
@@ -72,6 +102,20 @@ def test_missing_tensorrt_and_cuda_are_clear(bundle):
         OrtPart("dit", bundle / "dit.fp32.onnx", device="cuda")
     with pytest.raises(BackendError, match="unknown backend"):
         make_part("tvm", "dit", bundle / "dit.fp32.onnx")
+
+
+def test_torch_fp8_scaled_mm_path(torch_pipe):
+    """FP8 linears via torch._scaled_mm (the GPU FP8 path; CPU runs torch's reference kernel): sensitive layers stay
+    float, and the video stays close to fp32."""
+    from vidrt.calibration.report import psnr
+    from vidrt.runtime.fp8 import Fp8Linear, to_fp8
+    pipe = Pipeline("tiny")
+    names = to_fp8(pipe.dit)
+    assert len(names) == 7 * pipe.cfg.dit.depth and all(n.startswith("blocks.") and "adaLN" not in n for n in names)
+    assert isinstance(pipe.dit.blocks[0].mlp[0], Fp8Linear) and isinstance(pipe.dit.final, torch.nn.Linear)
+    ref = torch_pipe(PROMPT, seed=2, progress=False).frames[0]
+    out = pipe(PROMPT, seed=2, progress=False).frames[0]
+    assert 30 < psnr(ref, out) < 80
 
 
 def test_cancellation_between_steps(torch_pipe):
