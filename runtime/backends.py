@@ -149,6 +149,8 @@ class TrtPart:
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA device and none is visible")
         self.trt, self.name, self.device = trt, name, torch.device(device)
+        if self.device.type != "cuda":
+            raise BackendError(f"the tensorrt backend runs on a CUDA device, not {device!r}: pass device='cuda'")
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())

@@ -60,6 +60,7 @@ class Pipeline:
         self.vae_part = None  # a backend part decoding normalised latent tiles (bundles); None: self.vae
         self.backend = "torch"
         self.cuda_graphs, self.graph_fallback = False, None  # see runtime/cudagraph.py
+        self.buckets, self.max_batch, self.decode_tile = None, None, 4  # bundles: what their engines serve
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
@@ -117,12 +118,13 @@ class Pipeline:
         with torch.device("meta"):  # tiling logic only (tile context, temporal factor): no weights
             self.vae = CausalVAE(cfg.vae)
         self.bundle, self.buckets, self.max_batch = str(root), list(m["buckets"]), m["max_batch"]
+        self.decode_tile = m["vae_tile"]  # the VAE decoder's profiles are sized for this tile
         return self
 
     def _check_bundle_shape(self, frames: int, height: int, width: int, dit_batch: int) -> None:
         """Bundles serve their buckets only (TensorRT profiles are exact per bucket); the onnxruntime backend
         enforces the same, so a request that works on CPU works on the engines."""
-        if getattr(self, "buckets", None) is None:
+        if self.buckets is None:
             return
         from .backends import BackendError
         if f"{frames}x{height}x{width}" not in self.buckets:
@@ -173,7 +175,8 @@ class Pipeline:
         return x
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tile: int = 4) -> list[np.ndarray]:
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> list[np.ndarray]:
+        tile = tile or self.decode_tile
         if self.vae_part is not None:  # the exported part de-normalises itself; tiling commutes with that
             video = self.vae.decode_tiled(latents.float(), tile=tile, decode_fn=self.vae_part).float()
         else:
@@ -211,7 +214,7 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
-                 shift: float | None = None, decode_tile: int = 4, progress: bool = True,
+                 shift: float | None = None, decode_tile: int | None = None, progress: bool = True,
                  callback=None) -> VideoOutput:
         latents = self.sample_latents(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                                       guidance_scale, seed, solver, shift, progress, callback)

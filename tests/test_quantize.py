@@ -117,3 +117,22 @@ def test_bad_quantization_input(calib, tmp_path):
     with pytest.raises(ValueError, match="int8 or fp8"):
         Q.QuantRecipe(precision="int4")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_conv_layers_quantize_per_output_channel(calib, tmp_path):
+    """The VAE decoder's Conv3d layers (not quantized in bundles, which keep the VAE float): per-channel weights on
+    axis 0, TensorRT rules hold, output near fp32 on held-out captured latents."""
+    from vidrt.models.checkpoint import load_model
+    cfg, _, vae = load_model("tiny")
+    part = ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    lat = load_set(calib, cfg)["vae"]["latents"]
+    fp32 = ox.export_onnx(part, {"latents": lat[:1]}, ox.VAE_IO, tmp_path / "vae.onnx")
+    rec = Q.QuantRecipe("int8")
+    m = Q.quantize(fp32, Q.collect(fp32, [{"latents": lat[i:i + 1].numpy()} for i in range(4)], rec), rec)
+    convs = [n for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    s = check_tensorrt_qdq(m)
+    assert s["per_channel_weights"] == s["quantize"] == len(convs) > 10
+    assert all(a.i == 0 for n in m.graph.node if n.name.endswith("/w_DQ") for a in n.attribute if a.name == "axis")
+    onnx.save(m, str(tmp_path / "vae.int8.onnx"))
+    par = ox.parity(part, tmp_path / "vae.int8.onnx", [{"latents": lat[i:i + 1]} for i in range(4, 6)])
+    assert all(0 < p.rel_l2 < 0.1 for p in par)
