@@ -185,3 +185,15 @@ def test_bench_report_is_computed_from_measured_runs(bundle, tmp_path):
     with pytest.raises(ValueError, match="BACKEND:PRECISION"):
         parse_runners("torch-fp32")
     assert Runner("x", "torch", "fp32").cuda_graphs is False
+
+
+def test_cli_messages(tmp_path):
+    from click.testing import CliRunner
+
+    from vidrt.export.engines import main as export_main
+    from vidrt.runtime.cli import main as vidrt_main
+    r = CliRunner().invoke(export_main, ["--out", str(tmp_path / "x"), "--precision", "int8"])
+    assert r.exit_code == 1 and "need a calibration set: run `vidrt calibrate --model tiny" in r.output
+    r = CliRunner().invoke(vidrt_main, ["bench", "--model", "tiny", "--runners", "torch-fp32", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "BACKEND:PRECISION" in r.output
+    assert not (tmp_path / "x").exists()
