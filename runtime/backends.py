@@ -8,7 +8,6 @@ A part object holds per-session state (bound buffers): use one per thread.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -16,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-log = logging.getLogger("vidrt")
 INPUTS = {"text_encoder": ("input_ids", "attention_mask"), "dit": ("latents", "timestep", "text", "text_mask"),
           "vae_decoder": ("latents",)}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")

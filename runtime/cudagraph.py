@@ -82,7 +82,7 @@ def graphed_denoise(pipe, latents, text, mask, guidance: float, solver, callback
     """The graphed loop, or None (reason logged, kept in pipe.graph_fallback) when it cannot run."""
     reason = unsupported(pipe, latents, solver)
     if reason is None:
-        key = (tuple(latents.shape), latents.dtype, tuple(text.shape), text.dtype)
+        key = (id(pipe.dit), tuple(latents.shape), latents.dtype, tuple(text.shape), text.dtype)  # a swapped DiT re-captures
         cache = pipe.__dict__.setdefault("_graphs", {})
         try:
             if key not in cache:
