@@ -82,7 +82,8 @@ def graphed_denoise(pipe, latents, text, mask, guidance: float, solver, callback
     """The graphed loop, or None (reason logged, kept in pipe.graph_fallback) when it cannot run."""
     reason = unsupported(pipe, latents, solver)
     if reason is None:
-        key = (id(pipe.dit), tuple(latents.shape), latents.dtype, tuple(text.shape), text.dtype)  # a swapped DiT re-captures
+        # a swapped DiT (e.g. quality_report's) must capture anew, never replay the old one
+        key = (id(pipe.dit), tuple(latents.shape), latents.dtype, tuple(text.shape), text.dtype)
         cache = pipe.__dict__.setdefault("_graphs", {})
         try:
             if key not in cache:
