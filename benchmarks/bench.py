@@ -199,7 +199,8 @@ def to_markdown(rep: dict) -> str:
     notes = [f"- {r['label']}: CUDA graphs fell back: {r['cuda_graph_fallback']}" for r in rep["results"]
              if r.get("cuda_graph_fallback")]
     notes += [f"- {r['label']}: text encoder not timed ({r['stages']['text_encoder']['skipped'][:90]}...); "
-              "random text embeddings" for r in rep["results"] if "stages" in r and "skipped" in r["stages"]["text_encoder"]]
+              "random text embeddings" for r in rep["results"]
+              if "stages" in r and "skipped" in r["stages"]["text_encoder"]]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -34,7 +34,8 @@ def _ort_int8(fp32: Path, cal: list[dict], out: Path, method: str) -> Path:
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"],
                     calibrate_method=getattr(CalibrationMethod, method),
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     return out

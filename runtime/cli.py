@@ -100,8 +100,8 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
               help="export-engines bundle for the onnxruntime/tensorrt runners")
 @click.option("--runners", default=None, help="Comma list BACKEND:PRECISION[+graphs]; the first is the baseline. "
               "Default CPU: torch:fp32,torch.compile:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp8,"
-              "tensorrt:fp16; CUDA: torch fp32/bf16/bf16+graphs/compile bf16/fp8 (torch._scaled_mm)/fp8+graphs, onnxruntime, "
-              "tensorrt")
+              "tensorrt:fp16; CUDA: torch fp32/bf16/bf16+graphs/compile bf16/fp8 (torch._scaled_mm)/fp8+graphs, "
+              "onnxruntime, tensorrt")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--frames", type=int)
 @click.option("--height", type=int)

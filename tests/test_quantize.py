@@ -77,8 +77,8 @@ def test_qdq_graph_form(bundle):
 
 
 def test_observers_and_smoothquant(calib):
-    """mse picks the clipping with the least error; percentile is the percentile; SmoothQuant divides the activation by s and multiplies
-    the weight rows by s, so the float graph is unchanged."""
+    """mse picks the clipping with the least error; percentile is the percentile; SmoothQuant divides the activation
+    by s and multiplies the weight rows by s, so the float graph is unchanged."""
     from vidrt.models.checkpoint import load_model
     cfg, dit, _ = load_model("tiny")
     cal, val = Q.split_samples(load_set(calib, cfg)["dit"], n_calib=16, n_val=2)
