@@ -6,13 +6,13 @@ shapes, model digest, SHA-256 per shard). `load_set()` verifies a set against th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm import tqdm
 
 from vidrt.export.bundle import BundleWriter
@@ -53,15 +53,27 @@ def model_digest(cfg: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Recorder(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
+class Recorder:
+    """Stands in for a pipeline's DiT: records each call's inputs (copies) and output, then returns the output."""
+
+    def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    def forward(self, latents, timestep, text, mask):
-        self.calls.append((latents.detach().clone(), timestep.detach().clone(), text.detach().clone(),
-                           mask.detach().clone()))
-        return self.inner(latents, timestep, text, mask)
+    def __call__(self, *inputs):
+        out = self.inner(*inputs)
+        self.calls.append((tuple(x.detach().clone() for x in inputs), out.detach().float()))
+        return out
+
+
+@contextlib.contextmanager
+def swap_dit(pipe, dit):
+    """Run `pipe` with another DiT (a recorder, a quantized part) inside the block; the original comes back after."""
+    old = pipe.dit
+    pipe.dit = dit
+    try:
+        yield pipe
+    finally:
+        pipe.dit = old
 
 
 def _check_finite(name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -84,23 +96,20 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
     latent_shape = cfg.latent_shape(num_frames, height, width)
     shards = []
     with BundleWriter(out, overwrite=overwrite) as w:
-        inner, rec = pipe.dit, _Recorder(pipe.dit)
-        pipe.dit = rec
-        try:
+        rec = Recorder(pipe.dit)
+        with swap_dit(pipe, rec):
             jobs = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
             for i, prompt, seed in tqdm(jobs, desc="calibrate", disable=not progress):
                 rec.calls.clear()
                 lat = pipe.sample_latents(prompt, "", num_frames, height, width, steps, guidance, seed,
                                           progress=False).float().cpu()
-                dit = {k: torch.stack([c[j] for c in rec.calls]) for j, k in
+                dit = {k: torch.stack([inputs[j] for inputs, _ in rec.calls]) for j, k in
                        enumerate(("latents", "timestep", "text", "text_mask"))}
                 name = f"shard_{len(shards):04d}"
                 _check_finite(f"{name} ({prompt!r}, seed {seed})", {**dit, "vae_latents": lat})
                 save_file({**{f"dit.{k}": v.contiguous() for k, v in dit.items()}, "vae.latents": lat.contiguous()},
                           str(w.dir / f"{name}.safetensors"))
                 shards.append({"file": f"{name}.safetensors", "prompt": prompt, "seed": seed})
-        finally:
-            pipe.dit = inner
         manifest = {"kind": "vidrt-calibration", "model": cfg.name, "model_digest": model_digest(cfg),
                     "video_shape": [num_frames, height, width], "latent_shape": list(latent_shape),
                     "steps": steps, "guidance_scale": guidance, "cfg_batch": 2 if guidance > 1 else 1,

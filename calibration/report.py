@@ -2,12 +2,11 @@
 PSNR/SSIM with the same seed, and (tiny model) the semantic faithfulness score."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vidrt.calibration.capture import Recorder, swap_dit
 from vidrt.export.onnx_export import compare
 from vidrt.models.synthetic import split_scenes
 
@@ -34,28 +33,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
-@contextlib.contextmanager
-def swap_dit(pipe, dit):
-    old = pipe.dit
-    pipe.dit = dit
-    try:
-        yield pipe
-    finally:
-        pipe.dit = old
-
-
-class _Tap:
-    """Wraps the fp32 DiT: records each call's inputs and output."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __call__(self, *inputs):
-        out = self.inner(*inputs)
-        self.calls.append((inputs, out.float()))
-        return out
-
-
 def quality_report(pipe, quant_dit, prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,),
                    faithfulness: bool = False, faith_seeds: tuple[int, ...] = (0, 1), **call_kwargs) -> dict:
     """`pipe`: the fp32 reference Pipeline; `quant_dit`: the quantized DiT as a backend part. Prompts default to the
@@ -65,7 +42,7 @@ def quality_report(pipe, quant_dit, prompts: list[str] | None = None, seeds: tup
     videos = []
     for seed in seeds:
         for prompt in prompts:
-            tap = _Tap(pipe.dit)
+            tap = Recorder(pipe.dit)
             with swap_dit(pipe, tap):
                 ref = pipe(prompt, seed=seed, progress=False, **call_kwargs).frames[0]
             for i, (inputs, out) in enumerate(tap.calls):  # same inputs, quantized DiT: the error of one step
