@@ -121,13 +121,14 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                    "video_shape": calib_set["manifest"]["video_shape"]}
         manifest["quality"] = {}
     with BundleWriter(out, overwrite=overwrite) as w:
+        calibrated = None  # (fp32 graph, activation stats, held-out feeds, fp32 Pipeline): shared by int8 and fp8
         for part, prec in tqdm(jobs, desc="export", disable=not progress):
             name = f"{part}.{prec}"
             t0 = time.time()
             ref = modules[part]
             if prec in QUANT:
-                path, report, qual = _quantized_dit(w.dir, cfg, dit, model, calib_set, prec, recipe or {},
-                                                    quality, "dit.fp32" not in [f"{a}.{b}" for a, b in jobs])
+                calibrated = calibrated or _calibrate_dit(w.dir, dit, model, calib_set, recipe or {}, quality)
+                path, report, qual = _quantized_dit(calibrated, cfg, dit, calib_set, prec, recipe or {})
                 manifest["validation"][name], manifest["quality"][name] = report, qual
                 manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason,
                                                  out, opt_level, t0)
@@ -154,6 +155,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out,
                                              opt_level, t0)
             manifest["validation"][name] = report
+        if calibrated and "fp32" not in precisions:  # the fp32 DiT graph was only the quantizer's input
+            calibrated[0].unlink()
         w.finish(manifest)
     return load_manifest(out)
 
@@ -171,26 +174,39 @@ def _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out,
     return entry
 
 
-def _quantized_dit(d: Path, cfg: ModelConfig, dit: nn.Module, model: str, calib_set: dict, prec: str, recipe: dict,
-                   quality: bool, drop_fp32: bool) -> tuple[Path, dict, dict | None]:
-    """Calibrate + quantize the fp32 DiT graph; check TensorRT's Q/DQ rules; parity on held-out captured inputs;
-    the quality report (per-step error, video PSNR/SSIM, faithfulness on tiny). Returns (path, validation, quality)."""
-    import onnx
+def _calibrate_dit(d: Path, dit: nn.Module, model: str, calib_set: dict, recipe: dict, quality: bool) -> tuple:
+    """Once per bundle: the fp32 DiT graph (the fp32 job's file if it ran first), the activation statistics of the
+    calibration feeds (recipe-independent: every candidate layer is observed), the held-out feeds, and the fp32
+    reference Pipeline of the quality report (None without it)."""
     from vidrt.calibration import quantize as Q
-    from vidrt.calibration.qdq_check import check_tensorrt_qdq
-    rec = Q.QuantRecipe(precision=prec, **recipe)
     cal, val = Q.split_samples(calib_set["dit"])
     fp32 = d / "dit.fp32.onnx"
     if not fp32.exists():
         ox.export_onnx(dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO, fp32)
-    model_q = Q.quantize(fp32, Q.collect(fp32, cal, rec), rec)
-    path = d / f"dit.{prec}.onnx"
+    stats = Q.collect(fp32, cal, Q.QuantRecipe(**recipe))
+    ref_pipe = None
+    if quality:
+        from vidrt.runtime.pipeline import Pipeline
+        ref_pipe = Pipeline(model)
+    return fp32, stats, val, ref_pipe
+
+
+def _quantized_dit(calibrated: tuple, cfg: ModelConfig, dit: nn.Module, calib_set: dict, prec: str,
+                   recipe: dict) -> tuple[Path, dict, dict | None]:
+    """Quantize the fp32 DiT graph; check TensorRT's Q/DQ rules; parity on held-out captured inputs; the quality
+    report (per-step error, video PSNR/SSIM, faithfulness on tiny). Returns (path, validation, quality)."""
+    import onnx
+    from vidrt.calibration import quantize as Q
+    from vidrt.calibration.qdq_check import check_tensorrt_qdq
+    fp32, stats, val, ref_pipe = calibrated
+    rec = Q.QuantRecipe(precision=prec, **recipe)
+    model_q = Q.quantize(fp32, stats, rec)
+    path = fp32.with_name(f"dit.{prec}.onnx")
     onnx.save_model(model_q, str(path))
     report = {"graph": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path), "recipe": rec.to_dict(),
-              "layers": model_q.doc_string, "calibration_samples": 2 * len(cal), "tolerance_rel_l2": TOLERANCE[prec],
+              "layers": model_q.doc_string, "calibration_samples": stats.samples * 2,
+              "tolerance_rel_l2": TOLERANCE[prec],
               "onnxruntime": "ORT_ENABLE_BASIC" if prec == "fp8" else "all optimizations"}
-    if drop_fp32:
-        fp32.unlink()
     par = ox.parity(dit, path, [{k: torch.from_numpy(v) for k, v in f.items()} for f in val],
                     basic_opt=prec == "fp8")
     report["parity"] = [p.__dict__ for p in par]
@@ -201,12 +217,11 @@ def _quantized_dit(d: Path, cfg: ModelConfig, dit: nn.Module, model: str, calib_
                           "held-out calibration inputs; try --observer mse or keep more layers in float; "
                           "bundle not written")
     qual = None
-    if quality:
+    if ref_pipe is not None:
         from vidrt.calibration.report import quality_report
         from vidrt.runtime.backends import OrtPart
-        from vidrt.runtime.pipeline import Pipeline
         f, h, w = calib_set["manifest"]["video_shape"]
-        qual = quality_report(Pipeline(model), OrtPart("dit", path, basic_opt=prec == "fp8"),
+        qual = quality_report(ref_pipe, OrtPart("dit", path, basic_opt=prec == "fp8"),
                               faithfulness=cfg.name == "tiny", num_frames=f, height=h, width=w)
     return path, report, qual
 
