@@ -105,8 +105,9 @@ def _channels_last(x: np.ndarray, op: str) -> np.ndarray:
 def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> Stats:
     """Run the fp32 graph on each feed dict in `samples` and observe the input activation of every candidate layer
     (the recipe's skip list is ignored here, so one Stats serves every recipe)."""
-    import onnxruntime as ort
     from tqdm import tqdm
+
+    from vidrt.export.onnx_export import ort_session
     model = onnx.load(str(fp32_path))
     tg, _ = targets(model, QuantRecipe(recipe.precision, skip=(), ops=recipe.ops))
     acts = {}
@@ -116,9 +117,7 @@ def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> 
     for a in acts:
         if a not in names:
             model.graph.output.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model.SerializeToString())
     samples = list(samples)
     if not samples:
         raise ValueError("no calibration samples")

@@ -113,15 +113,20 @@ def no_spinning(so) -> None:
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
 
 
-def ort_session(path: str | Path, basic_opt: bool = False):
-    """CPU session; `basic_opt` selects ORT_ENABLE_BASIC (needed for FP8 Q/DQ MatMul, an ORT fusion bug)."""
+def ort_session(model: str | Path | bytes, basic_opt: bool = False, provider: str = "CPUExecutionProvider",
+                provider_options: dict | None = None, threads: int | None = None):
+    """Every onnxruntime session of vidrt (a path or serialized model bytes): quiet, no spin-waiting; `basic_opt`
+    selects ORT_ENABLE_BASIC (needed for FP8 Q/DQ MatMul, an ORT fusion bug)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     no_spinning(so)
     if basic_opt:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=[provider],
+                                provider_options=[provider_options or {}])
 
 
 def check_graph(path: str | Path) -> dict:

@@ -65,16 +65,9 @@ class OrtPart:
         if want not in ort.get_available_providers():
             raise BackendError(f"onnxruntime here has no {want} (available: {', '.join(ort.get_available_providers())})"
                                f"; install onnxruntime-gpu for CUDA or use device='cpu'")
-        from vidrt.export.onnx_export import no_spinning
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        no_spinning(so)
-        if basic_opt:  # FP8 Q/DQ MatMul is mis-fused at higher levels (onnxruntime bug)
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        if threads:
-            so.intra_op_num_threads = threads
-        opts = [{"device_id": self.device.index or 0}] if want == "CUDAExecutionProvider" else [{}]
-        self.sess = ort.InferenceSession(str(self.path), so, providers=[want], provider_options=opts)
+        from vidrt.export.onnx_export import ort_session
+        cuda_opts = {"device_id": self.device.index or 0} if self.device.type == "cuda" else None
+        self.sess = ort_session(self.path, basic_opt, want, provider_options=cuda_opts, threads=threads)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.output = self.sess.get_outputs()[0].name
         self.io_binding = (self.device.type == "cuda") if io_binding is None else io_binding
