@@ -28,18 +28,37 @@ def resolve_text_encoder_path(name: str) -> Path:
     return p
 
 
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class PromptTokenizer:
+    """The encoder's tokenizer, padded and truncated to cfg.max_length: the input every text encoder (PyTorch or an
+    exported graph) takes."""
+
+    def __init__(self, cfg: TextConfig, path: Path | None = None):
+        _offline()
+        from transformers import AutoTokenizer
+        self.max_length = cfg.max_length
+        self.hf = AutoTokenizer.from_pretrained(path or resolve_text_encoder_path(cfg.encoder), local_files_only=True)
+
+    def __call__(self, prompts: list[str]) -> dict:
+        return self.hf(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                       return_tensors="pt")
+
+
 class TextEncoder(nn.Module):
     """encode(prompts) -> (embeddings (B, max_length, dim) float32, mask (B, max_length) bool)."""
 
     def __init__(self, cfg: TextConfig, device: str | torch.device = "cpu"):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        _offline()
+        from transformers import AutoConfig, AutoModel
 
         path = resolve_text_encoder_path(cfg.encoder)
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer = PromptTokenizer(cfg, path)
         hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         if hf_cfg.model_type in ("t5", "umt5", "mt5"):
             from transformers import T5EncoderModel, UMT5EncoderModel
@@ -60,8 +79,7 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def tokenize(self, prompts: list[str]) -> dict:
-        return self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.cfg.max_length,
-                              return_tensors="pt")
+        return self.tokenizer(prompts)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -33,15 +33,11 @@ class _BundleTextEncoder:
     """Tokenizer + the text-encoder part of a bundle (same encode() contract as TextEncoder)."""
 
     def __init__(self, cfg, part):
-        from transformers import AutoTokenizer
-
-        from vidrt.models.text import resolve_text_encoder_path
-        self.cfg, self.part = cfg, part
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_encoder_path(cfg.encoder), local_files_only=True)
+        from vidrt.models.text import PromptTokenizer
+        self.part, self.tokenizer = part, PromptTokenizer(cfg)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt")
+        tok = self.tokenizer(prompts)
         return self.part(tok["input_ids"], tok["attention_mask"]).float(), tok["attention_mask"].bool()
 
 
