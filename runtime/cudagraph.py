@@ -60,26 +60,24 @@ class GraphedStep:
             v = v_u + self.g * (v_c - v_u)
         self.x.copy_((self.x.float() + self.dt * v).to(self.x.dtype))
 
-    def run(self, latents, text, mask, guidance: float, solver, callback=None, progress_bar=None) -> torch.Tensor:
+    def start(self, latents, text, mask, guidance: float) -> "GraphedStep":
         self.x.copy_(latents)
         self.text.copy_(text)
         self.mask.copy_(mask)
         self.g.fill_(guidance)
-        ts = solver.timesteps
-        for i in range(len(ts) - 1):
-            self.t.fill_(ts[i])
-            self.dt.fill_(ts[i + 1] - ts[i])
-            self.graph.replay()
-            if progress_bar is not None:
-                progress_bar.update(1)
-            if callback is not None and callback(i + 1, len(ts) - 1, self.x) is False:
-                from .pipeline import Cancelled
-                raise Cancelled(f"cancelled after step {i + 1} of {len(ts) - 1}")
-        return self.x.clone()
+        return self
+
+    def step(self, t: float, t_next: float) -> torch.Tensor:
+        """One replay from t to t_next; returns the static latents buffer (valid until the next step)."""
+        self.t.fill_(t)
+        self.dt.fill_(t_next - t)
+        self.graph.replay()
+        return self.x
 
 
-def graphed_denoise(pipe, latents, text, mask, guidance: float, solver, callback=None):
-    """The graphed loop, or None (reason logged, kept in pipe.graph_fallback) when it cannot run."""
+def graphed_step(pipe, latents, text, mask, guidance: float, solver) -> GraphedStep | None:
+    """The captured step for this call's shapes, primed with its inputs, or None (reason logged, kept in
+    pipe.graph_fallback) when it cannot run."""
     reason = unsupported(pipe, latents, solver)
     if reason is None:
         # a swapped DiT (e.g. quality_report's) must capture anew, never replay the old one
@@ -92,7 +90,7 @@ def graphed_denoise(pipe, latents, text, mask, guidance: float, solver, callback
             reason = f"capture failed: {str(e).splitlines()[0]}"
         else:
             pipe.graph_fallback = None
-            return cache[key].run(latents, text, mask, guidance, solver, callback)
+            return cache[key].start(latents, text, mask, guidance)
     pipe.graph_fallback = reason
     log.warning("vidrt: CUDA graphs off for this call: %s; running the step eagerly", reason)
     return None

@@ -149,26 +149,29 @@ class Pipeline:
                 solver, progress: bool = True, callback=None) -> torch.Tensor:
         """Run the sampling loop. With CFG, text/mask hold [uncond; cond] (2B rows) and the DiT runs as one batch.
         `callback(step, num_steps, latents)` runs after every step; returning False cancels (raises Cancelled)."""
+        graphed = None
         if self.cuda_graphs:
-            from .cudagraph import graphed_denoise
-            out = graphed_denoise(self, latents, text, mask, guidance_scale, solver, callback)
-            if out is not None:
-                return out
+            from .cudagraph import graphed_step
+            graphed = graphed_step(self, latents, text, mask, guidance_scale, solver)
         cfg_on = text.shape[0] == 2 * latents.shape[0]
         solver.reset()
         x = latents
-        steps = len(solver.timesteps) - 1
+        ts = solver.timesteps
+        steps = len(ts) - 1
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
-            xin = torch.cat([x, x]) if cfg_on else x
-            t = torch.full((xin.shape[0],), solver.timesteps[i], device=x.device, dtype=torch.float32)
-            v = self.dit(xin, t, text, mask).to(torch.float32)
-            if cfg_on:
-                v_u, v_c = v.chunk(2)
-                v = v_u + guidance_scale * (v_c - v_u)
-            x = solver.step(i, x, v).to(latents.dtype)
+            if graphed is not None:  # the same step, replayed from a CUDA graph
+                x = graphed.step(ts[i], ts[i + 1])
+            else:
+                xin = torch.cat([x, x]) if cfg_on else x
+                t = torch.full((xin.shape[0],), ts[i], device=x.device, dtype=torch.float32)
+                v = self.dit(xin, t, text, mask).to(torch.float32)
+                if cfg_on:
+                    v_u, v_c = v.chunk(2)
+                    v = v_u + guidance_scale * (v_c - v_u)
+                x = solver.step(i, x, v).to(latents.dtype)
             if callback is not None and callback(i + 1, steps, x) is False:
                 raise Cancelled(f"cancelled after step {i + 1} of {steps}")
-        return x
+        return x.clone() if graphed is not None else x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> list[np.ndarray]:
