@@ -166,9 +166,14 @@ def machine(device: torch.device) -> dict:
         info["cpu"] = platform.processor()
     try:
         import onnxruntime
+
+        from vidrt.runtime.ort import cpu_int8
         info["onnxruntime"] = onnxruntime.__version__
+        info.update(cpu_int8())  # isa, int8 kernel behaviour, the session options vidrt uses because of it
     except ImportError:
-        pass
+        from vidrt.runtime.ort import cpu_isa
+        info["isa"] = cpu_isa()
+    info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -177,7 +182,8 @@ def machine(device: torch.device) -> dict:
 def to_markdown(rep: dict) -> str:
     m = rep["machine"]
     lines = [f"Model `{rep['model']}`, video {rep['shape']}, {rep['steps']} steps, CFG batch 2; device "
-             f"{rep['device']} ({m.get('gpu') or m['cpu']}, {m['cpu_threads']} threads); {rep['date']}.",
+             f"{rep['device']} ({m.get('gpu') or m['cpu']}, ISA {m.get('isa', '?')}, {m['cpu_threads']} threads, load "
+             f"{m.get('load_avg_1m', '?')}); {rep['date']}.",
              f"DiT step: {rep['dit_gflop']:.1f} GFLOP counted; measured GEMM peak {rep['gemm_peak_gflops']:.0f} "
              "GFLOP/s.", "",
              "| runner | text enc p50 ms | DiT step p50 / p90 / p99 ms | DiT x | DiT GFLOP/s (% peak) | VAE p50 ms "

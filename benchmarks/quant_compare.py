@@ -43,7 +43,7 @@ def _ort_int8(fp32: Path, cal: list[dict], out: Path, method: str) -> Path:
 
 def _step_ms(graphs: dict[str, tuple[Path, bool]], feed: dict, reps: int) -> dict[str, float]:
     """Median ms per graph, timed round-robin (rep r of every graph, then rep r + 1) so drift hits all alike."""
-    from vidrt.export.onnx_export import ort_session
+    from vidrt.runtime.ort import ort_session
     sess = {n: ort_session(p, basic_opt=b) for n, (p, b) in graphs.items()}
     for s in sess.values():
         s.run(None, feed)
@@ -85,6 +85,7 @@ def main(model, calib, out, steps, extra, reps, quick):
             "int8 max + SmoothQuant 0.5": Q.QuantRecipe("int8", smoothquant=0.5),
             "int8 mse + SmoothQuant 0.5": Q.QuantRecipe("int8", "mse", smoothquant=0.5),
             "int8 max, all layers": Q.QuantRecipe("int8", skip=()),
+            "int8 max, 7-bit weights": Q.QuantRecipe("int8", weight_qmax=63),
             "fp8 mse": Q.QuantRecipe("fp8", "mse"), "fp8 max, all layers": Q.QuantRecipe("fp8", skip=())})
     graphs = {"fp32": (fp32, False)}
     for name, r in recipes.items():

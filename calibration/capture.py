@@ -29,6 +29,9 @@ SORA_PROMPTS = [
 ]
 
 
+FORMAT = 1  # calibration sets version apart from bundles
+
+
 class CalibrationError(ValueError):
     """Bad or mismatched calibration input; the message names the fix."""
 
@@ -110,7 +113,7 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
                 save_file({**{f"dit.{k}": v.contiguous() for k, v in dit.items()}, "vae.latents": lat.contiguous()},
                           str(w.dir / f"{name}.safetensors"))
                 shards.append({"file": f"{name}.safetensors", "prompt": prompt, "seed": seed})
-        manifest = {"kind": "vidrt-calibration", "model": cfg.name, "model_digest": model_digest(cfg),
+        manifest = {"format": FORMAT, "kind": "vidrt-calibration", "model": cfg.name, "model_digest": model_digest(cfg),
                     "video_shape": [num_frames, height, width], "latent_shape": list(latent_shape),
                     "steps": steps, "guidance_scale": guidance, "cfg_batch": 2 if guidance > 1 else 1,
                     "seeds": list(seeds), "shards": shards}
@@ -123,7 +126,7 @@ def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, in
     Refuses a set captured on another model or shape, a corrupt shard, or NaN/inf values."""
     from vidrt.export.bundle import BundleError, load_manifest
     try:
-        m = load_manifest(path, check_versions=False)
+        m = load_manifest(path, check_versions=False, fmt=FORMAT)
     except BundleError as e:
         raise CalibrationError(f"calibration set {path}: {e}") from e
     if m.get("kind") != "vidrt-calibration":

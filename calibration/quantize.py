@@ -39,12 +39,17 @@ class QuantRecipe:
     skip: tuple[str, ...] = SENSITIVE  # regexes on node names left in float
     ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     rows: int = 1 << 18              # activation values kept per tensor for percentile/mse/SmoothQuant
+    # int8 weight range: 127 (full); 63 = 7 bits, whose u8 x s8 pair sums cannot overflow int16 in onnxruntime's
+    # fast x86 kernels without VNNI (benchmarks/QUANTIZATION.md measures it against the exact-kernel route)
+    weight_qmax: int = 127
 
     def __post_init__(self):
         if self.precision not in QMAX:
             raise ValueError(f"precision {self.precision!r}: quantize to int8 or fp8")
         if self.observer not in ("max", "percentile", "mse"):
             raise ValueError(f"observer {self.observer!r}: choose max, percentile or mse")
+        if not 1 <= self.weight_qmax <= 127:
+            raise ValueError(f"weight_qmax {self.weight_qmax} must be in 1..127")
         if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
             raise ValueError(f"SmoothQuant alpha {self.smoothquant} must be in (0, 1)")
 
@@ -107,7 +112,7 @@ def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> 
     (the recipe's skip list is ignored here, so one Stats serves every recipe)."""
     from tqdm import tqdm
 
-    from vidrt.export.onnx_export import ort_session
+    from vidrt.runtime.ort import ort_session
     model = onnx.load(str(fp32_path))
     tg, _ = targets(model, QuantRecipe(recipe.precision, skip=(), ops=recipe.ops))
     acts = {}
@@ -205,11 +210,12 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
                                  name=f"{t.node}/act_DQ")]
         # weights: per output channel, amax/qmax, stored quantized
         red = tuple(a for a in range(w.ndim) if a != t.w_axis)
-        w_scale = np.maximum(np.abs(w).max(axis=red), 1e-8) / qmax
+        wmax = recipe.weight_qmax if p == "int8" else qmax
+        w_scale = np.maximum(np.abs(w).max(axis=red), 1e-8) / wmax
         bshape = [1] * w.ndim
         bshape[t.w_axis] = -1
         wq = w / w_scale.reshape(bshape)
-        wq = np.clip(np.rint(wq), -127, 127).astype(np.int8) if p == "int8" else wq
+        wq = np.clip(np.rint(wq), -wmax, wmax).astype(np.int8) if p == "int8" else wq
         used_w[t.weight] = used_w.get(t.weight, 0) + 1
         wname = f"{t.node}/w_q"
         g.initializer.extend([_const(wname, wq, qtype), _const(f"{t.node}/w_scale", w_scale.astype(np.float32)),

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: parts say which graph each runtime uses ("runtimes")
 
 
 class BundleError(RuntimeError):
@@ -64,7 +64,7 @@ class BundleWriter:
 
     def finish(self, manifest: dict) -> Path:
         files = sorted(p for p in self.dir.rglob("*") if p.is_file())
-        manifest = {"format": FORMAT, **manifest, "versions": versions(),
+        manifest = {"format": FORMAT, **manifest, "versions": versions(),  # a calibration set gives its own format
                     "files": {str(p.relative_to(self.dir)): {"sha256": sha256(p), "bytes": p.stat().st_size}
                               for p in files}}
         manifest["digest"] = _digest(manifest)  # any later edit of the manifest itself is detected
@@ -79,7 +79,7 @@ class BundleWriter:
         return self.out
 
 
-def load_manifest(bundle: str | Path, check_versions: bool = True) -> dict:
+def load_manifest(bundle: str | Path, check_versions: bool = True, fmt: int = FORMAT) -> dict:
     """Read and verify a bundle: every listed file present with its SHA-256, no unlisted files, format and
     library versions compatible. Raises BundleError naming the problem."""
     root = Path(bundle)
@@ -92,8 +92,8 @@ def load_manifest(bundle: str | Path, check_versions: bool = True) -> dict:
         raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is corrupt, re-export it") from e
     if m.get("digest") != _digest(m):
         raise BundleError(f"{mpath} was edited after export (its digest does not match); re-run export-engines")
-    if m.get("format") != FORMAT:
-        raise BundleError(f"{mpath}: bundle format {m.get('format')!r}, this vidrt reads {FORMAT}; re-export it")
+    if m.get("format") != fmt:
+        raise BundleError(f"{mpath}: format {m.get('format')!r}, this vidrt reads {fmt}; re-export it")
     files = m.get("files") or {}
     for name, info in files.items():
         p = root / name
@@ -107,9 +107,10 @@ def load_manifest(bundle: str | Path, check_versions: bool = True) -> dict:
     if extra:
         raise BundleError(f"{root}: files not in {MANIFEST}: {', '.join(extra)}; the bundle was modified")
     for part in m.get("parts", {}).values():
-        for key in ("onnx", "engine"):
-            if part.get(key) and part[key] not in files:
-                raise BundleError(f"{mpath}: part file {part[key]} is not listed with a hash; re-export it")
+        named = [part.get("onnx"), part.get("engine")] + [r.get("graph") for r in part.get("runtimes", {}).values()]
+        for f in filter(None, named):
+            if f not in files:
+                raise BundleError(f"{mpath}: part file {f} is not listed with a hash; re-export it")
     if check_versions:
         have = versions()
         for lib in ("onnx", "tensorrt"):

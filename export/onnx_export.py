@@ -19,6 +19,7 @@ from torch import nn
 
 from vidrt.models.config import ModelConfig
 from vidrt.models.vae import CausalVAE
+from vidrt.runtime.ort import ort_session
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, with headroom
@@ -103,30 +104,6 @@ def compare(ref: np.ndarray, out: np.ndarray, shape: str) -> Parity:
     denom = np.linalg.norm(ref) * np.linalg.norm(out)
     return Parity(shape, float(np.abs(d).max()), float(np.linalg.norm(d) / max(np.linalg.norm(ref), 1e-30)),
                   float(ref @ out / denom) if denom > 0 else 1.0)
-
-
-def no_spinning(so) -> None:
-    """Idle onnxruntime worker threads normally spin-wait; with several sessions (text encoder, DiT, VAE) or torch in
-    one process they steal the cores of whichever session runs. Measured on the small DiT step (2 cores): fp32 99.8 ->
-    67.6 ms, INT8 50.1 -> 34.3 ms when two sessions alternate."""
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-
-
-def ort_session(model: str | Path | bytes, basic_opt: bool = False, provider: str = "CPUExecutionProvider",
-                provider_options: dict | None = None, threads: int | None = None):
-    """Every onnxruntime session of vidrt (a path or serialized model bytes): quiet, no spin-waiting; `basic_opt`
-    selects ORT_ENABLE_BASIC (needed for FP8 Q/DQ MatMul, an ORT fusion bug)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    no_spinning(so)
-    if basic_opt:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=[provider],
-                                provider_options=[provider_options or {}])
 
 
 def check_graph(path: str | Path) -> dict:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .ort import ort_session
+
 INPUTS = {"text_encoder": ("input_ids", "attention_mask"), "dit": ("latents", "timestep", "text", "text_mask"),
           "vae_decoder": ("latents",)}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -56,7 +58,7 @@ class OrtPart:
 
     def __init__(self, name: str, path: str | Path, device: str = "cpu", basic_opt: bool = False,
                  threads: int | None = None, out_shape=None, io_binding: bool | None = None,
-                 reuse_output: bool = False):
+                 reuse_output: bool = False, exact_int8: bool | None = None):
         import onnxruntime as ort
         self.name, self.path, self.device = name, Path(path), torch.device(device)
         if not self.path.is_file():
@@ -65,9 +67,9 @@ class OrtPart:
         if want not in ort.get_available_providers():
             raise BackendError(f"onnxruntime here has no {want} (available: {', '.join(ort.get_available_providers())})"
                                f"; install onnxruntime-gpu for CUDA or use device='cpu'")
-        from vidrt.export.onnx_export import ort_session
         cuda_opts = {"device_id": self.device.index or 0} if self.device.type == "cuda" else None
-        self.sess = ort_session(self.path, basic_opt, want, provider_options=cuda_opts, threads=threads)
+        self.sess = ort_session(self.path, basic_opt, want, provider_options=cuda_opts, threads=threads,
+                                exact_int8=exact_int8)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.output = self.sess.get_outputs()[0].name
         self.io_binding = (self.device.type == "cuda") if io_binding is None else io_binding

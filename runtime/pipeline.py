@@ -102,7 +102,8 @@ class Pipeline:
         def part(name: str, e: dict, out_shape, reuse: bool = False):
             if backend == "tensorrt":
                 return make_part(backend, name, root / e["engine"], device, shared=shared)
-            return make_part(backend, name, root / e["onnx"], device, basic_opt=e["precision"] == "fp8",
+            rt = e["runtimes"]["onnxruntime"]  # the bundle says which graph onnxruntime runs, and how
+            return make_part(backend, name, root / rt["graph"], device, basic_opt=rt["graph_optimization"] == "basic",
                              out_shape=out_shape, reuse_output=reuse)
 
         sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor

@@ -1,0 +1,133 @@
+"""INT8 DiT on onnxruntime CPU per x86 ISA: quality on this CPU and on an emulated AVX2-only CPU (no VNNI), speed on
+this CPU, and the instruction count of the AVX2 code path. Writes a markdown table to --out (and stdout).
+
+    python -m vidrt.benchmarks.int8_isa --bundle bundles/small --calib cal_small --out int8_isa_small.md
+
+Rows: the runtime's choice (exact int8 where the default kernels saturate) and onnxruntime's default kernels.
+Quality: the quality report of the export (video PSNR/SSIM against fp32 with the same seed, per-step error) with the
+int8 DiT run here and under valgrind's AVX2 CPU (isa_emulate.py, ~15 s per small step). Speed: round-robin medians
+on this CPU. Instructions: `valgrind --tool=callgrind`, one thread, per DiT step (difference of runs with 1+k and 1
+steps), which is what the AVX2 kernels execute; it is a proxy for time, not a time.
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+MODES = {"runtime (auto)": None, "exact int8 (u8u8)": True, "default kernels (u8s8)": False}
+
+
+def _feed(calib: str, cfg) -> dict:
+    from vidrt.calibration import quantize as Q
+    from vidrt.calibration.capture import load_set
+    return Q.split_samples(load_set(calib, cfg)["dit"])[1][0]
+
+
+def step_ms(graphs: dict[str, tuple[Path, bool | None]], feed: dict, reps: int) -> dict[str, float]:
+    """Median ms per DiT call on this CPU, sessions timed round-robin (one rep of each, then the next)."""
+    from vidrt.runtime.ort import ort_session
+    sess = {n: ort_session(p, exact_int8=e) for n, (p, e) in graphs.items()}
+    for s in sess.values():
+        s.run(None, feed)
+    ts: dict[str, list[float]] = {n: [] for n in sess}
+    for _ in range(reps):
+        for n, s in sess.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            ts[n].append(time.perf_counter() - t)
+    return {n: 1000 * statistics.median(v) for n, v in ts.items()}
+
+
+def instructions(path: Path, exact: bool | None, calib: str, k: int = 2) -> int:
+    """Instructions of one DiT call on valgrind's AVX2 CPU (one onnxruntime thread)."""
+    def run(n: int) -> int:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
+               "vidrt.benchmarks.int8_isa", "--child", str(path), str(exact), calib, str(n)]
+        err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        return int(err.split("Collected :")[1].split()[0])
+    return (run(1 + k) - run(1)) // k
+
+
+def _child(path: str, exact: str, calib: str, n: str) -> None:
+    """Open the session like the runtime does (one thread) and run the DiT n times."""
+    from safetensors.numpy import load_file
+
+    from vidrt.runtime.ort import ort_session
+    sess = ort_session(path, exact_int8={"None": None, "True": True, "False": False}[exact], threads=1)
+    shard = load_file(str(Path(calib) / "shard_0000.safetensors"))
+    feed = {k: shard[f"dit.{k}"][0] for k in ("latents", "timestep", "text", "text_mask")}
+    for _ in range(int(n)):
+        sess.run(None, feed)
+
+
+@click.command()
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False),
+              help="export-engines bundle with dit.fp32 and dit.int8")
+@click.option("--calib", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False))
+@click.option("--reps", type=int, default=30, show_default=True)
+@click.option("--no-emulation", is_flag=True, help="Skip the emulated AVX2 quality rows (slow)")
+@click.option("--no-instructions", is_flag=True, help="Skip the callgrind instruction counts (slow)")
+def main(bundle, calib, out, reps, no_emulation, no_instructions):
+    from vidrt.benchmarks.isa_emulate import EmulatedOrtPart
+    from vidrt.calibration.report import quality_report
+    from vidrt.export.bundle import load_manifest
+    from vidrt.runtime.backends import OrtPart
+    from vidrt.runtime.ort import cpu_int8
+    from vidrt.runtime.pipeline import Pipeline
+
+    man, root = load_manifest(bundle), Path(bundle)
+    pipe = Pipeline(man["model_source"])
+    f, h, w = man["calibration"]["video_shape"]
+    int8, fp32 = root / "dit.int8.onnx", root / "dit.fp32.onnx"
+    here = cpu_int8()
+    kw = {"num_frames": f, "height": h, "width": w, "faithfulness": pipe.cfg.name == "tiny"}
+    rows = []
+
+    def quality(where: str, mode: str, part) -> None:
+        t = time.time()
+        q = quality_report(pipe, part, **kw)
+        fa = q.get("faithfulness", {}).get("quantized")
+        rows.append([where, mode, q["psnr_mean"], q["psnr_min"], q["ssim_mean"], q["step_rel_l2_max"],
+                     f"{100 * fa['color']:.1f}% / {100 * fa['direction']:.1f}%" if fa else "-"])
+        print(rows[-1], f"{time.time() - t:.0f} s", flush=True)
+
+    for mode in ("runtime (auto)", "default kernels (u8s8)"):
+        quality(f"this CPU ({here['isa']})", mode, OrtPart("dit", int8, exact_int8=MODES[mode]))
+    if not no_emulation:
+        for mode in ("runtime (auto)", "default kernels (u8s8)"):
+            part = EmulatedOrtPart("dit", int8, exact_int8=MODES[mode])
+            quality("emulated AVX2 (valgrind)", mode, part)
+            part.close()
+    feed = _feed(calib, pipe.cfg)
+    ms = step_ms({"fp32": (fp32, None), **{f"int8 {m}": (int8, e) for m, e in MODES.items()}}, feed, reps)
+    counts = {} if no_instructions else {n: instructions(p, e, calib) for n, (p, e) in
+                                         {"fp32": (fp32, None), "int8 exact int8 (u8u8)": (int8, True),
+                                          "int8 default kernels (u8s8)": (int8, False)}.items()}
+    lines = [f"Model `{man['model']['name']}`, video {f}x{h}x{w}; this CPU: {here['isa']}, int8 kernels "
+             f"{here['int8_kernels']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| where | int8 kernels | video PSNR dB (mean / min) | SSIM | step rel L2 (worst step) | faithfulness "
+             "colour / direction |", "|---" * 6 + "|"]
+    lines += [f"| {a} | {b} | {c:.1f} / {d:.1f} | {e:.4f} | {g:.4f} | {fa} |" for a, b, c, d, e, g, fa in rows]
+    lines += ["", f"| DiT call (CFG batch 2) | ms on this CPU ({here['isa']}) | x vs fp32 | instructions, AVX2 path "
+              "(callgrind, 1 thread) | x vs fp32 |", "|---" * 5 + "|"]
+    for n, v in ms.items():
+        c, c32 = counts.get(n), counts.get("fp32")
+        lines.append(f"| {n} | {v:.1f} | {ms['fp32'] / v:.2f}x | {f'{c / 1e6:.0f} M' if c else '-'} | "
+                     f"{f'{c32 / c:.2f}x' if c else '-'} |")
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(*sys.argv[2:6])
+    else:
+        main()
