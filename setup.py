@@ -1,6 +1,6 @@
 from setuptools import setup
 
-AREAS = ["models", "runtime", "export", "calibration", "benchmarks"]
+AREAS = ["models", "runtime", "export", "calibration", "benchmarks", "app"]
 
 setup(
     name="vidrt",
@@ -17,5 +17,5 @@ setup(
         "imageio-ffmpeg", "pillow", "click>=8", "tqdm", "onnx>=1.16", "onnxruntime>=1.18", "polygraphy",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["vidrt=vidrt.runtime.cli:main", "export-engines=vidrt.export.engines:main"]},
+    entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.export.engines:main"]},
 )

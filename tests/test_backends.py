@@ -191,7 +191,7 @@ def test_cli_messages(tmp_path):
     from click.testing import CliRunner
 
     from vidrt.export.engines import main as export_main
-    from vidrt.runtime.cli import main as vidrt_main
+    from vidrt.app.cli import main as vidrt_main
     r = CliRunner().invoke(export_main, ["--out", str(tmp_path / "x"), "--precision", "int8"])
     assert r.exit_code == 1 and "need a calibration set: run `vidrt calibrate --model tiny" in r.output
     r = CliRunner().invoke(vidrt_main, ["bench", "--model", "tiny", "--runners", "torch-fp32", "--out", str(tmp_path)])

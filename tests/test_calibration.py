@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from vidrt.calibration.capture import CalibrationError, capture, default_prompts, load_set, read_prompts
 from vidrt.models.config import preset
-from vidrt.runtime.cli import main
+from vidrt.app.cli import main
 from vidrt.runtime.pipeline import Pipeline
 from vidrt.runtime.schedulers import flow_timesteps
 

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from vidrt.models.config import ConfigError, TextConfig
 from vidrt.models.synthetic import Scene, detect, render, split_scenes, to_tensor_range
 from vidrt.models.text import TextEncoder
-from vidrt.runtime.cli import main
+from vidrt.app.cli import main
 from vidrt.runtime.evaluate import evaluate_faithfulness
 from vidrt.runtime.pipeline import Pipeline
 from vidrt.runtime.video import read_video, save_video
