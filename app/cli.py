@@ -32,17 +32,22 @@ def main():
 @click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), default="euler", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale", type=int, default=0, help="Nearest-neighbour upscale of the saved video; 0 = auto (>= 256 px)")
-def generate(prompt, out, model, scale, **kw):
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (atomically)")
+def generate(prompt, out, model, scale, overwrite, **kw):
     """Generate a video from PROMPT (default: the embedded tiny model)."""
+    from pathlib import Path
+
     from vidrt.runtime.pipeline import Pipeline
     try:
+        if Path(out).exists() and not overwrite:
+            raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another -o")
         t0 = time.time()
         pipe = Pipeline(model)
         video = pipe(prompt, **{k: v for k, v in kw.items() if v is not None})
         frames = video.frames[0]
         scale = scale or max(1, -(-256 // min(frames.shape[1:3])))
-        path = video.save(out, scale=scale)
-    except (ConfigError, ValueError) as e:
+        path = video.save(out, scale=scale, overwrite=overwrite)
+    except (ConfigError, ValueError, FileExistsError) as e:
         _fail(e)
     T, H, W, _ = frames.shape
     click.echo(f"wrote {path} ({T} frames, {H}x{W} generated, saved x{scale}, {video.fps} fps) "

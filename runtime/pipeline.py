@@ -21,8 +21,23 @@ class VideoOutput:
     frames: list[np.ndarray]  # one uint8 (T, H, W, 3) array per prompt
     fps: int
 
-    def save(self, path: str | Path, index: int = 0, scale: int = 1) -> Path:
-        return save_video(self.frames[index], path, fps=self.fps, scale=scale)
+    def save(self, path: str | Path, index: int = 0, scale: int = 1, overwrite: bool = False) -> Path:
+        return save_video(self.frames[index], path, fps=self.fps, scale=scale, overwrite=overwrite)
+
+
+@dataclass
+class Request:
+    """A validated generation request with every default resolved (Pipeline.request)."""
+    prompts: list[str]
+    negative_prompts: list[str]
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    solver: str
+    shift: float
 
 
 class Cancelled(RuntimeError):
@@ -185,12 +200,12 @@ class Pipeline:
         u8 = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
         return list(u8)
 
-    def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
-                       num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                       num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
-                       solver: str = "euler", shift: float | None = None, progress: bool = True,
-                       callback=None) -> torch.Tensor:
-        """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
+    def request(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
+                height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
+                shift: float | None = None) -> "Request":
+        """Resolve defaults and validate a request without running anything (raises ConfigError/BackendError with
+        the fix). Servers call it to refuse bad input before queueing."""
         s = self.cfg.sample
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -199,16 +214,29 @@ class Pipeline:
         negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negs) != len(prompts):
             raise ConfigError(f"{len(negs)} negative prompts for {len(prompts)} prompts: give one or one per prompt")
-        num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
-        steps = num_inference_steps or s.num_inference_steps
-        g = s.guidance_scale if guidance_scale is None else guidance_scale
-        shape = self.cfg.latent_shape(num_frames, height, width)  # validates, naming the fix
-        self._check_bundle_shape(num_frames, height, width, len(prompts) * (2 if g > 1.0 else 1))
-        sched = make_solver(solver, steps, s.shift if shift is None else shift)
+        r = Request(prompts, negs, num_frames or s.num_frames, height or s.height, width or s.width,
+                    num_inference_steps or s.num_inference_steps,
+                    s.guidance_scale if guidance_scale is None else guidance_scale, seed, solver,
+                    s.shift if shift is None else shift)
+        self.cfg.latent_shape(r.num_frames, r.height, r.width)  # validates, naming the fix
+        self._check_bundle_shape(r.num_frames, r.height, r.width, len(prompts) * (2 if r.guidance_scale > 1 else 1))
+        make_solver(r.solver, r.num_inference_steps, r.shift)  # validates steps, shift and solver name
+        return r
 
-        gen = torch.Generator().manual_seed(seed)  # noise drawn on CPU: same video on every device
-        latents = torch.randn((len(prompts), *shape), generator=gen).to(self.device, self.dtype)
-        text, mask = self.encode_prompts(negs + prompts if g > 1.0 else prompts)
+    def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
+                       num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                       num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+                       solver: str = "euler", shift: float | None = None, progress: bool = True,
+                       callback=None) -> torch.Tensor:
+        """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
+        r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                         seed, solver, shift)
+        shape = self.cfg.latent_shape(r.num_frames, r.height, r.width)
+        sched = make_solver(r.solver, r.num_inference_steps, r.shift)
+        gen = torch.Generator().manual_seed(r.seed)  # noise drawn on CPU: same video on every device
+        latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)
+        g = r.guidance_scale
+        text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)
         return self.denoise(latents, text, mask, g, sched, progress, callback)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,

@@ -1,6 +1,8 @@
 """Write frames to mp4 (H.264 through the ffmpeg binary shipped by imageio-ffmpeg) or gif (Pillow)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,33 +15,53 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames if scale == 1 else frames.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
-def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 1) -> Path:
-    """frames: uint8 (T, H, W, 3). The suffix picks the format: .mp4 or .gif."""
+def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 1, overwrite: bool = False) -> Path:
+    """frames: uint8 (T, H, W, 3). The suffix picks the format: .mp4 or .gif. Written to a temporary file in the same
+    folder, then moved into place in one step: a killed write never leaves a partial video, and an existing file is
+    replaced only with `overwrite` (otherwise FileExistsError, also if the file appears meanwhile)."""
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     path = Path(path)
-    frames = upscale(frames, scale)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".gif"):
+        raise ValueError(f"unsupported video format {suffix!r}: use .mp4 or .gif")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) or choose another name")
+    frames = upscale(frames, scale)
+    if suffix == ".mp4" and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise ValueError(f"H.264 needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        _write(frames, Path(tmp), fps, suffix)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a video is as readable as any file the user writes
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the name appeared meanwhile: nothing is clobbered
+            os.unlink(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write(frames: np.ndarray, path: Path, fps: int, suffix: str) -> None:
     if suffix == ".mp4":
         import imageio_ffmpeg
         T, H, W, _ = frames.shape
-        if H % 2 or W % 2:
-            raise ValueError(f"H.264 needs even height and width, got {H}x{W}")
         writer = imageio_ffmpeg.write_frames(str(path), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
                                              quality=9, macro_block_size=1, ffmpeg_log_level="error")
         writer.send(None)
         for f in frames:
             writer.send(np.ascontiguousarray(f))
         writer.close()
-    elif suffix == ".gif":
+    else:
         from PIL import Image
         imgs = [Image.fromarray(f) for f in frames]
-        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    else:
-        raise ValueError(f"unsupported video format {suffix!r}: use .mp4 or .gif")
-    return path
+        imgs[0].save(path, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
 
 
 def read_video(path: str | Path) -> np.ndarray:

@@ -111,9 +111,16 @@ def test_cli_generate(tmp_path):
     video = read_video(out)
     assert video.shape == (9, 256, 256, 3)
     assert (detect(video).color, detect(video).direction) == ("yellow", "right")
-    r = CliRunner().invoke(main, ["generate", PROMPT, "--frames", "10", "-o", str(out)])
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, ["generate", PROMPT, "-o", str(out), "--steps", "2"])
+    assert r.exit_code != 0 and "exists; pass --overwrite" in r.output and out.read_bytes() == before
+    r = CliRunner().invoke(main, ["generate", PROMPT, "-o", str(out), "--steps", "2", "--overwrite"])
+    assert r.exit_code == 0 and out.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # no temporary file left behind
+    other = tmp_path / "other.mp4"
+    r = CliRunner().invoke(main, ["generate", PROMPT, "--frames", "10", "-o", str(other)])
     assert r.exit_code != 0 and "try 9 or 13" in r.output
-    r = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(tmp_path / "nope")])
+    r = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(tmp_path / "nope"), "-o", str(other)])
     assert r.exit_code != 0 and "does not exist" in r.output
-    r = CliRunner().invoke(main, ["generate", "", "-o", str(out)])
+    r = CliRunner().invoke(main, ["generate", "", "-o", str(other)])
     assert r.exit_code != 0 and "prompt is empty" in r.output
