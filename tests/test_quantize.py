@@ -146,8 +146,10 @@ def test_conv_layers_quantize_per_output_channel(calib, tmp_path):
 
 def test_int8_exact_on_cpus_without_vnni(bundle, calib):
     """On an emulated AVX2 CPU without VNNI (valgrind's), onnxruntime's default int8 GEMM saturates in int16 and the
-    DiT drifts from the int8 graph's own result; the runtime probes for that and opens the same graph with the exact
-    u8u8 kernels, which then give this machine's numbers (VNNI, or AVX2 with the same fix)."""
+    DiT drifts from the int8 graph's own arithmetic (Q/DQ in float, what TensorRT computes); the runtime probes for
+    that and opens the same graph with the exact u8u8 kernels, which then stay as close to that arithmetic as this
+    machine's kernels do (VNNI, or AVX2 with the same fix). Bit equality across ISAs is not expected: fp32 sums in
+    another order can move an activation across a rounding boundary (measured once: 0.0047 between the two)."""
     from vidrt.benchmarks.isa_emulate import EmulatedOrtPart, emulator_unavailable_reason
     if emulator_unavailable_reason():
         pytest.skip(emulator_unavailable_reason())
@@ -155,20 +157,23 @@ def test_int8_exact_on_cpus_without_vnni(bundle, calib):
     path = out / "dit.int8.onnx"
     from vidrt.models.checkpoint import load_model
     val = Q.split_samples(load_set(calib, load_model("tiny")[0])["dit"])[1]  # 8 held-out feeds (CFG batch 2)
-    here = ort_session(path)
+    ref, here = ort_session(path, basic_opt=True), ort_session(path)
     saturating, auto = EmulatedOrtPart("dit", path, exact_int8=False), EmulatedOrtPart("dit", path)
     try:
         assert saturating.int8_saturates and auto.exact_int8  # the probe sees the emulated CPU, the runtime reacts
-        bad, good = [], []
+        err = {"here": [], "bad": [], "good": []}
         for feed in val:
-            h, x = here.run(None, feed)[0], [torch.from_numpy(v) for v in feed.values()]
-            bad.append(ox.compare(h, saturating(*x).numpy(), "").rel_l2)
-            good.append(ox.compare(h, auto(*x).numpy(), "").rel_l2)
+            r, x = ref.run(None, feed)[0], [torch.from_numpy(v) for v in feed.values()]
+            for k, y in (("here", here.run(None, feed)[0]), ("bad", saturating(*x).numpy()), ("good", auto(*x).numpy())):
+                err[k].append(ox.compare(r, y, "").rel_l2)
     finally:
         saturating.close()
         auto.close()
-    assert np.mean(bad) > 0.03  # measured 0.097 (0.047-0.171): the saturation is real
-    assert max(good) < 1e-5  # measured 0.0: the same numbers as this machine
+    here_e, good, bad = (np.array(err[k]) for k in ("here", "good", "bad"))
+    # measured (AVX512_VNNI host): here 0.0092 mean (0.0-0.032); good - here <= 0 (bound 0.01); bad 0.100 mean
+    # (bound 0.038: 2.7x margin); on an AVX2 host "here" runs the same exact kernels as "good"
+    assert np.mean(bad) > 3 * np.mean(here_e) + 0.01  # the saturation is real: 10x the kernel rounding error
+    assert max(good - here_e) < 0.01 and np.mean(good) < 0.5 * np.mean(bad)
 
 
 def test_int8_probe_exact_path():
