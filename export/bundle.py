@@ -117,7 +117,12 @@ def load_manifest(bundle: str | Path, check_versions: bool = True, fmt: int = FO
             want = m.get("versions", {}).get(lib)
             if lib == "tensorrt" and not any(p.get("engine") for p in m.get("parts", {}).values()):
                 continue  # no engines: any TensorRT (or none) is fine
-            if want and have.get(lib) and want.split(".")[0] != have[lib].split(".")[0]:
+            if lib == "tensorrt" and want and have.get(lib):  # engines: exact version unless version-compatible
+                from .tensorrt import engine_incompatibility
+                why = engine_incompatibility(want, have[lib], m.get("engines", {}).get("version_compatible", False))
+                if why:
+                    raise BundleError(f"bundle {root}: {why}")
+            elif want and have.get(lib) and want.split(".")[0] != have[lib].split(".")[0]:
                 raise BundleError(f"bundle built with {lib} {want}, this machine has {have[lib]}: "
                                   f"engines and graphs do not carry across major versions; re-export here")
             if lib == "tensorrt" and want and not have.get(lib):

@@ -1,16 +1,20 @@
-"""Thin TensorRT layer: optimization profiles from shape buckets (pure logic, tested on CPU) and an engine build
-that uses only the API common to TensorRT 10 and 11: strongly typed networks (precision comes from the ONNX graph,
-never from BuilderFlag precision flags or calibrators, which 11 removed), ONNX parser, builder optimization level,
-workspace limit, timing cache reuse. `tensorrt` is imported only inside `build_engine` / `trt_version`.
-
-NOT RUN on real TensorRT: no TensorRT exists on the development machine, CI or the lent GPU machine.
+"""Thin TensorRT layer over the API common to TensorRT 10 and 11: profiles from shape buckets, strongly typed builds
+(precision comes from the ONNX graph, never from precision flags or calibrators, which 11 removed), a timing cache
+keyed by GPU and TensorRT version, the engine version rule. Pure logic is tested on CPU; `tensorrt` is imported only
+inside functions. NOT RUN on real TensorRT (none on the development machine or CI).
 """
 from __future__ import annotations
 
+import logging
+import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vidrt.models.config import ModelConfig
+
+log = logging.getLogger("vidrt")
 
 
 @dataclass(frozen=True)
@@ -96,12 +100,102 @@ def trt_unavailable_reason() -> str | None:
     return None
 
 
+def _release(v: str) -> tuple[int, ...]:
+    """'10.13.0.35' -> (10, 13, 0, 35); non-numeric parts (e.g. 'unknown') count as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
+
+
+def engine_incompatibility(built: str, here: str, version_compatible: bool = False) -> str | None:
+    """Why an engine built by TensorRT `built` cannot load on TensorRT `here`, or None. A plain engine loads only on
+    the exact version that built it; a VERSION_COMPATIBLE one on that version or a later one of the same major, and
+    across majors only 8 -> 10 and 10 -> 11 (the TensorRT 11.4 support matrix, "Engine Portability")."""
+    b, h = _release(built), _release(here)
+    if not version_compatible:
+        return None if b == h else (f"its engines were built with TensorRT {built} and load only on that exact "
+                                    f"version (this machine has {here}); rebuild them here with export-engines")
+    if h < b:
+        return f"its version-compatible engines need TensorRT {built} or later; this machine has {here}"
+    if b[0] != h[0] and (b[0], h[0]) not in ((8, 10), (10, 11)):
+        return f"version-compatible engines of TensorRT {b[0]} do not load on TensorRT {h[0]} ({here}); rebuild"
+    return None
+
+
+# --- timing cache: one file per (GPU, compute capability, TensorRT version), written atomically, never fatal ---
+
+def timing_cache_key(device_name: str, capability: tuple[int, int], version: str) -> str:
+    """'NVIDIA H200', (9, 0), '10.13.0.35' -> 'NVIDIA-H200.sm90.trt10.13.0.35' (safe in a file name)."""
+    dev = re.sub(r"[^A-Za-z0-9.]+", "-", device_name).strip("-") or "gpu"
+    return f"{dev}.sm{capability[0]}{capability[1]}.trt{re.sub(r'[^0-9A-Za-z.]+', '-', version)}"
+
+
+def keyed_cache_path(path: str | Path, key: str) -> Path:
+    """timing.cache + key -> timing.<key>.cache next to it: bundles built for other GPUs or TensorRT versions in the
+    same folder keep their own cache instead of overwriting one shared file."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.{key}{p.suffix or '.cache'}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder and rename it over `path`: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def persist_timing_cache(cache, path: Path) -> str | None:
+    """Serialize `cache` (config.get_timing_cache(), which may be None) to `path`. Returns why it was not written,
+    or None. The engine is already built when this runs: a cache problem must never fail the export."""
+    if cache is None:
+        return "TensorRT returned no timing cache"
+    try:
+        write_atomic(path, bytes(cache.serialize()))
+    except Exception as e:  # noqa: BLE001 - serialize() or the file system; both are only a lost speed-up
+        return f"timing cache not written to {path}: {e}"
+    return None
+
+
+def check_profile_inputs(profiles: list[Profile], inputs: list[str]) -> None:
+    """Every profile must name exactly the network's inputs (a misspelt or missing one is a TensorRT build error
+    far from its cause)."""
+    for i, prof in enumerate(profiles):
+        missing, extra = [n for n in inputs if n not in prof], [n for n in prof if n not in inputs]
+        if missing or extra:
+            raise ValueError(f"optimization profile {i} does not match the network inputs ({', '.join(inputs)}): "
+                             f"missing {missing or 'none'}, unknown {extra or 'none'}")
+        for n, (mn, opt, mx) in prof.items():
+            if not (len(mn) == len(opt) == len(mx) and all(a <= b <= c for a, b, c in zip(mn, opt, mx))):
+                raise ValueError(f"optimization profile {i}, input {n}: need min <= opt <= max of one rank, got "
+                                 f"{list(mn)}, {list(opt)}, {list(mx)}")
+
+
+def build_notes(precision: str) -> dict:
+    """What a strongly typed engine of this bundle precision computes in (recorded per part in the manifest).
+    fp32: TF32 is off (TensorRT enables it by default; vidrt's fp32 means the fp32 the ONNX graph was validated in).
+    int8/fp8: the Q/DQ graph is quantized from the fp32 graph, so every layer outside a Q/DQ pair builds in fp32."""
+    if precision == "fp32":
+        return {"tf32": False, "float_layers": "fp32"}
+    if precision in ("fp16", "bf16"):
+        return {"tf32": False, "float_layers": precision}
+    if precision in ("int8", "fp8"):
+        return {"tf32": False, "quantized_layers": precision, "float_layers": "fp32",
+                "float_layers_why": "quantized from the fp32 ONNX graph; strong typing keeps its types"}
+    raise ValueError(f"unknown precision {precision!r}")
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, profiles: list[Profile],
                  timing_cache: str | Path | None = None, opt_level: int = 3,
                  workspace_bytes: int | None = None) -> Path:
     """Parse `onnx_path` into a strongly typed network, add `profiles`, build and serialize the engine.
-    The timing cache is read if present and written back after the build."""
+    `timing_cache` names a cache file; the one read and written is keyed by GPU and TensorRT version next to it
+    (keyed_cache_path). A missing, foreign or unwritable cache only costs build time, never the engine."""
     import tensorrt as trt
+    import torch
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -110,24 +204,42 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profiles: list[
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    check_profile_inputs(profiles, [network.get_input(i).name for i in range(network.num_inputs)])
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
+    if hasattr(trt.BuilderFlag, "TF32"):  # see build_notes: fp32 layers compute in fp32 (TF32 is on by default)
+        config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    cache_path = Path(timing_cache) if timing_cache else None
-    blob = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    for prof in profiles:
+    cache_path = None
+    if timing_cache:
+        dev = torch.cuda.current_device()
+        key = timing_cache_key(torch.cuda.get_device_name(dev), torch.cuda.get_device_capability(dev), trt.__version__)
+        cache_path = keyed_cache_path(timing_cache, key)
+        blob = b""
+        try:
+            blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        except OSError as e:
+            log.warning("vidrt: timing cache %s unreadable (%s); building without it", cache_path, e)
+        # ignore_mismatch=False: a cache from another device is refused (False), never silently mixed in
+        if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
+            log.warning("vidrt: TensorRT refused the timing cache %s; building with an empty one", cache_path)
+            if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+                log.warning("vidrt: TensorRT refused an empty timing cache; building without one")
+                cache_path = None
+    for i, prof in enumerate(profiles):
         p = builder.create_optimization_profile()
         for name, (mn, opt, mx) in prof.items():
             p.set_shape(name, mn, opt, mx)
-        config.add_optimization_profile(p)
+        if config.add_optimization_profile(p) < 0:  # -1: the profile is invalid
+            raise RuntimeError(f"TensorRT rejected optimization profile {i} of {onnx_path}: {prof}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     out = Path(engine_path)
     out.write_bytes(bytes(serialized))
     if cache_path:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        why = persist_timing_cache(config.get_timing_cache(), cache_path)
+        if why:
+            log.warning("vidrt: %s (the engine is fine; the next build is slower)", why)
     return out

@@ -8,6 +8,7 @@ A part object holds per-session state (bound buffers): use one per thread.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol
 
@@ -97,8 +98,46 @@ class OrtPart:
         return self._out if self.reuse_output else self._out.clone()
 
 
+# TensorRT tensor types by DataType name. INT4/FP4/E8M0 have no torch dtype (4-bit types are packed two per byte):
+# an engine with such an input or output is refused at load instead of reading or writing the wrong bytes.
 _TRT_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
-               "INT32": torch.int32, "BOOL": torch.bool, "INT8": torch.int8}
+               "INT32": torch.int32, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8,
+               "FP8": torch.float8_e4m3fn}
+
+
+def trt_torch_dtype(part: str, tensor: str, trt_name: str) -> torch.dtype:
+    """The torch dtype of an engine input/output whose TensorRT DataType is named `trt_name`."""
+    if trt_name not in _TRT_DTYPES:
+        raise BackendError(f"{part}: engine tensor {tensor!r} is TensorRT {trt_name}, which vidrt cannot bind from "
+                           f"torch ({', '.join(_TRT_DTYPES)} are supported); keep engine inputs and outputs in one of "
+                           "those types (quantize inside the graph)")
+    return _TRT_DTYPES[trt_name]
+
+
+def engine_memory_bytes(engine) -> int:
+    """Scratch an execution context needs. device_memory_size_v2 (TensorRT >= 10.1, the only one in 11) may be 0,
+    a valid size: fall back to device_memory_size (TensorRT 10.0) only when v2 does not exist."""
+    v2 = getattr(engine, "device_memory_size_v2", None)
+    return int(v2 if v2 is not None else engine.device_memory_size)
+
+
+def cuda_device(device: str | torch.device, count: int, current: int) -> torch.device:
+    """'cuda' -> the current device, 'cuda:N' -> N (checked against the `count` visible devices)."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        raise BackendError(f"the tensorrt backend runs on a CUDA device, not {str(device)!r}: pass device='cuda'")
+    idx = current if d.index is None else d.index
+    if not 0 <= idx < count:
+        raise BackendError(f"device {str(device)!r}: {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", idx)
+
+
+def check_inputs(name: str, expected: list[str], shapes: list[tuple]) -> dict[str, tuple]:
+    """{input name: shape}, or a BackendError naming the inputs when the count differs."""
+    if len(shapes) != len(expected):
+        raise BackendError(f"{name}: got {len(shapes)} inputs {[list(s) for s in shapes]}, the engine takes "
+                           f"{len(expected)}: {', '.join(expected)}")
+    return dict(zip(expected, (tuple(s) for s in shapes)))
 
 
 def pick_profile(name: str, profiles: list[dict], shapes: dict[str, tuple]) -> int:
@@ -112,25 +151,75 @@ def pick_profile(name: str, profiles: list[dict], shapes: dict[str, tuple]) -> i
                        f"({served}); export a bundle with this shape as a --bucket")
 
 
+def _ok(ret, what: str) -> None:
+    if ret is False:  # TensorRT setters return False (and log why) instead of raising
+        raise BackendError(f"TensorRT refused {what} (see the TensorRT log above)")
+
+
 class SharedDeviceMemory:
-    """One scratch allocation shared by every TensorRT engine of a pipeline (they run one after another on one
-    stream), sized to the largest engine's need: the activation memory of the text encoder, DiT and VAE is not
-    held three times."""
+    """One scratch buffer and one CUDA stream shared by every TensorRT engine of a pipeline: they run one after
+    another on that stream, so the text encoder's, DiT's and VAE's activations are not held three times. Engines
+    `require` their size when they load; the buffer is made at the first `ptr()` with the largest, and never moves
+    once a captured CUDA graph holds it (`hold()`): a graph replays into the address it captured."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.buf = device, None
+    def __init__(self, device: str | torch.device):
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.nbytes, self.buf, self.held, self._stream = d, 0, None, False, None
 
-    def reserve(self, nbytes: int) -> int:
-        if self.buf is None or self.buf.numel() < nbytes:
-            self.buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+    def require(self, nbytes: int) -> None:
+        if nbytes <= self.nbytes:
+            return
+        if self.held:
+            raise BackendError(f"an engine needs {nbytes} bytes of TensorRT scratch, but a captured CUDA graph holds "
+                               f"the {self.nbytes}-byte buffer; load every engine before the first graphed call")
+        self.nbytes, self.buf = nbytes, None  # eager contexts take ptr() on every call, so it may still move
+
+    def ptr(self) -> int:
+        if self.buf is None:
+            # allocated on the engines' stream, so the caching allocator orders its reuse after their work
+            with torch.cuda.stream(self.stream) if self.device.type == "cuda" else contextlib.nullcontext():
+                self.buf = torch.empty(max(self.nbytes, 1), dtype=torch.uint8, device=self.device)
         return self.buf.data_ptr()
+
+    def hold(self) -> None:
+        self.ptr()
+        self.held = True
+
+    @property
+    def stream(self) -> "torch.cuda.Stream":
+        # not torch's current stream: that is the legacy default stream unless the caller set one, and TensorRT
+        # synchronizes around enqueues on it
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+
+class ContextTable:
+    """The execution contexts of one engine: one per set of input shapes, made by `make(profile, shapes)`, which sets
+    the profile and input shapes once. Running another shape never rewrites a context that a CUDA graph captured;
+    a captured context belongs to its graph, and eager calls at its shapes get a context of their own."""
+
+    def __init__(self, make):
+        self.make, self.contexts, self.held = make, {}, set()
+
+    def get(self, shapes: dict[str, tuple], profile: int, capturing: bool):
+        key = tuple(shapes.items())
+        if not capturing and key in self.held:
+            key += (("eager", ()),)
+        if key not in self.contexts:
+            self.contexts[key] = self.make(profile, shapes)
+        if capturing:
+            self.held.add(key)
+        return self.contexts[key]
 
 
 class TrtPart:
-    """A TensorRT engine (from a bundle) as a part: one execution context with user-managed (shared) device
-    memory, one optimization profile per shape bucket chosen per call, inputs/outputs bound by address
-    (set_tensor_address), execute_async_v3 on the current torch CUDA stream. Written against the TensorRT 10/11 API;
-    NOT RUN: no machine here has TensorRT."""
+    """A TensorRT engine (from a bundle) as a part: user-managed (shared) scratch, one execution context per input
+    shape set (ContextTable), inputs/outputs bound by address, execute_async_v3 on the shared engine stream, ordered
+    after the caller's stream and before its next work. Written against the TensorRT 10/11 API; NOT RUN: no machine
+    here has TensorRT."""
     backend = "tensorrt"
 
     def __init__(self, name: str, path: str | Path, device: str = "cuda", shared: SharedDeviceMemory | None = None):
@@ -141,47 +230,69 @@ class TrtPart:
                                "GPU machine); use backend='onnxruntime' or 'torch' here") from e
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA device and none is visible")
-        self.trt, self.name, self.device = trt, name, torch.device(device)
-        if self.device.type != "cuda":
-            raise BackendError(f"the tensorrt backend runs on a CUDA device, not {device!r}: pass device='cuda'")
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self.trt, self.name = trt, name
+        self.device = cuda_device(device, torch.cuda.device_count(), torch.cuda.current_device())
+        self.shared = shared or SharedDeviceMemory(self.device)
+        if self.shared.device != self.device:
+            raise BackendError(f"{name}: the shared TensorRT memory is on {self.shared.device}, the engine on "
+                               f"{self.device}; use one SharedDeviceMemory per device")
+        with torch.cuda.device(self.device):  # the engine, its contexts and its memory live on self.device
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {path} (built by another TensorRT version or GPU?); "
                                "rebuild it with export-engines on this machine")
-        self.shared = shared or SharedDeviceMemory(self.device)
-        self.ctx = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(outputs) != 1:
+            raise BackendError(f"{name}: vidrt parts have one output; {path} has {outputs}")
+        self.output = outputs[0]
+        self.dtypes = {n: trt_torch_dtype(name, n, self.engine.get_tensor_dtype(n).name) for n in names}
         self.profiles = [{n: [tuple(s) for s in self.engine.get_tensor_profile_shape(n, p)] for n in self.inputs}
                          for p in range(self.engine.num_optimization_profiles)]
-        self._profile = -1
+        self.shared.require(engine_memory_bytes(self.engine))  # at load: the buffer is sized before any call
+        self.contexts = ContextTable(self._make_context)
+
+    def _make_context(self, profile: int, shapes: dict[str, tuple]):
+        ctx = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise BackendError(f"{self.name}: TensorRT could not create an execution context (out of memory?)")
+        _ok(ctx.set_optimization_profile_async(profile, self.shared.stream.cuda_stream),
+            f"{self.name}: optimization profile {profile} ({self.profiles[profile]})")
+        for n, s in shapes.items():
+            _ok(ctx.set_input_shape(n, s), f"{self.name}: input {n} shape {list(s)}")
+        return ctx
+
+    def _set_memory(self, ctx) -> None:
+        ptr, size = self.shared.ptr(), self.shared.nbytes
+        if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1; the device_memory attribute is 10.0's
+            ctx.set_device_memory(ptr, size)
+        else:
+            ctx.device_memory = ptr
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        xs = [x.to(self.device, _TRT_DTYPES.get(self.engine.get_tensor_dtype(n).name, x.dtype)).contiguous()
-              for n, x in zip(self.inputs, inputs)]  # alive until the call returns
-        shapes = {n: tuple(x.shape) for n, x in zip(self.inputs, xs)}
-        stream = torch.cuda.current_stream(self.device)
+        shapes = check_inputs(self.name, self.inputs, [tuple(x.shape) for x in inputs])
         p = pick_profile(self.name, self.profiles, shapes)
-        if p != self._profile:
-            self.ctx.set_optimization_profile_async(p, stream.cuda_stream)
-            self._profile = p
-        for n, x in zip(self.inputs, xs):
-            self.ctx.set_input_shape(n, tuple(x.shape))
-            self.ctx.set_tensor_address(n, x.data_ptr())
-        out = torch.empty(tuple(self.ctx.get_tensor_shape(self.output)), device=self.device,
-                          dtype=_TRT_DTYPES[self.engine.get_tensor_dtype(self.output).name])
-        self.ctx.set_tensor_address(self.output, out.data_ptr())
-        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
-        ptr = self.shared.reserve(size)
-        if hasattr(self.ctx, "set_device_memory"):
-            self.ctx.set_device_memory(ptr, size)
-        else:
-            self.ctx.device_memory = ptr
-        if not self.ctx.execute_async_v3(stream.cuda_stream):
-            raise BackendError(f"{self.name}: TensorRT execute_async_v3 failed (see the TensorRT log)")
+        with torch.cuda.device(self.device):
+            caller, stream = torch.cuda.current_stream(self.device), self.shared.stream
+            capturing = torch.cuda.is_current_stream_capturing()
+            if capturing:
+                self.shared.hold()
+            xs = [x.to(self.device, self.dtypes[n]).contiguous() for n, x in zip(self.inputs, inputs)]
+            ctx = self.contexts.get(shapes, p, capturing)
+            out = torch.empty(tuple(ctx.get_tensor_shape(self.output)), device=self.device,
+                              dtype=self.dtypes[self.output])
+            for n, x in zip(self.inputs, xs):
+                _ok(ctx.set_tensor_address(n, x.data_ptr()), f"{self.name}: address of input {n} {list(x.shape)}")
+            _ok(ctx.set_tensor_address(self.output, out.data_ptr()), f"{self.name}: address of output {self.output}")
+            self._set_memory(ctx)
+            # inputs and out were made on the caller's stream (under capture: the graph joins this stream and back);
+            # the caller waits before reading out or freeing xs, so the allocator cannot reuse them early
+            stream.wait_stream(caller)
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise BackendError(f"{self.name}: TensorRT execute_async_v3 failed for {shapes} (see the TensorRT log)")
+            caller.wait_stream(stream)
         return out.float()
 
 

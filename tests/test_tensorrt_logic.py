@@ -1,0 +1,177 @@
+"""CPU tests of the pure logic around TensorRT and CUDA graphs: scratch reservation, execution-context policy, shape
+and profile checks, dtype map, engine version rule, timing-cache key/path/atomic write, build notes, and the GPU
+kit's plan, report format and no-CUDA exit. Nothing here pretends to build or run an engine."""
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vidrt.export.tensorrt import (build_notes, check_profile_inputs, engine_incompatibility, keyed_cache_path,
+                                   persist_timing_cache, timing_cache_key, write_atomic)
+from vidrt.runtime.backends import (BackendError, ContextTable, SharedDeviceMemory, check_inputs, cuda_device,
+                                    engine_memory_bytes, pick_profile, trt_torch_dtype)
+
+DIT = ["latents", "timestep", "text", "text_mask"]
+
+
+# --- 1. scratch: sized at load to the largest engine, never moved once a graph holds it ---
+
+def test_shared_memory_reserves_the_largest_engine_before_the_first_call():
+    mem = SharedDeviceMemory("cpu")
+    for need in (307200, 1 << 20, 4096):  # DiT, VAE (larger), text encoder: loaded before any call
+        mem.require(need)
+    ptr = mem.ptr()
+    assert mem.nbytes == 1 << 20 and mem.buf.numel() == 1 << 20
+    mem.require(1 << 19)  # smaller needs never move it
+    assert mem.ptr() == ptr
+
+
+def test_shared_memory_refuses_to_grow_once_a_graph_holds_it():
+    mem = SharedDeviceMemory("cpu")
+    mem.require(1000)
+    mem.hold()  # what TrtPart does when it is called under CUDA-graph capture
+    ptr = mem.ptr()
+    mem.require(1000)
+    with pytest.raises(BackendError, match="2000 bytes.*captured CUDA graph holds the 1000-byte buffer"):
+        mem.require(2000)
+    assert mem.ptr() == ptr and mem.nbytes == 1000
+
+
+def test_shared_memory_may_grow_before_any_graph():
+    mem = SharedDeviceMemory("cpu")
+    mem.require(10)
+    mem.ptr()
+    mem.require(5000)  # an engine loaded after an eager call: contexts re-read ptr() on every call
+    assert mem.buf is None and mem.ptr() and mem.buf.numel() == 5000
+
+
+# --- 2. one context per input shape set; captured contexts belong to their graph ---
+
+def test_context_table_one_context_per_shape_and_captured_ones_are_not_reused_eagerly():
+    made = []
+    table = ContextTable(lambda p, s: made.append((p, s)) or len(made))
+    a = {"latents": (2, 8, 3, 4, 4), "timestep": (2,)}
+    b = {"latents": (1, 8, 3, 4, 4), "timestep": (1,)}
+    warm = table.get(a, 0, capturing=False)  # GraphedStep warm-up
+    assert table.get(a, 0, capturing=True) == warm  # the capture uses the warmed-up context
+    assert table.get(b, 1, capturing=False) not in (warm,)  # another shape: its own context, `a` untouched
+    eager = table.get(a, 0, capturing=False)  # an eager call at the captured shape after the capture
+    assert eager != warm and table.get(a, 0, capturing=False) == eager
+    assert made == [(0, a), (1, b), (0, a)]
+
+
+# --- 3. device memory size ---
+
+def test_engine_memory_uses_v2_even_when_it_is_zero():
+    class Trt11Engine:  # TensorRT 11 has no device_memory_size: touching it would raise AttributeError
+        device_memory_size_v2 = 0
+    assert engine_memory_bytes(Trt11Engine()) == 0
+    assert engine_memory_bytes(SimpleNamespace(device_memory_size_v2=123, device_memory_size=7)) == 123
+    assert engine_memory_bytes(SimpleNamespace(device_memory_size=456)) == 456  # TensorRT 10.0
+
+
+# --- 4. timing cache ---
+
+def test_timing_cache_is_keyed_by_gpu_capability_and_version(tmp_path):
+    h200 = timing_cache_key("NVIDIA H200", (9, 0), "10.13.0.35")
+    assert h200 == "NVIDIA-H200.sm90.trt10.13.0.35"
+    assert len({h200, timing_cache_key("NVIDIA H200", (9, 0), "11.4.1.2"),
+                timing_cache_key("NVIDIA L40S", (8, 9), "10.13.0.35")}) == 3
+    assert timing_cache_key("A/B: weird*name", (8, 0), "10.0") == "A-B-weird-name.sm80.trt10.0"
+    assert keyed_cache_path(tmp_path / "timing.cache", h200) == tmp_path / f"timing.{h200}.cache"
+
+
+def test_write_atomic_replaces_and_leaves_no_temp_file(tmp_path):
+    p = tmp_path / "sub" / "t.cache"
+    write_atomic(p, b"old")
+    write_atomic(p, b"new")
+    assert p.read_bytes() == b"new" and [f.name for f in p.parent.iterdir()] == ["t.cache"]
+
+
+def test_persist_timing_cache_never_raises(tmp_path):
+    assert persist_timing_cache(None, tmp_path / "t.cache") == "TensorRT returned no timing cache"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the cache folder should be
+    why = persist_timing_cache(SimpleNamespace(serialize=lambda: b"abc"), blocker / "t.cache")
+    assert why.startswith("timing cache not written to") and not (tmp_path / "t.cache").exists()
+    assert persist_timing_cache(SimpleNamespace(serialize=lambda: b"abc"), tmp_path / "t.cache") is None
+    assert (tmp_path / "t.cache").read_bytes() == b"abc"
+
+
+# --- 6. inputs, shapes and profiles ---
+
+def test_input_count_and_profile_errors_name_the_tensors():
+    shapes = check_inputs("dit", DIT, [(2, 8, 3, 4, 4), (2,), (2, 32, 384), (2, 32)])
+    assert shapes["text"] == (2, 32, 384)
+    with pytest.raises(BackendError, match=r"got 3 inputs .*takes 4: latents, timestep, text, text_mask"):
+        check_inputs("dit", DIT, [(2, 8, 3, 4, 4), (2,), (2, 32, 384)])
+    prof = {"latents": ((1, 8, 3, 4, 4), (2, 8, 3, 4, 4), (2, 8, 3, 4, 4)), "timestep": ((1,), (2,), (2,))}
+    assert pick_profile("dit", [prof], {"latents": (1, 8, 3, 4, 4), "timestep": (1,)}) == 0
+    with pytest.raises(BackendError, match=r"outside every optimization profile.*latents \[1, 8, 3, 4, 4\]"):
+        pick_profile("dit", [prof], {"latents": (3, 8, 3, 4, 4), "timestep": (3,)})
+
+
+def test_profiles_must_match_network_inputs():
+    prof = {"latents": ((1, 8), (2, 8), (2, 8)), "timestep": ((1,), (2,), (2,))}
+    check_profile_inputs([prof], ["latents", "timestep"])
+    with pytest.raises(ValueError, match=r"missing \['text'\], unknown none"):
+        check_profile_inputs([prof], ["latents", "timestep", "text"])
+    with pytest.raises(ValueError, match=r"unknown \['timestep'\]"):
+        check_profile_inputs([prof], ["latents"])
+    with pytest.raises(ValueError, match="input latents: need min <= opt <= max"):
+        check_profile_inputs([{"latents": ((2, 8), (1, 8), (2, 8))}], ["latents"])
+
+
+# --- 7. dtype map ---
+
+@pytest.mark.parametrize("name,dtype", [("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16),
+                                        ("INT8", torch.int8), ("UINT8", torch.uint8), ("FP8", torch.float8_e4m3fn),
+                                        ("INT32", torch.int32), ("INT64", torch.int64), ("BOOL", torch.bool)])
+def test_trt_dtypes_map_to_torch(name, dtype):
+    assert trt_torch_dtype("dit", "x", name) is dtype
+    assert torch.empty(4, dtype=dtype).element_size() == {"FLOAT": 4, "HALF": 2, "BF16": 2, "INT32": 4,
+                                                         "INT64": 8}.get(name, 1)
+
+
+@pytest.mark.parametrize("name", ["INT4", "FP4", "E8M0"])
+def test_unbindable_trt_dtypes_are_refused_by_name(name):
+    with pytest.raises(BackendError, match=f"dit: engine tensor 'velocity' is TensorRT {name}"):
+        trt_torch_dtype("dit", "velocity", name)
+
+
+# --- 8. device guard ---
+
+def test_cuda_device_resolution():
+    assert cuda_device("cuda", count=2, current=1) == torch.device("cuda", 1)
+    assert cuda_device("cuda:1", count=2, current=0) == torch.device("cuda", 1)
+    with pytest.raises(BackendError, match=r"'cuda:2': 2 CUDA device\(s\) are visible"):
+        cuda_device("cuda:2", count=2, current=0)
+    with pytest.raises(BackendError, match="not 'cpu'"):
+        cuda_device("cpu", count=1, current=0)
+
+
+# --- 9. engine version rule ---
+
+def test_engine_version_rule():
+    assert engine_incompatibility("10.13.0.35", "10.13.0.35") is None
+    assert "exact version" in engine_incompatibility("10.13.0.35", "10.13.2.6")  # same major is not enough
+    assert "exact version" in engine_incompatibility("10.13.0.35", "10.12.0.36")
+    assert engine_incompatibility("10.13.0.35", "10.14.1.48", version_compatible=True) is None
+    assert engine_incompatibility("10.13.0.35", "11.4.1.2", version_compatible=True) is None
+    assert engine_incompatibility("8.6.1", "10.0.1", version_compatible=True) is None
+    assert "or later" in engine_incompatibility("10.14.1", "10.13.0", version_compatible=True)
+    assert "TensorRT 8 do not load on TensorRT 11" in engine_incompatibility("8.6.1", "11.4.1",
+                                                                             version_compatible=True)
+
+
+# --- 10. precision record ---
+
+def test_build_notes_say_what_each_precision_computes_in():
+    assert build_notes("fp32") == {"tf32": False, "float_layers": "fp32"}
+    assert build_notes("bf16")["float_layers"] == "bf16"
+    assert build_notes("fp8")["float_layers"] == "fp32" and build_notes("int8")["quantized_layers"] == "int8"
+    with pytest.raises(ValueError):
+        build_notes("fp64")
