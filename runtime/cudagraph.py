@@ -4,9 +4,10 @@ warm-up, with static buffers, then replayed for every step (host work per step: 
     pipe = Pipeline("wan2.1-1.3b", device="cuda", dtype=torch.bfloat16); pipe.cuda_graphs = True
     pipe(prompt)   # captures on the first call of each shape, replays after; falls back (logged) when it cannot
 
-Works for DiT parts whose kernels can be captured: torch modules and TensorRT engines (execute_async_v3 on the
-capturing stream). Falls back, with the reason logged and kept in `pipe.graph_fallback`, on CPU, for onnxruntime
-parts, for multistep solvers (their history lives on the host) and when capture raises.
+Works for torch modules and TensorRT engines: TrtPart runs on its own stream, which joins the capture (fork/join on
+events); each captured shape has its own execution context, kept for its graph, and the shared scratch is pinned
+once a graph holds it (runtime/backends.py). Falls back, with the reason in `pipe.graph_fallback`, on CPU, for
+onnxruntime parts, for multistep solvers (their history lives on the host) and when capture raises.
 """
 from __future__ import annotations
 
@@ -39,18 +40,20 @@ class GraphedStep:
         self.t = torch.zeros(text.shape[0], device=latents.device, dtype=torch.float32)
         self.dt = torch.zeros((), device=latents.device, dtype=torch.float32)
         self.g = torch.zeros((), device=latents.device, dtype=torch.float32)
-        side = torch.cuda.Stream(latents.device)
-        side.wait_stream(torch.cuda.current_stream(latents.device))
-        x0 = self.x.clone()
-        with torch.cuda.stream(side), torch.no_grad():  # warm-up: allocator, cuBLAS handles, TensorRT profiles
-            for _ in range(warmup):
+        with torch.cuda.device(latents.device):  # capture on the latents' GPU, not the current one
+            side = torch.cuda.Stream(latents.device)
+            side.wait_stream(torch.cuda.current_stream(latents.device))
+            x0 = self.x.clone()
+            # warm-up: allocator, cuBLAS handles, and the TensorRT context of this shape, which the capture then uses
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(warmup):
+                    self._step()
+            torch.cuda.current_stream(latents.device).wait_stream(side)
+            self.x.copy_(x0)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
                 self._step()
-        torch.cuda.current_stream(latents.device).wait_stream(side)
-        self.x.copy_(x0)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self._step()
-        self.x.copy_(x0)  # capture ran the step once on x0
+            self.x.copy_(x0)  # capture ran the step once on x0
 
     def _step(self):
         xin = torch.cat([self.x, self.x]) if self.cfg_on else self.x
@@ -71,7 +74,8 @@ class GraphedStep:
         """One replay from t to t_next; returns the static latents buffer (valid until the next step)."""
         self.t.fill_(t)
         self.dt.fill_(t_next - t)
-        self.graph.replay()
+        with torch.cuda.device(self.x.device):
+            self.graph.replay()
         return self.x
 
 
