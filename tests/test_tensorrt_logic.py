@@ -175,3 +175,80 @@ def test_build_notes_say_what_each_precision_computes_in():
     assert build_notes("fp8")["float_layers"] == "fp32" and build_notes("int8")["quantized_layers"] == "int8"
     with pytest.raises(ValueError):
         build_notes("fp64")
+
+
+# --- GPU kit: plan, report format, exit codes ---
+
+def _env(**kw):
+    return {"cuda": True, "onnxruntime_cuda": False, "tensorrt": None, **kw}
+
+
+def test_gpu_kit_plan_runs_what_this_machine_has():
+    from vidrt.benchmarks.gpu_check import plan
+    p = {c["name"]: c for c in plan(_env())}
+    assert [n for n, c in p.items() if c["run"]] == ["cuda_graph_parity", "gemm_peak", "dit_step"]
+    assert "onnxruntime-gpu" in p["onnxruntime_cuda"]["skipped"] and "tensorrt" in p["tensorrt"]["skipped"]
+    full = plan(_env(onnxruntime_cuda=True, tensorrt="10.13.0.35"))
+    assert all(c["run"] for c in full)
+    assert not any(c["run"] for c in plan(_env(cuda=False)))
+    only = {c["name"]: c["run"] for c in plan(_env(), only=["gemm_peak"])}
+    assert only == {"cuda_graph_parity": False, "gemm_peak": True, "dit_step": False, "onnxruntime_cuda": False,
+                    "tensorrt": False}
+
+
+def _report():
+    step = {"model": "wan2.1-1.3b", "video": "81x480x832", "latent": [16, 21, 60, 104], "cfg_batch": 2,
+            "dit_tflop": 571.3, "peak_tflops": 702.4, "results": [
+                {"label": "torch bf16", "p50_ms": 1210.5, "min_ms": 1200.1, "runs": 5, "tflops": 471.9,
+                 "mfu_vs_bf16_peak": 0.672},
+                {"label": "torch bf16 + CUDA graph", "p50_ms": 1190.0, "min_ms": 1188.2, "runs": 5, "tflops": 480.1,
+                 "mfu_vs_bf16_peak": 0.684},
+                {"label": "torch fp8 (_scaled_mm)", "skipped": "FP8 GEMMs need compute capability 8.9+"}]}
+    return {"date": "2026-11-29 21:00 UTC", "command": "python -m vidrt.benchmarks.gpu_check --out x", "seconds": 312.4,
+            "env": {"device": "NVIDIA H200", "torch": "2.9.0", "cuda_runtime": "12.8", "capability": "9.0",
+                    "onnxruntime": "1.22.0", "tensorrt": None},
+            "checks": [{"name": "cuda_graph_parity", "seconds": 4.2, "skipped": None, "result": {
+                "passed": True, "steps": 8, "float32": {"max_abs": 0.0, "rel_l2": 0.0, "graph_fallback": None},
+                "bfloat16": {"max_abs": 0.0078, "rel_l2": 0.001, "graph_fallback": None}}},
+                {"name": "gemm_peak", "seconds": 2.0, "skipped": None, "result": {"n": 8192, "bf16_tflops": 702.4}},
+                {"name": "dit_step", "seconds": 90.1, "skipped": None, "result": step},
+                {"name": "onnxruntime_cuda", "seconds": 9.0, "skipped": None, "error": "RuntimeError: boom"},
+                {"name": "tensorrt", "skipped": "the tensorrt package is not installed"}]}
+
+
+def test_gpu_kit_markdown_and_exit_code():
+    from vidrt.benchmarks.gpu_check import exit_code, to_markdown
+    rep = _report()
+    md = to_markdown(rep)
+    assert md.startswith("# vidrt GPU check: NVIDIA H200\n")
+    assert "| cuda_graph_parity | pass | 4.2 | float32: max abs 0; bfloat16: max abs 0.0078 |" in md
+    assert "| gemm_peak | measured | 2.0 | 702.4 TFLOP/s bf16 at n=8192 |" in md
+    assert "| onnxruntime_cuda | ERROR | 9.0 | RuntimeError: boom |" in md
+    assert "| tensorrt | skipped: the tensorrt package is not installed | - |" in md
+    assert "| torch bf16 + CUDA graph | 1190.0 | 1188.2 | 480.1 | 68.4% |" in md
+    assert "| torch fp8 (_scaled_mm) | skipped: FP8 GEMMs need compute capability 8.9+ |" in md
+    assert "571.3 TFLOP counted; bf16 GEMM peak measured in this run: 702 TFLOP/s" in md
+    assert exit_code(rep) == 1
+    rep["checks"] = rep["checks"][:3]
+    assert exit_code(rep) == 0
+    rep["checks"][0]["result"]["passed"] = False
+    assert exit_code(rep) == 1
+    json.dumps(rep)  # the report is plain JSON
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_gpu_kit_without_cuda_says_so_and_exits_nonzero(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vidrt.benchmarks.gpu_check", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "no CUDA device is visible" in r.stderr and "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only plan")
+def test_gpu_kit_run_writes_a_report_of_skips_without_cuda(tmp_path):
+    from vidrt.benchmarks.gpu_check import KitConfig, run
+    rep = run(KitConfig(), tmp_path)
+    assert [c["skipped"].split(";")[0] for c in rep["checks"]] == ["no CUDA device"] * 5
+    assert json.loads((tmp_path / "results.json").read_text())["checks"][0]["name"] == "cuda_graph_parity"
+    assert (tmp_path / "results.md").read_text().startswith("# vidrt GPU check: no CUDA device")
