@@ -17,7 +17,7 @@ from . import onnx_export as ox
 from vidrt.runtime.ort import cpu_int8
 
 from .bundle import BundleError, BundleWriter, load_manifest
-from .tensorrt import Bucket, build_engine, profiles_for, trt_unavailable_reason
+from .tensorrt import Bucket, build_engine, build_notes, profiles_for, trt_unavailable_reason
 
 FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANT = ("int8", "fp8")
@@ -170,7 +170,8 @@ def _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out,
                           for pr in profiles_for(part, cfg, buckets, max_batch, tile)],
              "engine": None, "seconds": round(time.time() - t0, 2)}
     # which graph each runtime uses, and how it opens it (one graph serves both today)
-    entry["runtimes"] = {"tensorrt": {"graph": path.name},
+    # tensorrt: what the strongly typed engine computes in (fp32 without TF32; Q/DQ graphs keep fp32 float layers)
+    entry["runtimes"] = {"tensorrt": {"graph": path.name, **build_notes(prec)},
                          "onnxruntime": {"graph": path.name, "graph_optimization": "basic" if prec == "fp8" else "all",
                                          "int8_kernels": "exact: session.x64quantprecision=1 where the CPU's "
                                          "default int8 GEMM saturates (probed at load)" if prec == "int8" else None}}

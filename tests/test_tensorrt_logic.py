@@ -252,3 +252,13 @@ def test_gpu_kit_run_writes_a_report_of_skips_without_cuda(tmp_path):
     assert [c["skipped"].split(";")[0] for c in rep["checks"]] == ["no CUDA device"] * 5
     assert json.loads((tmp_path / "results.json").read_text())["checks"][0]["name"] == "cuda_graph_parity"
     assert (tmp_path / "results.md").read_text().startswith("# vidrt GPU check: no CUDA device")
+
+
+def test_manifest_records_what_tensorrt_engines_compute_in(tmp_path):
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    man = export_engines("tiny", tmp_path / "b", ["fp32", "fp16"], [Bucket(9, 32, 32)], build=False, progress=False,
+                         parts=("dit",))
+    rts = {n: p["runtimes"]["tensorrt"] for n, p in man["parts"].items()}
+    assert rts == {"dit.fp32": {"graph": "dit.fp32.onnx", "tf32": False, "float_layers": "fp32"},
+                   "dit.fp16": {"graph": "dit.fp16.onnx", "tf32": False, "float_layers": "fp16"}}
