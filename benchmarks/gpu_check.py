@@ -97,6 +97,10 @@ def p50_ms(fn, warmup: int, runs: int) -> dict:
     return {"p50_ms": round(statistics.median(ts), 3), "min_ms": round(min(ts), 3), "runs": runs}
 
 
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> dict:
     a, b = a.float().cpu(), b.float().cpu()
     return {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm().clamp(min=1e-12))}
@@ -162,22 +166,25 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
     peak = ctx.get("peak_tflops")
     rows = []
     for label in ("torch bf16", "torch fp8 (_scaled_mm)"):
-        if "fp8" in label:
-            if torch.cuda.get_device_capability() < (8, 9):
-                rows.append({"label": label, "skipped": "FP8 GEMMs need compute capability 8.9+"})
-                continue
-            to_fp8(dit)
-        step = GraphedStep(TorchPart("dit", dit), lat, text, mask, warmup=1).start(lat, text, mask, 5.0)
-        step.t.fill_(0.9)
-        step.dt.fill_(-0.02)
-        with torch.no_grad():
-            for graphs in (False, True):
-                st = p50_ms(step.graph.replay if graphs else step._step, cfg.warmup, cfg.runs)
-                mfu = flops / (st["p50_ms"] / 1e3) / (peak * 1e12) if peak else None
-                rows.append({"label": label + (" + CUDA graph" if graphs else ""), **st,
-                             "tflops": round(flops / (st["p50_ms"] / 1e3) / 1e12, 1),
-                             "mfu_vs_bf16_peak": None if mfu is None else round(mfu, 3)})
-        del step
+        if "fp8" in label and torch.cuda.get_device_capability() < (8, 9):
+            rows.append({"label": label, "skipped": "FP8 GEMMs need compute capability 8.9+"})
+            continue
+        try:  # an FP8 failure must not lose the bf16 rows
+            if "fp8" in label:
+                to_fp8(dit)
+            step = GraphedStep(TorchPart("dit", dit), lat, text, mask, warmup=1).start(lat, text, mask, 5.0)
+            step.t.fill_(0.9)
+            step.dt.fill_(-0.02)
+            with torch.no_grad():
+                for graphs in (False, True):
+                    st = p50_ms(step.graph.replay if graphs else step._step, cfg.warmup, cfg.runs)
+                    mfu = flops / (st["p50_ms"] / 1e3) / (peak * 1e12) if peak else None
+                    rows.append({"label": label + (" + CUDA graph" if graphs else ""), **st,
+                                 "tflops": round(flops / (st["p50_ms"] / 1e3) / 1e12, 1),
+                                 "mfu_vs_bf16_peak": None if mfu is None else round(mfu, 3)})
+            del step
+        except Exception as e:  # noqa: BLE001
+            rows.append({"label": label, "error": _err(e)})
     return {"model": cfg.model, "video": f"{f}x{h}x{w}", "latent": [c, t, hh, ww], "cfg_batch": 2,
             "dit_tflop": round(flops / 1e12, 2), "peak_tflops": peak, "results": rows}
 
@@ -265,8 +272,9 @@ def to_markdown(rep: dict) -> str:
                   f"{_fmt(step['peak_tflops'], '.0f')} TFLOP/s (FP8 MFU is against the bf16 peak).", "",
                   "| runner | p50 ms | min ms | TFLOP/s | MFU vs bf16 peak |", "|---|---|---|---|---|"]
         for r in step["results"]:
-            if r.get("skipped"):
-                lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | |")
+            if r.get("skipped") or r.get("error"):
+                why = f"skipped: {r['skipped']}" if r.get("skipped") else f"ERROR: {r['error']}"
+                lines.append(f"| {r['label']} | {why} | | | |")
             else:
                 lines.append(f"| {r['label']} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | {r['tflops']} | "
                              f"{_fmt(r['mfu_vs_bf16_peak'], '.1%')} |")
@@ -307,7 +315,7 @@ def run(cfg: KitConfig, out: Path, only: list[str] | None = None, command: str =
             try:
                 entry["result"] = RUNNERS[item["name"]](cfg, ctx)
             except Exception as e:  # noqa: BLE001 - one broken path must not hide the others' results
-                entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                entry["error"] = _err(e)
                 entry["traceback"] = traceback.format_exc()
             entry["seconds"] = round(time.time() - t1, 1)
             torch.cuda.empty_cache()
@@ -321,8 +329,9 @@ def run(cfg: KitConfig, out: Path, only: list[str] | None = None, command: str =
 
 
 def exit_code(rep: dict) -> int:
-    """0 when every check that ran passed (or only measured), 1 when one failed or raised."""
-    bad = [c for c in rep["checks"] if c.get("error") or (c.get("result") or {}).get("passed") is False]
+    """0 when every check that ran passed (or only measured), 1 when one failed or raised (a runner row too)."""
+    bad = [c for c in rep["checks"] if c.get("error") or (c.get("result") or {}).get("passed") is False
+           or any(r.get("error") for r in (c.get("result") or {}).get("results", []))]
     return 1 if bad else 0
 
 

@@ -231,6 +231,9 @@ def test_gpu_kit_markdown_and_exit_code():
     assert exit_code(rep) == 1
     rep["checks"] = rep["checks"][:3]
     assert exit_code(rep) == 0
+    rep["checks"][2]["result"]["results"].append({"label": "torch fp8 (_scaled_mm)", "error": "RuntimeError: x"})
+    assert "| torch fp8 (_scaled_mm) | ERROR: RuntimeError: x |" in to_markdown(rep) and exit_code(rep) == 1
+    rep["checks"][2]["result"]["results"].pop()
     rep["checks"][0]["result"]["passed"] = False
     assert exit_code(rep) == 1
     json.dumps(rep)  # the report is plain JSON
