@@ -82,16 +82,21 @@ def evaluate(model, seeds, json_out):
 @click.option("--width", type=int)
 @click.option("--steps", "num_inference_steps", type=int)
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds per prompt")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing calibration set at --out (atomically)")
 def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
     """Capture DiT and VAE-decoder inputs on real sampling trajectories (calibration set for INT8/FP8)."""
     from vidrt.calibration.capture import CalibrationError, capture, default_prompts, read_prompts
-    from vidrt.export.bundle import BundleError
+    from vidrt.export.bundle import BundleError, check_out
     from vidrt.runtime.pipeline import Pipeline
     try:
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(","))
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
+        check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or not a calibration set
         prompts = read_prompts(prompts_file) if prompts_file else default_prompts()
-        m = capture(Pipeline(model), prompts, out, seeds=tuple(int(x) for x in seeds.split(",")),
-                    overwrite=overwrite, **{k: v for k, v in kw.items() if v is not None})
+        m = capture(Pipeline(model), prompts, out, seeds=seed_list, overwrite=overwrite,
+                    **{k: v for k, v in kw.items() if v is not None})
     except (ConfigError, CalibrationError, BundleError, ValueError) as e:
         _fail(e)
     n = len(m["shards"]) * m["steps"] * m["cfg_batch"]

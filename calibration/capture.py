@@ -117,8 +117,41 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
                     "video_shape": [num_frames, height, width], "latent_shape": list(latent_shape),
                     "steps": steps, "guidance_scale": guidance, "cfg_batch": 2 if guidance > 1 else 1,
                     "seeds": list(seeds), "shards": shards}
-        w.finish(manifest)
-    return json.loads((Path(out) / "manifest.json").read_text())
+        path = w.finish(manifest)
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _check_set(path, m: dict) -> None:
+    """Calibration-specific manifest fields, typed, so a malformed set gets a message rather than a traceback."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CalibrationError(f"calibration set {path}: manifest.json {what}; it is malformed, re-run "
+                                   "`vidrt calibrate`")
+
+    if m.get("kind") != "vidrt-calibration":
+        raise CalibrationError(f"{path} is not a calibration set (run `vidrt calibrate`)")
+    need(isinstance(m.get("model_digest"), str) and isinstance(m.get("model"), str), "lacks model/model_digest")
+    vs = m.get("video_shape")
+    need(isinstance(vs, list) and len(vs) == 3 and all(type(x) is int for x in vs), "has no video_shape [F, H, W]")
+    shards = m.get("shards")
+    need(isinstance(shards, list) and shards and all(isinstance(s, dict) for s in shards), "lists no shards")
+    for s in shards:
+        # load_manifest checked every name in "files" stays inside the set: a shard must be one of them
+        need(isinstance(s.get("file"), str) and s["file"] in m["files"], f"shard {s.get('file')!r} is not a file "
+             "listed with its SHA-256")
+
+
+def _read_shard(path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        t = load_file(str(Path(path) / name))
+    except Exception as e:  # safetensors raises its own error type for truncated or garbled headers
+        raise CalibrationError(f"calibration set {path}: {name} is not a readable safetensors file ({e}); re-run "
+                               "`vidrt calibrate`") from e
+    want = {"dit.latents", "dit.timestep", "dit.text", "dit.text_mask", "vae.latents"}
+    if not want <= set(t):
+        raise CalibrationError(f"calibration set {path}: {name} lacks {', '.join(sorted(want - set(t)))}; it was "
+                               "not written by `vidrt calibrate`, re-run it")
+    return t
 
 
 def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, int] | None = None) -> dict:
@@ -126,11 +159,10 @@ def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, in
     Refuses a set captured on another model or shape, a corrupt shard, or NaN/inf values."""
     from vidrt.export.bundle import BundleError, load_manifest
     try:
-        m = load_manifest(path, check_versions=False, fmt=FORMAT)
+        m = load_manifest(path, check_versions=False, fmt=FORMAT, kind="calibration set")
     except BundleError as e:
-        raise CalibrationError(f"calibration set {path}: {e}") from e
-    if m.get("kind") != "vidrt-calibration":
-        raise CalibrationError(f"{path} is not a calibration set (run `vidrt calibrate`)")
+        raise CalibrationError(str(e)) from e
+    _check_set(path, m)
     if m["model_digest"] != model_digest(cfg):
         raise CalibrationError(f"calibration set {path} was captured on model {m['model']!r} with another "
                                f"config than {cfg.name!r}; re-run `vidrt calibrate --model` for this model")
@@ -138,13 +170,17 @@ def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, in
         raise CalibrationError(f"calibration set {path} is for {'x'.join(map(str, m['video_shape']))} videos, not "
                                f"{'x'.join(map(str, video_shape))}; capture one for this shape")
     dit, vae = {}, []
-    for sh in m["shards"]:
-        t = load_file(str(Path(path) / sh["file"]))
-        _check_finite(sh["file"], t)
-        for k, v in t.items():
-            if k.startswith("dit."):
-                dit.setdefault(k[4:], []).append(v.flatten(0, 1))  # (steps * cfg_batch, ...)
-        vae.append(t["vae.latents"])
-    order = ("latents", "timestep", "text", "text_mask")  # the DiT's argument order (shards store keys sorted)
-    return {"dit": {k: torch.cat(dit[k]) for k in order}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
+    try:
+        for sh in m["shards"]:
+            t = _read_shard(path, sh["file"])
+            _check_finite(sh["file"], t)
+            for k, v in t.items():
+                if k.startswith("dit."):
+                    dit.setdefault(k[4:], []).append(v.flatten(0, 1))  # (steps * cfg_batch, ...)
+            vae.append(t["vae.latents"])
+        order = ("latents", "timestep", "text", "text_mask")  # the DiT's argument order (shards store keys sorted)
+        return {"dit": {k: torch.cat(dit[k]) for k in order}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
+    except (RuntimeError, IndexError) as e:  # shards whose tensors do not stack: not one capture
+        raise CalibrationError(f"calibration set {path}: its shards do not fit together ({e}); re-run "
+                               "`vidrt calibrate`") from e
 

@@ -16,7 +16,7 @@ from vidrt.models.config import ConfigError, ModelConfig
 from . import onnx_export as ox
 from vidrt.runtime.ort import cpu_int8
 
-from .bundle import BundleError, BundleWriter, load_manifest
+from .bundle import BundleError, BundleWriter, check_out, load_manifest
 from .tensorrt import Bucket, build_engine, build_notes, profiles_for, trt_unavailable_reason
 
 FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,6 +92,15 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if quant and calib is None:
         raise ConfigError(f"{','.join(quant)} need a calibration set: run `vidrt calibrate --model {model} --out DIR` "
                           "and pass --calib DIR")
+    if calib is not None and not quant:  # it would be silently ignored
+        raise ConfigError(f"--calib is only used by int8/fp8 and --precision {','.join(precisions)} has neither: add "
+                          "int8 or fp8 to --precision, or drop --calib")
+    if tile < 1:  # a tile of 0 latent frames decodes nothing: every generate would fail
+        raise ConfigError(f"--vae-tile {tile}: the VAE decoder tile is a number of latent frames >= 1; use the "
+                          "default 4, or 1 for the least memory")
+    if max_batch < 1:
+        raise ConfigError(f"max_batch {max_batch}: the engines must serve a batch of at least 1 (2 for guidance)")
+    check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
     cfg, dit, vae = load_model(model)
     for b in buckets:
         cfg.latent_shape(b.frames, b.height, b.width)  # clear error before any work
@@ -159,8 +168,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             manifest["validation"][name] = report
         if calibrated and "fp32" not in precisions:  # the fp32 DiT graph was only the quantizer's input
             calibrated[0].unlink()
-        w.finish(manifest)
-    return load_manifest(out)
+        path = w.finish(manifest)
+    return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
 def _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out, opt_level, t0) -> dict:
