@@ -221,12 +221,19 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, profiles: list[
             blob = cache_path.read_bytes() if cache_path.is_file() else b""
         except OSError as e:
             log.warning("vidrt: timing cache %s unreadable (%s); building without it", cache_path, e)
-        # ignore_mismatch=False: a cache from another device is refused (False), never silently mixed in
-        if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
-            log.warning("vidrt: TensorRT refused the timing cache %s; building with an empty one", cache_path)
-            if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
-                log.warning("vidrt: TensorRT refused an empty timing cache; building without one")
-                cache_path = None
+        # ignore_mismatch=False: a cache from another device is refused (False), never silently mixed in. A refused
+        # or corrupt cache falls back to an empty one, and that to none.
+        for data in ((blob, b"") if blob else (b"",)):
+            try:
+                cache = config.create_timing_cache(data)
+                if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+                    break
+                why = "refused"
+            except Exception as e:  # noqa: BLE001 - a cache is only a speed-up
+                why = str(e)
+            log.warning("vidrt: TensorRT timing cache (%s, %d bytes) not used: %s", cache_path, len(data), why)
+        else:
+            cache_path = None
     for i, prof in enumerate(profiles):
         p = builder.create_optimization_profile()
         for name, (mn, opt, mx) in prof.items():
