@@ -6,6 +6,7 @@ a local directory with config.json + weights (BERT, T5/UMT5 encoder, CLIP text).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +34,20 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def check_prompts(prompts, name: str = "prompt") -> list[str]:
+    """A str or a list/tuple of str -> list of str; anything else raises ConfigError saying what is wrong."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):
+        raise ConfigError(f"{name} is bytes, not text: pass a str (e.g. {name}.decode('utf-8'))")
+    if not isinstance(prompts, (list, tuple)):
+        raise ConfigError(f"{name} must be a str or a list of str, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ConfigError(f"{name}[{i}] is {type(p).__name__} {p!r:.40}, not str: every {name} must be text")
+    return list(prompts)
+
+
 class PromptTokenizer:
     """The encoder's tokenizer, padded and truncated to cfg.max_length: the input every text encoder (PyTorch or an
     exported graph) takes."""
@@ -44,7 +59,14 @@ class PromptTokenizer:
         self.hf = AutoTokenizer.from_pretrained(path or resolve_text_encoder_path(cfg.encoder), local_files_only=True)
 
     def __call__(self, prompts: list[str]) -> dict:
-        return self.hf(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+        prompts = check_prompts(prompts)
+        # count without truncation first: a cut prompt silently loses its end (often the motion or background)
+        for i, ids in enumerate(self.hf(prompts, truncation=False)["input_ids"]):
+            if len(ids) > self.max_length:
+                warnings.warn(f"prompt {i} is {len(ids)} tokens but the text encoder reads {self.max_length}: the "
+                              f"last {len(ids) - self.max_length} are ignored ({prompts[i][:40]!r}...); shorten it",
+                              stacklevel=2)
+        return self.hf(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                        return_tensors="pt")
 
 
