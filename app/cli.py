@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -31,23 +32,32 @@ def main():
 @click.option("--guidance", "guidance_scale", type=float)
 @click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), default="euler", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scale", type=int, default=0, help="Nearest-neighbour upscale of the saved video; 0 = auto (>= 256 px)")
+@click.option("--scale", type=click.IntRange(min=0), default=0,
+              help="Nearest-neighbour upscale of the saved video; 0 = auto (>= 256 px)")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (atomically)")
-def generate(prompt, out, model, scale, overwrite, **kw):
-    """Generate a video from PROMPT (default: the embedded tiny model)."""
-    from pathlib import Path
-
-    from vidrt.runtime.pipeline import Pipeline
+@click.option("--max-memory-gb", type=float, help="Refuse requests estimated to need more (sets VIDRT_MAX_MEMORY_GB; "
+              "default: 80% of the available RAM)")
+def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
+    """Generate a video from PROMPT (default: the embedded tiny model). An existing -o is replaced only with
+    --overwrite, atomically (temporary file + rename: a killed run leaves the old file intact)."""
+    from vidrt.models.config import memory_limit
+    from vidrt.runtime.pipeline import NonFiniteError, Pipeline
+    from vidrt.runtime.video import check_output
     try:
-        if Path(out).exists() and not overwrite:
-            raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another -o")
+        if max_memory_gb is not None:
+            memory_limit(max_memory_gb)  # validates
+            os.environ["VIDRT_MAX_MEMORY_GB"] = str(max_memory_gb)  # one limit for the pipeline and the writer
+        check_output(out, overwrite)  # an unwritable -o fails now, not after the video is made
         t0 = time.time()
         pipe = Pipeline(model)
-        video = pipe(prompt, **{k: v for k, v in kw.items() if v is not None})
+        kw = {k: v for k, v in kw.items() if v is not None}
+        r = pipe.request(prompt, **kw)
+        scale = scale or max(1, -(-256 // min(r.height, r.width)))
+        pipe.check_memory(r, scale)
+        video = pipe(prompt, **kw)
         frames = video.frames[0]
-        scale = scale or max(1, -(-256 // min(frames.shape[1:3])))
         path = video.save(out, scale=scale, overwrite=overwrite)
-    except (ConfigError, ValueError, FileExistsError) as e:
+    except (ConfigError, ValueError, FileExistsError, NonFiniteError) as e:
         _fail(e)
     T, H, W, _ = frames.shape
     click.echo(f"wrote {path} ({T} frames, {H}x{W} generated, saved x{scale}, {video.fps} fps) "
@@ -61,10 +71,17 @@ def generate(prompt, out, model, scale, overwrite, **kw):
 def evaluate(model, seeds, json_out):
     """Prompt-faithfulness (colour, motion direction) on the held-out synthetic prompts."""
     from vidrt.runtime.evaluate import evaluate_faithfulness
-    from vidrt.runtime.pipeline import Pipeline
+    from vidrt.runtime.pipeline import NonFiniteError, Pipeline
+    from vidrt.runtime.video import check_output
     try:
-        rep = evaluate_faithfulness(Pipeline(model), seeds=tuple(int(s) for s in seeds.split(",")), progress=True)
-    except (ConfigError, ValueError) as e:
+        seeds = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: give comma-separated integers, e.g. 0,1", param_hint="--seeds") from None
+    try:
+        if json_out:
+            check_output(json_out, overwrite=True, suffixes=())  # before the work, not after it
+        rep = evaluate_faithfulness(Pipeline(model), seeds=seeds, progress=True)
+    except (ConfigError, ValueError, NonFiniteError) as e:
         _fail(e)
     click.echo(rep.summary())
     if json_out:
@@ -113,13 +130,14 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
               "tensorrt:fp16; CUDA: torch fp32/bf16/bf16+graphs/compile bf16/fp8 (torch._scaled_mm)/fp8+graphs, "
               "onnxruntime, tensorrt")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--frames", type=int)
-@click.option("--height", type=int)
-@click.option("--width", type=int)
-@click.option("--steps", type=int, default=10, show_default=True, help="Sampling steps of the end-to-end runs")
-@click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per stage")
-@click.option("--e2e-runs", type=int, default=3, show_default=True)
+@click.option("--frames", type=click.IntRange(min=1))
+@click.option("--height", type=click.IntRange(min=1))
+@click.option("--width", type=click.IntRange(min=1))
+@click.option("--steps", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Sampling steps of the end-to-end runs")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per stage")
+@click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for results.json/.md/.png")
 def bench(model, bundle, runners, device, out, **kw):
     """Benchmark every backend x precision side by side: per stage and end to end, ratios vs the first runner."""

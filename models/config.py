@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,93 @@ def validate_video_shape(cfg: ModelConfig, num_frames: int, height: int, width: 
     for name, v in (("height", height), ("width", width)):
         if v < m or v % m:
             raise ConfigError(f"{name}={v} must be a positive multiple of {m}; try {max(m, round(v / m) * m)}")
+
+
+MAX_STEPS = 1000  # default cap on sampling steps; VIDRT_MAX_STEPS raises it
+MAX_GUIDANCE = 100.0  # beyond this CFG only amplifies the DiT's error (and overflows fp16)
+MEMORY_FRACTION = 0.8  # default memory limit: this share of the RAM (or free GPU memory) available now
+
+
+def _env_number(name: str, cast=float):
+    v = os.environ.get(name)
+    if v is None:
+        return None
+    try:
+        x = cast(v)
+    except ValueError:
+        raise ConfigError(f"{name}={v!r} is not a number") from None
+    if not (math.isfinite(x) and x > 0):
+        raise ConfigError(f"{name}={v!r} must be a positive number")
+    return x
+
+
+def max_steps() -> int:
+    return _env_number("VIDRT_MAX_STEPS", int) or MAX_STEPS
+
+
+def memory_limit(limit_gb: float | None = None, device: str = "cpu") -> tuple[int, str]:
+    """(bytes, where that number comes from): `limit_gb` (--max-memory-gb), else VIDRT_MAX_MEMORY_GB, else
+    MEMORY_FRACTION of the memory available now (free GPU memory on CUDA)."""
+    if limit_gb is not None:
+        if not (isinstance(limit_gb, (int, float)) and math.isfinite(limit_gb) and limit_gb > 0):
+            raise ConfigError(f"max memory must be a positive number of GB, got {limit_gb!r}")
+        return int(limit_gb * 2 ** 30), "--max-memory-gb"
+    env = _env_number("VIDRT_MAX_MEMORY_GB")
+    if env is not None:
+        return int(env * 2 ** 30), "VIDRT_MAX_MEMORY_GB"
+    if str(device).startswith("cuda"):
+        import torch
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(MEMORY_FRACTION * free), f"{MEMORY_FRACTION:.0%} of the free GPU memory"
+    return int(MEMORY_FRACTION * _available_ram()), f"{MEMORY_FRACTION:.0%} of the available RAM"
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_memory(cfg: ModelConfig, num_frames: int, height: int, width: int, batch: int = 1, scale: int = 1,
+                    decode_latents: int | None = None, attention_scores: bool = False) -> dict[str, int]:
+    """Bytes of the largest float32 activations of one request, by stage; "peak" is the largest stage. `batch`: DiT
+    rows (x2 with CFG); `decode_latents`: latent frames per VAE decode call (tile + context; None: all);
+    `attention_scores`: the runtime materialises (B, heads, N, N) scores (onnxruntime; torch SDPA does not).
+    Factors measured on tiny (peak RSS, CPU): VAE ~4 live copies of its largest tensor, DiT ~2 of the MLP's."""
+    c, t, h, w = cfg.latent_shape(num_frames, height, width)
+    pt, ph, pw = cfg.dit.patch
+    n = t // pt * (h // ph) * (w // pw)  # DiT tokens
+    d = cfg.dit
+    est = {"DiT activations": 2 * 4 * batch * n * (d.mlp_hidden + 4 * d.hidden)}
+    if attention_scores:
+        est["DiT attention scores"] = 4 * batch * d.heads * n * n
+    videos = batch // 2 if batch > 1 else 1  # CFG rows share a video
+    tl = min(t, decode_latents or t)
+    chs = [cfg.vae.base_channels * m for m in cfg.vae.ch_mult]
+    widest = max(chs[:2])  # the last upsample's input, at full resolution
+    est["VAE decode tile"] = 4 * 4 * videos * widest * ((tl - 1) * cfg.vae.temporal_factor + 1) * height * width
+    est["decoded video"] = (4 + 1) * videos * 3 * num_frames * height * width  # float32 + uint8
+    est["saved video"] = num_frames * height * scale * width * scale * 3
+    est["peak"] = max(est["DiT activations"] + est.get("DiT attention scores", 0),
+                      est["VAE decode tile"] + est["decoded video"], est["decoded video"] + est["saved video"])
+    return est
+
+
+def check_memory(cfg: ModelConfig, num_frames: int, height: int, width: int, batch: int = 1, scale: int = 1,
+                 decode_latents: int | None = None, attention_scores: bool = False, limit_gb: float | None = None,
+                 device: str = "cpu") -> int:
+    """Raise ConfigError, before any allocation, when estimate_memory's peak exceeds memory_limit; returns the peak."""
+    est = estimate_memory(cfg, num_frames, height, width, batch, scale, decode_latents, attention_scores)
+    limit, source = memory_limit(limit_gb, device)
+    if est["peak"] > limit:
+        part = max((k for k in est if k != "peak"), key=est.get)
+        raise ConfigError(f"{num_frames}x{height}x{width} (DiT batch {batch}, scale {scale}) needs about "
+                          f"{est['peak'] / 2 ** 30:.3g} GiB (largest: {part}, {est[part] / 2 ** 30:.3g} GiB) but the "
+                          f"limit is {limit / 2 ** 30:.3g} GiB ({source}); make the video smaller or shorter, or raise "
+                          "the limit with --max-memory-gb or VIDRT_MAX_MEMORY_GB")
+    return est["peak"]
 
 
 def _tiny() -> ModelConfig:

@@ -1,6 +1,8 @@
 """Reference text-to-video pipeline in PyTorch (diffusers-shaped call)."""
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,10 +11,10 @@ import torch
 from tqdm import tqdm
 
 from vidrt.models.checkpoint import load_model
-from vidrt.models.config import ConfigError, ModelConfig
-from vidrt.models.text import TextEncoder
+from vidrt.models.config import MAX_GUIDANCE, ConfigError, ModelConfig, check_memory, max_steps
+from vidrt.models.text import TextEncoder, check_prompts
 
-from .schedulers import make_solver
+from .schedulers import SHIFT_RANGE, SOLVERS, make_solver
 from .video import save_video
 
 
@@ -38,10 +40,36 @@ class Request:
     seed: int
     solver: str
     shift: float
+    decode_tile: int | None = None  # None: the pipeline's own
 
 
 class Cancelled(RuntimeError):
     """Raised when a step callback asked to stop; nothing is returned for the cancelled request."""
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf appeared in the latents, text embeddings or decoded video; the message names the step and part."""
+
+
+def _int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise ConfigError(f"{name} must be an integer, got {type(v).__name__} {v!r:.40}")
+    return int(v)
+
+
+def _real(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{name} must be a number, got {type(v).__name__} {v!r:.40}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be finite, got {v}")
+    return float(v)
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    """One reduction and one sync: cheap next to a DiT step. Values are reported, never clamped away."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise NonFiniteError(f"{what}: {int(bad.sum())} of {x.numel()} values are NaN or inf")
 
 
 class _BundleTextEncoder:
@@ -58,11 +86,13 @@ class _BundleTextEncoder:
 
 class Pipeline:
     """`Pipeline("tiny")(prompt, ...)` -> VideoOutput; `Pipeline.from_bundle(dir, backend=...)` runs an exported
-    bundle. Not thread-safe (parts hold bound buffers and sessions): use one Pipeline per thread; there is no global
-    state, so several pipelines in one process are independent."""
+    bundle. Safe to share between threads: a lock runs one call at a time (parts hold bound buffers and sessions);
+    for parallel runs use one Pipeline per thread (no global state). `max_memory_gb`: the limit requests are checked
+    against before any work (default: VIDRT_MAX_MEMORY_GB, else 80% of the memory available; models.config)."""
 
     def __init__(self, model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 text_encoder: TextEncoder | None = None):
+                 text_encoder: TextEncoder | None = None, max_memory_gb: float | None = None):
+        self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
         self.cfg, self.dit, self.vae = load_model(model)
         self.device, self.dtype = torch.device(device), dtype
         self.dit.to(self.device, dtype)
@@ -75,7 +105,8 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
-                    device: str = "cpu", vae_precision: str | None = None) -> "Pipeline":
+                    device: str = "cpu", vae_precision: str | None = None,
+                    max_memory_gb: float | None = None) -> "Pipeline":
         """Load a verified export-engines bundle. backend: onnxruntime (ONNX parts) or tensorrt (engines);
         precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision` or the bundle's first
         float one. The Pipeline API is unchanged."""
@@ -108,6 +139,7 @@ class Pipeline:
             return e
 
         self = cls.__new__(cls)
+        self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
         self.cfg = ModelConfig.from_dict(m["model"])
         self.device, self.dtype, self.backend = torch.device(device), torch.float32, backend
         self.cuda_graphs, self.graph_fallback = False, None
@@ -164,7 +196,16 @@ class Pipeline:
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance_scale: float,
                 solver, progress: bool = True, callback=None) -> torch.Tensor:
         """Run the sampling loop. With CFG, text/mask hold [uncond; cond] (2B rows) and the DiT runs as one batch.
-        `callback(step, num_steps, latents)` runs after every step; returning False cancels (raises Cancelled)."""
+        `callback(step, num_steps, latents)` runs after every step; returning False cancels (raises Cancelled).
+        NaN/inf in the inputs or after any step raises NonFiniteError naming the step and the part."""
+        with self._lock:
+            return self._denoise(latents, text, mask, guidance_scale, solver, progress, callback)
+
+    def _denoise(self, latents, text, mask, guidance_scale, solver, progress, callback) -> torch.Tensor:
+        if not math.isfinite(guidance_scale):
+            raise ConfigError(f"guidance_scale must be finite, got {guidance_scale}")
+        _check_finite(latents, "initial latents")
+        _check_finite(text, "text embeddings (text encoder output)")
         graphed = None
         if self.cuda_graphs:
             from .cudagraph import graphed_step
@@ -175,53 +216,97 @@ class Pipeline:
         ts = solver.timesteps
         steps = len(ts) - 1
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
+            where = f"step {i + 1} of {steps}"
             if graphed is not None:  # the same step, replayed from a CUDA graph
                 x = graphed.step(ts[i], ts[i + 1])
+                _check_finite(x, f"latents after {where} (CUDA-graph replay of the DiT step)")
             else:
                 xin = torch.cat([x, x]) if cfg_on else x
                 t = torch.full((xin.shape[0],), ts[i], device=x.device, dtype=torch.float32)
                 v = self.dit(xin, t, text, mask).to(torch.float32)
+                _check_finite(v, f"DiT output at {where} ({self.backend}; a NaN weight, or fp16 past 65504?)")
                 if cfg_on:
                     v_u, v_c = v.chunk(2)
                     v = v_u + guidance_scale * (v_c - v_u)
                 x = solver.step(i, x, v).to(latents.dtype)
-            if callback is not None and callback(i + 1, steps, x) is False:
-                raise Cancelled(f"cancelled after step {i + 1} of {steps}")
+                _check_finite(x, f"latents after the solver update at {where} (guidance {guidance_scale}, "
+                                 f"latents {latents.dtype})")
+            if callback is not None:
+                go_on = callback(i + 1, steps, x)
+                _check_finite(x, f"latents after the step callback at {where} (it wrote them)")
+                if go_on is False:
+                    raise Cancelled(f"cancelled after step {i + 1} of {steps}")
         return x.clone() if graphed is not None else x
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> list[np.ndarray]:
+        with self._lock:
+            return self._decode(latents, tile)
+
+    def _decode(self, latents: torch.Tensor, tile: int | None) -> list[np.ndarray]:
         tile = tile or self.decode_tile
+        _check_finite(latents, "latents given to the VAE decoder")
         if self.vae_part is not None:  # the exported part de-normalises itself; tiling commutes with that
             video = self.vae.decode_tiled(latents.float(), tile=tile, decode_fn=self.vae_part).float()
         else:
             z = latents * self.cfg.vae.latent_std + self.cfg.vae.latent_mean
-            video = self.vae.decode_tiled(z.to(self.dtype), tile=tile).float().clamp(-1, 1)
+            video = self.vae.decode_tiled(z.to(self.dtype), tile=tile).float()
+        _check_finite(video, f"decoded video (VAE decoder, {self.backend})")  # before the clamp hides an overflow
+        video = video.clamp(-1, 1)
         u8 = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
         return list(u8)
 
     def request(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
-                shift: float | None = None) -> "Request":
-        """Resolve defaults and validate a request without running anything (raises ConfigError/BackendError with
-        the fix). Servers call it to refuse bad input before queueing."""
+                shift: float | None = None, decode_tile: int | None = None) -> "Request":
+        """Resolve defaults (None only: 0 is an error, not "default") and validate a request without running
+        anything, memory included (raises ConfigError/BackendError with the fix). Servers call it before queueing."""
         s = self.cfg.sample
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        prompts = check_prompts(prompt, "prompt")
+        if not prompts or any(not p.strip() for p in prompts):
             raise ConfigError("prompt is empty: describe the video, e.g. 'a red circle moving left on a blue "
                               "background'")
-        negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = check_prompts(negative_prompt, "negative_prompt")
+        negs = negs * len(prompts) if isinstance(negative_prompt, str) else negs
         if len(negs) != len(prompts):
             raise ConfigError(f"{len(negs)} negative prompts for {len(prompts)} prompts: give one or one per prompt")
-        r = Request(prompts, negs, num_frames or s.num_frames, height or s.height, width or s.width,
-                    num_inference_steps or s.num_inference_steps,
-                    s.guidance_scale if guidance_scale is None else guidance_scale, seed, solver,
-                    s.shift if shift is None else shift)
+
+        def pick(name, v, default, conv):
+            return default if v is None else conv(name, v)
+        r = Request(prompts, negs, pick("num_frames", num_frames, s.num_frames, _int),
+                    pick("height", height, s.height, _int), pick("width", width, s.width, _int),
+                    pick("num_inference_steps", num_inference_steps, s.num_inference_steps, _int),
+                    pick("guidance_scale", guidance_scale, s.guidance_scale, _real), _int("seed", seed), solver,
+                    pick("shift", shift, s.shift, _real), pick("decode_tile", decode_tile, None, _int))
+        cap = max_steps()
+        if not 1 <= r.num_inference_steps <= cap:
+            raise ConfigError(f"num_inference_steps={r.num_inference_steps} must be 1 to {cap} (VIDRT_MAX_STEPS "
+                              "raises the cap)")
+        if not 1 <= r.guidance_scale <= MAX_GUIDANCE:
+            raise ConfigError(f"guidance_scale={r.guidance_scale} must be 1 (no guidance) to {MAX_GUIDANCE:g}")
+        if not SHIFT_RANGE[0] <= r.shift <= SHIFT_RANGE[1]:
+            raise ConfigError(f"shift={r.shift} must be {SHIFT_RANGE[0]:g} to {SHIFT_RANGE[1]:g} (1 = no time shift)")
+        if not -2 ** 63 <= r.seed < 2 ** 64:
+            raise ConfigError(f"seed={r.seed} must fit in 64 bits")
+        if not isinstance(r.solver, str) or r.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {r.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if r.decode_tile is not None and r.decode_tile < 1:
+            raise ConfigError(f"decode_tile={r.decode_tile} must be >= 1 latent frame")
         self.cfg.latent_shape(r.num_frames, r.height, r.width)  # validates, naming the fix
-        self._check_bundle_shape(r.num_frames, r.height, r.width, len(prompts) * (2 if r.guidance_scale > 1 else 1))
-        make_solver(r.solver, r.num_inference_steps, r.shift)  # validates steps, shift and solver name
+        self._check_bundle_shape(r.num_frames, r.height, r.width, self._dit_batch(r))
+        self.check_memory(r)
         return r
+
+    def _dit_batch(self, r: Request) -> int:
+        return len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
+
+    def check_memory(self, r: Request, scale: int = 1) -> int:
+        """Estimated peak bytes of `r` (saved at `scale`); ConfigError naming it and the limit when over the limit."""
+        tile = (r.decode_tile or self.decode_tile) + self.vae.decoder.tile_context()
+        return check_memory(self.cfg, r.num_frames, r.height, r.width, self._dit_batch(r), scale, tile,
+                            attention_scores=self.backend == "onnxruntime", limit_gb=self.max_memory_gb,
+                            device=str(self.device))
 
     def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -231,19 +316,27 @@ class Pipeline:
         """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
         r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
                          seed, solver, shift)
+        return self._sample(r, progress, callback)
+
+    def _sample(self, r: Request, progress: bool, callback) -> torch.Tensor:
+        if callback is not None and not callable(callback):
+            raise ConfigError(f"callback must be callable(step, num_steps, latents), got {type(callback).__name__}")
         shape = self.cfg.latent_shape(r.num_frames, r.height, r.width)
         sched = make_solver(r.solver, r.num_inference_steps, r.shift)
         gen = torch.Generator().manual_seed(r.seed)  # noise drawn on CPU: same video on every device
-        latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)
-        g = r.guidance_scale
-        text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)
-        return self.denoise(latents, text, mask, g, sched, progress, callback)
+        with self._lock:  # one request at a time: parts reuse bound buffers (see the class docstring)
+            latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)
+            g = r.guidance_scale
+            text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)
+            return self.denoise(latents, text, mask, g, sched, progress, callback)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
                  shift: float | None = None, decode_tile: int | None = None, progress: bool = True,
                  callback=None) -> VideoOutput:
-        latents = self.sample_latents(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                                      guidance_scale, seed, solver, shift, progress, callback)
-        return VideoOutput(self.decode(latents, tile=decode_tile), fps=self.cfg.sample.fps)
+        r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                         seed, solver, shift, decode_tile)
+        with self._lock:
+            latents = self._sample(r, progress, callback)
+            return VideoOutput(self.decode(latents, tile=r.decode_tile), fps=self.cfg.sample.fps)

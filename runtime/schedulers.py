@@ -7,12 +7,15 @@ import math
 import torch
 
 
+SHIFT_RANGE = (0.01, 100.0)  # beyond it nearly every step sits at t ~ 0 or t ~ 1 (and 1e-320 divides by zero)
+
+
 def flow_timesteps(steps: int, shift: float = 1.0) -> list[float]:
     """steps + 1 times from 1 to 0, warped by the SD3/Wan time shift t' = s t / (1 + (s - 1) t)."""
     if steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    if not SHIFT_RANGE[0] <= shift <= SHIFT_RANGE[1]:  # also refuses NaN
+        raise ValueError(f"shift must be {SHIFT_RANGE[0]:g} to {SHIFT_RANGE[1]:g} (1 = no shift), got {shift}")
     ts = [1.0 - i / steps for i in range(steps + 1)]
     return [shift * t / (1 + (shift - 1) * t) for t in ts]
 

@@ -1,4 +1,8 @@
-"""Write frames to mp4 (H.264 through the ffmpeg binary shipped by imageio-ffmpeg) or gif (Pillow)."""
+"""Write frames to mp4 (H.264 through the ffmpeg binary shipped by imageio-ffmpeg) or gif (Pillow).
+
+Overwrite rule: an existing file is replaced only with overwrite=True (--overwrite), and then atomically: the video is
+written to a hidden temporary file in the same folder and renamed over the old one, so a killed run leaves the old file
+byte-identical (and at most a `.NAME.*.partial.mp4` file beside it)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from vidrt.models.config import ConfigError, memory_limit
 
 
 def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
@@ -15,6 +21,30 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames if scale == 1 else frames.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
+def check_output(path: str | Path, overwrite: bool = False, suffixes: tuple[str, ...] = (".mp4", ".gif")) -> Path:
+    """Refuse, before any work, an output that cannot be written: wrong suffix, existing file without `overwrite`,
+    a folder, or a location where no file can be created (probed by creating and removing a temporary file)."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"unsupported output format {path.suffix.lower()!r} for {path}: use {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) or choose another name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # save_video creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vidrt-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror} in {folder}; choose another output path") from None
+    return path
+
+
 def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 1, overwrite: bool = False) -> Path:
     """frames: uint8 (T, H, W, 3). The suffix picks the format: .mp4 or .gif. Written to a temporary file in the same
     folder, then moved into place in one step: a killed write never leaves a partial video, and an existing file is
@@ -22,12 +52,15 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    path = Path(path)
+    path = check_output(path, overwrite)
     suffix = path.suffix.lower()
-    if suffix not in (".mp4", ".gif"):
-        raise ValueError(f"unsupported video format {suffix!r}: use .mp4 or .gif")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) or choose another name")
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ConfigError(f"scale must be an integer >= 1, got {scale!r}")
+    limit, source = memory_limit()
+    if frames.nbytes * scale * scale > limit:  # the upscaled copy is held in memory while it is encoded
+        raise ConfigError(f"saving at scale {scale} needs {frames.nbytes * scale * scale / 2 ** 30:.3g} GiB but the "
+                          f"limit is {limit / 2 ** 30:.3g} GiB ({source}); use a smaller scale or raise the limit "
+                          "with VIDRT_MAX_MEMORY_GB")
     frames = upscale(frames, scale)
     if suffix == ".mp4" and (frames.shape[1] % 2 or frames.shape[2] % 2):
         raise ValueError(f"H.264 needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
