@@ -119,7 +119,10 @@ def check_out(out: str | Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) or choose another --out")
-    why = _not_replaceable(out)
+    try:
+        why = _not_replaceable(out)
+    except OSError as e:
+        why = str(e)
     if why:
         raise BundleError(f"{out} exists and is not a vidrt bundle or calibration set ({why}); --overwrite only "
                           "replaces those: choose another --out")
@@ -127,13 +130,20 @@ def check_out(out: str | Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT/SIGTERM wait until the block ends: the swap of old and new bundle is never left half done."""
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    """SIGINT/SIGTERM wait until the block ends: the swap of old and new bundle is never left half done. (Handlers,
+    not a signal mask: any thread may receive the signal, and Python runs its handler in the main thread.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python handlers only ever raise in the main thread: nothing can interrupt this one
+        return
+    got = []
+    old = {s: signal.signal(s, lambda n, _: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            signal.raise_signal(got[0])  # now that the swap is done
 
 
 def _on_sigterm(signum, frame):

@@ -318,6 +318,19 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".t.*"))
 
 
+def test_signals_wait_until_the_swap_is_done(tmp_path):
+    from vidrt.export.bundle import _signals_held
+    done, before = [], signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with BundleWriter(tmp_path / "b", log=lambda s: None):  # SIGTERM now unwinds like Ctrl-C
+            with _signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler would have run by now
+                done.append("swap")
+    assert done == ["swap"] and not list(tmp_path.iterdir())  # then it unwound, and cleaned up
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_swap_killed_midway_is_undone(tmp_path):
     b = _mini(tmp_path / "b")
     os.rename(b, tmp_path / f".b.old-{_dead_pid()}-0000")  # killed between the two renames: no bundle at `b`
