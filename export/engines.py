@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vidrt.models.checkpoint import load_model, resolve_model
-from vidrt.models.config import ConfigError, ModelConfig
+from vidrt.models.config import ConfigError, ModelConfig, check_memory
 
 from . import onnx_export as ox
 from vidrt.runtime.ort import cpu_int8
@@ -102,8 +102,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
         raise ConfigError(f"max_batch {max_batch}: the engines must serve a batch of at least 1 (2 for guidance)")
     check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
     cfg, dit, vae = load_model(model)
-    for b in buckets:
-        cfg.latent_shape(b.frames, b.height, b.width)  # clear error before any work
+    for b in buckets:  # clear errors before any work; validation runs onnxruntime, which materialises attention
+        check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + vae.decoder.tile_context(), True)
     calib_set = None
     if quant:
         from vidrt.calibration.capture import load_set

@@ -222,7 +222,7 @@ def check_memory(cfg: ModelConfig, num_frames: int, height: int, width: int, bat
         raise ConfigError(f"{num_frames}x{height}x{width} (DiT batch {batch}, scale {scale}) needs about "
                           f"{est['peak'] / 2 ** 30:.3g} GiB (largest: {part}, {est[part] / 2 ** 30:.3g} GiB) but the "
                           f"limit is {limit / 2 ** 30:.3g} GiB ({source}); make the video smaller or shorter, or raise "
-                          "the limit with --max-memory-gb or VIDRT_MAX_MEMORY_GB")
+                          "the limit with VIDRT_MAX_MEMORY_GB=N (vidrt generate: --max-memory-gb N)")
     return est["peak"]
 
 

@@ -164,6 +164,16 @@ def test_memory_estimate_scales_and_limit_is_configurable(pipe, monkeypatch, tmp
         save_video(np.zeros((9, 32, 32, 3), np.uint8), tmp_path / "v.mp4", scale=1000)
 
 
+def test_export_engines_refuses_before_work(tmp_path):
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    t = time.time()
+    with pytest.raises(ConfigError, match=r"9x8192x8192 \(DiT batch 2, scale 1\) needs about 2\.95e\+05 GiB \(largest: "
+                       r"DiT attention scores.*VIDRT_MAX_MEMORY_GB=N"):
+        export_engines("tiny", tmp_path / "b", ["fp32"], [Bucket(9, 8192, 8192)], progress=False)
+    assert time.time() - t < 10 and not (tmp_path / "b").exists()
+
+
 def test_steps_cap_is_configurable(pipe, monkeypatch):
     refused(pipe, match="1 to 1000 \\(VIDRT_MAX_STEPS", num_inference_steps=1_000_000)
     monkeypatch.setenv("VIDRT_MAX_STEPS", "2000000")
