@@ -2,7 +2,7 @@
 
 Overwrite rule: an existing file is replaced only with overwrite=True (--overwrite), and then atomically: the video is
 written to a hidden temporary file in the same folder and renamed over the old one, so a killed run leaves the old file
-byte-identical (and at most a `.NAME.*.partial.mp4` file beside it)."""
+byte-identical; its hidden `.NAME.PID.*.partial.mp4` is removed by the next save to that name."""
 from __future__ import annotations
 
 import os
@@ -65,7 +65,8 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 
     if suffix == ".mp4" and (frames.shape[1] % 2 or frames.shape[2] % 2):
         raise ValueError(f"H.264 needs even height and width, got {frames.shape[1]}x{frames.shape[2]}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    _remove_dead_partials(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".partial{suffix}", dir=path.parent)
     os.close(fd)
     try:
         _write(frames, Path(tmp), fps, suffix)
@@ -79,6 +80,24 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_dead_partials(path: Path) -> None:
+    """Temporary files of killed writers to this name (their PID is gone); a live writer's file is left alone."""
+    for p in path.parent.glob(f".{path.name}.*.partial{path.suffix.lower()}"):
+        pid = p.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write(frames: np.ndarray, path: Path, fps: int, suffix: str) -> None:

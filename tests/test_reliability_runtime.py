@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vidrt.app.cli import main
@@ -64,30 +64,46 @@ bad_shift = st.floats(allow_nan=True, allow_infinity=True).filter(lambda s: not 
 
 @FAST
 @given(f=bad_frames)
+@example(f=0)
+@example(f=-1)
 def test_bad_frames_refused(pipe, f):
     refused(pipe, num_frames=f)
 
 
 @FAST
 @given(v=bad_side, which=st.sampled_from(["height", "width"]))
+@example(v=0, which="height")
+@example(v=8192 * 64, which="width")
 def test_bad_height_width_refused(pipe, v, which):
     refused(pipe, **{which: v})
 
 
 @FAST
 @given(n=bad_steps)
+@example(n=0)
+@example(n=1_000_000)
 def test_bad_steps_refused(pipe, n):
     refused(pipe, match="num_inference_steps", num_inference_steps=n)
 
 
 @FAST
 @given(g=bad_guidance)
+@example(g=math.inf)
+@example(g=-math.inf)
+@example(g=math.nan)
+@example(g=1e30)
+@example(g=-1.0)
+@example(g=0.0)
 def test_bad_guidance_refused(pipe, g):
     refused(pipe, match="guidance_scale", guidance_scale=g)
 
 
 @FAST
 @given(s=bad_shift)
+@example(s=math.nan)
+@example(s=math.inf)
+@example(s=0.0)
+@example(s=5e-324)
 def test_bad_shift_refused(pipe, s):
     refused(pipe, match="shift", shift=s)
 
@@ -346,4 +362,8 @@ def test_sigkill_during_overwrite_keeps_previous_file(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert out.read_bytes() == before  # the previous video, byte for byte
     left = [p.name for p in tmp_path.iterdir() if p.name != "existing.mp4"]
-    assert all(n.startswith(".existing.mp4.") and n.endswith(".partial.mp4") for n in left), left
+    assert len(left) == 1 and re.fullmatch(rf"\.existing\.mp4\.{proc.pid}\.\w+\.partial\.mp4", left[0]), left
+    live = tmp_path / f".existing.mp4.{os.getpid()}.x.partial.mp4"  # a writer still running: kept
+    live.write_bytes(b"")
+    save_video(np.zeros((9, 32, 32, 3), np.uint8), out, overwrite=True)  # the next save clears the dead one
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["existing.mp4", live.name])
