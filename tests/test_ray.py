@@ -1,0 +1,159 @@
+"""`vidrt batch` and `vidrt serve` on a real local Ray (2 CPUs, loopback only): outputs equal in-process generation
+by sha256, resume after a SIGKILLed driver, actors killed mid-item, invalid items, HTTP statuses."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from vidrt.app.batch import BatchConfig, read_items, run_batch, sha256  # noqa: E402
+from vidrt.runtime.pipeline import Pipeline  # noqa: E402
+
+RED = "a red circle moving left on a blue background"
+YELLOW = "a yellow square moving right on a black background"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """sha256 of the mp4 an in-process Pipeline writes for the same request (1 thread, like an actor)."""
+    import torch
+    torch.set_num_threads(1)
+    pipe, folder, cache = Pipeline("tiny"), tmp_path_factory.mktemp("ref"), {}
+
+    def ref(**kw) -> str:
+        key = json.dumps(kw, sort_keys=True)
+        if key not in cache:
+            path = folder / f"{len(cache)}.mp4"
+            pipe(**kw, progress=False).save(path)
+            cache[key] = sha256(path)
+        return cache[key]
+    return ref
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(s) for s in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def test_batch_matches_in_process_and_reports_invalid(cluster, reference, tmp_path):
+    rows = [{"prompt": RED, "seed": 5, "steps": 2},
+            "not json {",
+            {"prompt": YELLOW, "steps": 2, "guidance": 1.0, "negative_prompt": "blur"},
+            {"prompt": RED, "colour": "red"},
+            {"prompt": RED, "frames": 10, "steps": 2},
+            {"prompt": YELLOW, "steps": 0},
+            {"prompt": YELLOW, "seed": 9, "steps": 3, "height": 32, "width": 32, "frames": 9}]
+    suite = write_jsonl(tmp_path / "suite.jsonl", rows)
+    items = read_items(suite)
+    assert [i.line for i in items] == [1, 2, 3, 4, 5, 6, 7] and items[2].params["seed"] == 3  # default: line number
+    seen = []
+    c = run_batch(suite, BatchConfig(str(tmp_path / "out"), replicas=2, progress=False), on_record=seen.append)
+    assert c == {"done": 3, "skipped": 0, "failed": 0, "invalid": 4}
+    recs = {r["item"]: r for r in records(tmp_path / "out")}
+    assert sorted(recs) == [1, 2, 3, 4, 5, 6, 7] and len(seen) == 7
+    assert "not JSON" in recs[2]["error"] and "unknown keys ['colour']" in recs[4]["error"]
+    assert "4k+1" in recs[5]["error"] or "frames" in recs[5]["error"]
+    assert "num_inference_steps=0" in recs[6]["error"]
+    for line, kw in [(1, dict(seed=5, num_inference_steps=2)),
+                     (3, dict(seed=3, num_inference_steps=2, guidance_scale=1.0, negative_prompt="blur")),
+                     (7, dict(seed=9, num_inference_steps=3))]:
+        r = recs[line]
+        assert r["status"] == "done" and r["attempts"] == 1 and r["seed"] == kw["seed"]
+        assert set(r["timings"]) == {"validate_s", "sample_s", "decode_s", "encode_s", "total_s"}
+        assert sha256(tmp_path / "out" / r["file"]) == r["sha256"]
+        assert r["sha256"] == reference(prompt=rows[line - 1]["prompt"], **kw), f"item {line} differs from in-process"
+    assert {recs[i]["worker"] for i in (1, 3, 7)} and not list((tmp_path / "out").glob(".*.partial"))
+
+
+def test_batch_resume_after_driver_sigkill(cluster, reference, tmp_path):
+    prompts = [RED, YELLOW] * 4
+    suite = write_jsonl(tmp_path / "suite.jsonl", [{"prompt": p, "steps": 6} for p in prompts])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "vidrt.app.cli", "batch", str(suite), "--out", str(out), "--address", cluster]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        path = out / "results.jsonl"
+        if path.exists() and path.read_text().count('"done"') >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the driver finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    before = {r["item"]: r for r in records(out) if r["status"] == "done"}
+    assert 2 <= len(before) < len(prompts)
+    # Half-done states a kill can leave, plus a damaged video: each must be redone, not trusted.
+    damaged = min(before)
+    (out / before[damaged]["file"]).write_bytes(b"not the video")
+    (out / f".{before[damaged]['file']}.x.partial").write_bytes(b"half")
+    with open(out / "results.jsonl", "a") as f:
+        f.write('{"item": 99, "key": "cut by the ki')
+    c = run_batch(suite, BatchConfig(str(out), progress=False))
+    assert c["skipped"] == len(before) - 1 and c["done"] == len(prompts) - c["skipped"] and not c["failed"]
+    after = records(out)
+    assert sorted(r["item"] for r in after) == list(range(1, len(prompts) + 1))  # once each, nothing lost
+    for r in after:
+        assert r["status"] == "done" and sha256(out / r["file"]) == r["sha256"]
+        assert r["sha256"] == reference(prompt=prompts[r["item"] - 1], seed=r["item"], num_inference_steps=6)
+        if r["item"] in before and r["item"] != damaged:
+            assert r == before[r["item"]]  # skipped: the record (worker, timings) is the first run's
+    assert not list(out.glob(".*.partial"))
+
+
+def _kill_when_running(stop: threading.Event, plan: dict, killed: list) -> None:
+    """plan: item line -> times to SIGKILL the actor running it, once it is past its first step."""
+    prefix = f"vidrt-batch-{os.getpid()}-"
+    while not stop.is_set():
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if not a["name"].startswith(prefix):
+                continue
+            try:
+                st = ray.get(ray.get_actor(a["name"], namespace=a["namespace"]).status.remote(), timeout=2)
+            except Exception:  # restarting, or gone: look again
+                continue
+            pid = int(st["worker"].split(":")[1])
+            if plan.get(st["item"], 0) > 0 and st["step"] >= 1 and pid not in [p for _, p in killed]:
+                plan[st["item"]] -= 1
+                killed.append((st["item"], pid))
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def test_batch_actor_killed_mid_item_is_retried_then_failed(cluster, reference, tmp_path):
+    suite = write_jsonl(tmp_path / "suite.jsonl", [{"prompt": RED, "steps": 40, "seed": 1},
+                                                   {"prompt": YELLOW, "steps": 40, "seed": 2},
+                                                   {"prompt": YELLOW, "steps": 2, "seed": 3}])
+    stop, killed, plan = threading.Event(), [], {1: 1, 2: 5}
+    killer = threading.Thread(target=_kill_when_running, args=(stop, plan, killed), daemon=True)
+    killer.start()
+    try:
+        c = run_batch(suite, BatchConfig(str(tmp_path / "out"), retries=1, progress=False))
+    finally:
+        stop.set()
+        killer.join(10)
+    recs = {r["item"]: r for r in records(tmp_path / "out")}
+    assert c == {"done": 2, "skipped": 0, "failed": 1, "invalid": 0}
+    assert [i for i, _ in killed].count(1) == 1 and [i for i, _ in killed].count(2) == 2
+    assert recs[1]["attempts"] == 2 and recs[1]["sha256"] == reference(prompt=RED, seed=1, num_inference_steps=40)
+    assert recs[1]["worker"].split(":")[1] != str(dict(killed)[1])  # finished by another process
+    assert recs[2]["status"] == "failed" and recs[2]["attempts"] == 2 and "worker died during item 2" in recs[2]["error"]
+    assert recs[3]["sha256"] == reference(prompt=YELLOW, seed=3, num_inference_steps=2)
