@@ -117,11 +117,13 @@ class Worker:
     def status(self) -> dict:
         return dict(self.state)  # answers while run() works: the actor has two threads
 
-    def run(self, line: int, params: dict) -> dict:
+    def run(self, line: int, params: dict, callback=None) -> dict:
+        """`callback(step, of)` after each step; returning False cancels (status "cancelled")."""
         from vidrt.runtime.backends import BackendError
-        from vidrt.runtime.pipeline import VideoOutput
+        from vidrt.runtime.pipeline import Cancelled, VideoOutput
         t = [time.perf_counter()]
         self.state.update(item=line, step=0, of=0)
+        self.callback = callback
         try:
             try:
                 r = self.pipe.request(**params)
@@ -138,6 +140,8 @@ class Worker:
                 p = VideoOutput(frames, fps=self.pipe.cfg.sample.fps).save(Path(d) / "v.mp4")
                 data = p.read_bytes()
             t.append(time.perf_counter())
+        except Cancelled as e:
+            return {"status": "cancelled", "error": str(e), "worker": self.where}
         except Exception as e:  # a deterministic failure: retrying elsewhere would fail the same way
             return {"status": "failed", "error": f"{type(e).__name__}: {e}", "worker": self.where}
         finally:
@@ -146,8 +150,9 @@ class Worker:
         return {"status": "done", "data": data, "sha256": hashlib.sha256(data).hexdigest(), "params": resolved,
                 "timings": {s: round(b - a, 4) for s, a, b in zip(stages, t, t[1:])}, "worker": self.where}
 
-    def _step(self, step: int, of: int, _latents) -> None:
+    def _step(self, step: int, of: int, _latents) -> bool | None:
         self.state.update(step=step, of=of)
+        return self.callback(step, of) if self.callback else None
 
 
 class Results:
@@ -343,7 +348,8 @@ def _finish(it: Item, out: dict, cfg: BatchConfig, attempts: int, total: float, 
 @click.argument("prompts", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the videos and results.jsonl")
 @click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="export-engines bundle (instead of --model)")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+              help="export-engines bundle (instead of --model)")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--precision", default="fp32", show_default=True, help="The bundle DiT's precision")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Actors, one Pipeline each")

@@ -173,8 +173,10 @@ def train(out, **kw):
 
 # Ray subcommands live beside their code; ray itself is imported only when one of them runs.
 from vidrt.app.batch import batch_command  # noqa: E402
+from vidrt.app.serve import serve_command  # noqa: E402
 
 main.add_command(batch_command)
+main.add_command(serve_command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,9 +23,12 @@ YELLOW = "a yellow square moving right on a black background"
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Workers inherit it: the serve test's "long" job (100000 steps, hours) can only end by being cancelled
+    os.environ["VIDRT_MAX_STEPS"] = "100000"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    os.environ.pop("VIDRT_MAX_STEPS")
 
 
 @pytest.fixture(scope="module")
@@ -155,5 +158,111 @@ def test_batch_actor_killed_mid_item_is_retried_then_failed(cluster, reference, 
     assert [i for i, _ in killed].count(1) == 1 and [i for i, _ in killed].count(2) == 2
     assert recs[1]["attempts"] == 2 and recs[1]["sha256"] == reference(prompt=RED, seed=1, num_inference_steps=40)
     assert recs[1]["worker"].split(":")[1] != str(dict(killed)[1])  # finished by another process
-    assert recs[2]["status"] == "failed" and recs[2]["attempts"] == 2 and "worker died during item 2" in recs[2]["error"]
+    assert recs[2]["status"] == "failed" and recs[2]["attempts"] == 2
+    assert "worker died during item 2" in recs[2]["error"]
     assert recs[3]["sha256"] == reference(prompt=YELLOW, seed=3, num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    """One `vidrt serve` app on loopback: 1 replica, 1 queued job at most, 3 s ttl and queue timeout."""
+    import socket
+
+    from ray import serve
+
+    from vidrt.app.serve import ServeConfig, start
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield start(ServeConfig(max_queued=1, ttl_s=3, queue_timeout_s=3, port=port))
+    serve.shutdown()
+
+
+def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | bytes, dict]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, data, headers = r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        status, data, headers = e.code, e.read(), dict(e.headers)
+    return status, (json.loads(data) if headers.get("content-type", "").startswith("application/json") else data), \
+        headers
+
+
+def wait_for(url: str, done, limit_s: float = 90) -> dict:
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        status, v, _ = http("GET", url)
+        if status != 200 or done(v):
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"{url} still {v['status']} after {limit_s} s")
+
+
+def test_serve_generates_the_in_process_video_then_expires(server, reference):
+    assert http("GET", f"{server}/v1/models")[1]["data"][0]["id"] == "tiny"
+    status, v, _ = http("POST", f"{server}/v1/videos", {"prompt": RED, "seed": 4, "num_inference_steps": 3,
+                                                         "size": "32x32", "seconds": 1})
+    assert status == 200 and v["status"] == "queued" and v["object"] == "video" and v["num_frames"] == 9
+    url = f"{server}/v1/videos/{v['id']}"
+    v = wait_for(url, lambda v: v["status"] not in ("queued", "in_progress"))
+    status, data, headers = http("GET", f"{url}/content")
+    assert v["status"] == "completed" and v["progress"] == 100 and status == 200
+    assert headers["content-type"] == "video/mp4" and hashlib.sha256(data).hexdigest() == v["sha256"]
+    assert v["sha256"] == reference(prompt=RED, seed=4, num_inference_steps=3)
+    assert any(x["id"] == v["id"] for x in http("GET", f"{server}/v1/videos")[1]["data"])
+    time.sleep(max(0, v["expires_at"] - time.time()) + 1.1)  # ttl 3 s
+    assert http("GET", url)[1]["status"] == "expired"
+    status, err, _ = http("GET", f"{url}/content")
+    assert status == 410 and err["error"]["code"] == "expired"
+    time.sleep(3.1)  # and the job itself ttl later
+    assert http("GET", url)[0] == 404
+
+
+@pytest.mark.parametrize("body, param", [({"prompt": RED, "num_frames": 10}, None),
+                                         ({"prompt": RED, "num_inference_steps": 0}, None),
+                                         ({"prompt": RED, "seed": "abc"}, "seed"),
+                                         ({"prompt": RED, "colour": "red"}, "colour"),
+                                         ({"prompt": RED, "size": "big"}, None),
+                                         ({"prompt": "   "}, None),
+                                         ({"negative_prompt": "x"}, "prompt")])
+def test_serve_refuses_invalid_requests_with_422(server, body, param):
+    status, err, _ = http("POST", f"{server}/v1/videos", body)
+    assert status == 422 and err["error"]["message"] and err["error"]["param"] == param
+
+
+def test_serve_not_found_and_not_ready(server):
+    assert http("GET", f"{server}/v1/videos/video_nope")[0] == 404
+    assert http("DELETE", f"{server}/v1/videos/video_nope")[0] == 404
+    status, err, _ = http("POST", f"{server}/v1/videos", {"prompt": RED, "model": "sora"})
+    assert status == 404 and err["error"]["code"] == "model_not_found"
+
+
+def test_serve_queue_full_429_queue_timeout_and_cancel(server, reference):
+    post = lambda **kw: http("POST", f"{server}/v1/videos", {"prompt": YELLOW} | kw)  # noqa: E731
+    _, long, _ = post(num_inference_steps=100000, seed=1)  # hours on CPU: it only ends by DELETE
+    running = wait_for(f"{server}/v1/videos/{long['id']}", lambda v: v["status"] != "queued" and v["progress"] > 0)
+    assert running["status"] == "in_progress"
+    status, queued, _ = post(num_inference_steps=2, seed=2)
+    assert status == 200 and queued["status"] == "queued"
+    status, err, headers = post(num_inference_steps=2, seed=3)
+    assert status == 429 and err["error"]["code"] == "queue_full" and headers["retry-after"] == "1"
+    v = wait_for(f"{server}/v1/videos/{queued['id']}", lambda v: v["status"] != "queued", 15)
+    assert v["status"] == "expired" and v["error"]["code"] == "queue_timeout"  # 3 s in the queue
+    status, again, _ = post(num_inference_steps=2, seed=4)  # its place is free again
+    assert status == 200
+    status, v, _ = http("DELETE", f"{server}/v1/videos/{again['id']}")
+    assert status == 200 and v["status"] == "cancelled"
+    status, v, _ = http("DELETE", f"{server}/v1/videos/{long['id']}")
+    assert status == 200 and v["status"] == "cancelled" and v["progress"] < 100
+    assert http("GET", f"{server}/v1/videos/{long['id']}/content")[0] == 409
+    t0 = time.time()  # the replica stopped the long job: a short one runs now, not after 1000 steps
+    _, short, _ = post(num_inference_steps=2, seed=5)
+    v = wait_for(f"{server}/v1/videos/{short['id']}", lambda v: v["status"] not in ("queued", "in_progress"), 60)
+    assert v["status"] == "completed" and v["sha256"] == reference(prompt=YELLOW, seed=5, num_inference_steps=2)
+    assert time.time() - t0 < 60  # the long job's steps left alone would take hours
+    status, gone, _ = http("DELETE", f"{server}/v1/videos/{short['id']}")
+    assert status == 200 and gone["deleted"] and http("GET", f"{server}/v1/videos/{short['id']}")[0] == 404

@@ -1,0 +1,91 @@
+"""`vidrt serve`: an OpenAI-style video API on Ray Serve. POST /v1/videos queues a job (422 invalid, 429 when
+`max_queued` jobs wait), GET /v1/videos/{id} gives status and progress, GET /v1/videos/{id}/content the mp4 (409 not
+ready, 410 expired), DELETE cancels a queued/running job or deletes a finished one. Finished videos expire after
+`ttl_s`; a job not started within `queue_timeout_s` expires unrun. Replicas hold one Pipeline each."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from vidrt.app.batch import Engine
+
+
+@dataclass
+class ServeConfig:
+    engine: Engine = field(default_factory=Engine)
+    replicas: int = 1
+    max_queued: int = 16  # jobs waiting for a replica; one more is refused with 429
+    ttl_s: float = 3600.0  # a finished video is kept this long
+    queue_timeout_s: float = 600.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    address: str | None = None  # Ray cluster; None: the current session, else a new local one
+    name: str = "vidrt"  # the Serve application's name
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.engine.bundle).name if self.engine.bundle else self.engine.model
+
+
+def app(cfg: ServeConfig):
+    """The Serve application graph (serve.run it); imports Ray Serve only when called."""
+    from vidrt.app.serve_api import Api, Generator
+    e = cfg.engine
+    gen = Generator.options(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": e.cpus, "num_gpus": e.gpus},
+                            max_queued_requests=cfg.max_queued + cfg.replicas).bind(e)
+    return Api.bind(gen, e, cfg.model_name, cfg.max_queued, cfg.ttl_s, cfg.queue_timeout_s)
+
+
+def start(cfg: ServeConfig) -> str:
+    """Deploy on Ray (starting a local cluster if none is connected); returns the base URL."""
+    import ray
+    from ray import serve
+    if cfg.replicas < 1 or cfg.max_queued < 0 or cfg.ttl_s <= 0 or cfg.queue_timeout_s <= 0:
+        raise ValueError(f"replicas >= 1, max_queued >= 0, ttl_s and queue_timeout_s > 0; got {cfg}")
+    if not ray.is_initialized() or cfg.address:
+        ray.init(address=cfg.address, ignore_reinit_error=True, include_dashboard=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app(cfg), name=cfg.name, route_prefix="/")
+    return f"http://{cfg.host}:{cfg.port}"
+
+
+@click.command("serve")
+@click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+              help="export-engines bundle (instead of --model)")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, help="The bundle DiT's precision")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="One Pipeline each")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--cpus-per-replica", type=click.FloatRange(min=0.5), default=1, show_default=True)
+@click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to listen on every interface")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-queued", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Jobs waiting for a replica; more get 429")
+@click.option("--ttl", "ttl_s", type=click.FloatRange(min=0, min_open=True), default=3600, show_default=True,
+              help="Seconds a finished video is kept")
+@click.option("--queue-timeout", "queue_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600,
+              show_default=True, help="Seconds a job may wait for a replica before it expires")
+def serve_command(model, bundle, backend, precision, replicas, gpus_per_replica, cpus_per_replica, address, host,
+                  port, max_queued, ttl_s, queue_timeout_s):
+    """Serve an OpenAI-style video API (POST/GET/DELETE /v1/videos, GET /v1/videos/ID/content) on Ray Serve
+    until Ctrl-C."""
+    cfg = ServeConfig(Engine(model, bundle, backend, precision, gpus_per_replica, cpus_per_replica), replicas,
+                      max_queued, ttl_s, queue_timeout_s, host, port, address)
+    from ray import serve
+    try:
+        url = start(cfg)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"serving {cfg.model_name} on {url}/v1/videos with {replicas} replica(s); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

@@ -1,0 +1,245 @@
+"""Ray Serve deployments behind `vidrt serve`: `Generator` replicas hold one Pipeline each and stream progress;
+`Api` (one replica: it holds the job table) is the OpenAI-style HTTP front (see app/serve.py for the contract)."""
+
+import asyncio
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+
+from vidrt.app.batch import Engine, Worker
+from vidrt.models.config import ConfigError
+
+
+@serve.deployment(max_ongoing_requests=1)  # one Pipeline runs one request; Serve queues the rest
+class Generator:
+    def __init__(self, engine: Engine):
+        self.worker = Worker(engine)
+
+    async def generate(self, params: dict):
+        """Yields {"type": "started"}, {"type": "progress", step, of}..., then the Worker's result. Cancelling the
+        call stops the Pipeline at its next step; the replica takes no new request before it has stopped."""
+        loop, events, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+
+        def step(i: int, of: int) -> bool:
+            loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "step": i, "of": of})
+            return not stop.is_set()
+        run = loop.run_in_executor(None, self.worker.run, 0, params, step)
+        try:
+            yield {"type": "started", "worker": self.worker.where}
+            while not run.done():
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, run}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield get.result()
+                else:
+                    get.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield {"type": "result"} | run.result()
+        finally:
+            stop.set()
+            if not run.done():
+                await asyncio.wait({run})
+
+
+class VideoRequest(BaseModel):
+    """OpenAI's create-video body (model, prompt, seconds, size) plus the Pipeline's own knobs."""
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    model: str | None = None
+    seconds: float | str | None = None  # rounded to the nearest 4k+1 frames
+    size: str | None = None  # "WIDTHxHEIGHT"
+    negative_prompt: str = ""
+    seed: int = 0
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass
+class Job:
+    id: str
+    params: dict
+    created_at: float = field(default_factory=time.time)
+    status: str = "queued"  # queued, in_progress, completed, failed, cancelled, expired
+    progress: int = 0
+    started_at: float | None = None
+    completed_at: float | None = None
+    expires_at: float | None = None
+    error: dict | None = None
+    result: dict | None = None
+    call: object = None  # the streaming Serve call, for cancel
+
+    def view(self, model: str) -> dict:
+        p, r = self.params, self.result or {}
+        return {"id": self.id, "object": "video", "model": model, "status": self.status, "progress": self.progress,
+                "created_at": int(self.created_at), "completed_at": self.completed_at and int(self.completed_at),
+                "expires_at": self.expires_at and int(self.expires_at), "prompt": p["prompt"], "seed": p["seed"],
+                "size": f"{p['width']}x{p['height']}", "num_frames": p["num_frames"], "error": self.error,
+                "sha256": r.get("sha256"), "worker": r.get("worker"), "timings": r.get("timings")}
+
+
+def error(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None):
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+api = FastAPI(title="vidrt")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_req: Request, exc: RequestValidationError):
+    e = exc.errors()[0]
+    where = ".".join(str(x) for x in e["loc"][1:]) or None
+    return error(422, f"{where}: {e['msg']}" if where else e["msg"], "invalid_value", where)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Api:
+    def __init__(self, generator, engine: Engine, model_name: str, max_queued: int, ttl_s: float,
+                 queue_timeout_s: float):
+        # Requests are validated here, before queueing, on a CPU copy of the engine (the replica checks again)
+        pipe = Engine(engine.model, engine.bundle, "onnxruntime", engine.precision).load()
+        self.check, self.fps = pipe.request, pipe.cfg.sample.fps
+        self.generator, self.model = generator.options(method_name="generate", stream=True), model_name
+        self.max_queued, self.ttl_s, self.queue_timeout_s = max_queued, ttl_s, queue_timeout_s
+        self.jobs, self.sweeper = {}, None
+
+    def _sweep(self) -> None:
+        """Expiry: a job queued past queue_timeout_s is cancelled; a finished job's video is dropped at expires_at,
+        and the job itself ttl_s later."""
+        now = time.time()
+        for j in list(self.jobs.values()):
+            if j.status == "queued" and now - j.created_at > self.queue_timeout_s:
+                self._stop(j, "expired", {"code": "queue_timeout", "message": f"not started within "
+                                          f"{self.queue_timeout_s:g} s; retry later or raise --queue-timeout"})
+            elif j.expires_at and now > j.expires_at and j.status != "expired":
+                j.status, j.result = "expired", None
+            elif j.expires_at and now > j.expires_at + self.ttl_s:
+                del self.jobs[j.id]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            self._sweep()
+            await asyncio.sleep(0.5)
+
+    def _finish(self, j: Job, status: str, err: dict | None = None) -> None:
+        j.status, j.error, j.completed_at = status, err, time.time()
+        j.expires_at = j.completed_at + self.ttl_s
+
+    def _stop(self, j: Job, status: str, err: dict | None) -> None:
+        if j.call is not None:
+            j.call.cancel()
+        self._finish(j, status, err)
+
+    async def _run(self, j: Job) -> None:
+        j.call = self.generator.remote(j.params)
+        try:
+            async for ev in j.call:
+                if j.status not in ("queued", "in_progress"):
+                    break  # cancelled or expired meanwhile
+                if ev["type"] == "started":
+                    j.status, j.started_at = "in_progress", time.time()
+                elif ev["type"] == "progress":
+                    j.progress = int(100 * ev["step"] / ev["of"])
+                elif ev["status"] == "done":
+                    j.result, j.progress = ev, 100
+                    self._finish(j, "completed")
+                else:
+                    code = "invalid_request" if ev["status"] == "invalid" else ev["status"]
+                    self._finish(j, "cancelled" if ev["status"] == "cancelled" else "failed",
+                                 {"code": code, "message": ev["error"]})
+        except Exception as e:  # cancelled by us, or the replica died: the job says which
+            if j.status in ("queued", "in_progress"):
+                self._finish(j, "failed", {"code": "worker_error", "message": f"{type(e).__name__}: {e}"[:500]})
+
+    def _job(self, video_id: str) -> Job | JSONResponse:
+        self._sweep()
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        j = self.jobs.get(video_id)
+        return j if j else error(404, f"no video {video_id!r} (unknown, deleted or expired long ago)", "not_found",
+                                 "video_id")
+
+    @api.get("/health")
+    def health(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    def models(self):
+        return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "vidrt"}]}
+
+    @api.post("/v1/videos")
+    async def create(self, body: VideoRequest):
+        self._job("")  # sweep first: expired jobs free their queue places
+        if body.model not in (None, self.model):
+            return error(404, f"model {body.model!r} is not served here; this server serves {self.model!r}",
+                         "model_not_found", "model")
+        kw = body.model_dump(exclude={"model", "seconds", "size"})
+        try:
+            if body.size is not None:
+                w, h = (int(x) for x in body.size.lower().split("x"))
+                kw |= {"width": w, "height": h}
+            if body.seconds is not None:
+                kw["num_frames"] = 4 * round(float(body.seconds) * self.fps / 4) + 1
+            r = self.check(**{k: v for k, v in kw.items() if v is not None})
+        except ValueError as e:  # ConfigError, and a malformed size/seconds
+            return error(422, str(e) if isinstance(e, ConfigError) else f"size must be WIDTHxHEIGHT, seconds a "
+                         f"number: {e}", "invalid_value")
+        except Exception as e:  # BackendError (a shape the bundle does not serve) and the like
+            return error(422, str(e), "invalid_value")
+        queued = sum(j.status == "queued" for j in self.jobs.values())
+        if queued >= self.max_queued:
+            return error(429, f"{queued} requests are already queued (--max-queued {self.max_queued}); retry later",
+                         "queue_full", headers={"Retry-After": "1"})
+        params = {"prompt": r.prompts[0], "negative_prompt": r.negative_prompts[0], "seed": r.seed,
+                  "num_frames": r.num_frames, "height": r.height, "width": r.width,
+                  "num_inference_steps": r.num_inference_steps, "guidance_scale": r.guidance_scale}
+        j = Job(f"video_{uuid.uuid4().hex}", params)
+        self.jobs[j.id] = j
+        asyncio.get_running_loop().create_task(self._run(j))
+        return j.view(self.model)
+
+    @api.get("/v1/videos")
+    def list_videos(self):
+        self._sweep()
+        return {"object": "list", "data": [j.view(self.model) for j in self.jobs.values()]}
+
+    @api.get("/v1/videos/{video_id}")
+    def get(self, video_id: str):
+        j = self._job(video_id)
+        return j.view(self.model) if isinstance(j, Job) else j
+
+    @api.get("/v1/videos/{video_id}/content")
+    def content(self, video_id: str):
+        j = self._job(video_id)
+        if not isinstance(j, Job):
+            return j
+        if j.status == "expired":
+            return error(410, f"video {video_id} expired at {j.expires_at:.0f}; generate it again", "expired")
+        if j.status != "completed":
+            return error(409, f"video {video_id} is {j.status}, not completed", "video_not_ready")
+        return Response(j.result["data"], media_type="video/mp4",
+                        headers={"Content-Disposition": f'attachment; filename="{video_id}.mp4"'})
+
+    @api.delete("/v1/videos/{video_id}")
+    def delete(self, video_id: str):
+        """A queued or running video is cancelled (kept, status cancelled); a finished one is deleted."""
+        j = self._job(video_id)
+        if not isinstance(j, Job):
+            return j
+        if j.status in ("queued", "in_progress"):
+            self._stop(j, "cancelled", {"code": "cancelled", "message": "cancelled by DELETE"})
+            return j.view(self.model)
+        del self.jobs[video_id]
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
