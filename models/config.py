@@ -191,19 +191,20 @@ def estimate_memory(cfg: ModelConfig, num_frames: int, height: int, width: int, 
     """Bytes of the largest float32 activations of one request, by stage; "peak" is the largest stage. `batch`: DiT
     rows (x2 with CFG); `decode_latents`: latent frames per VAE decode call (tile + context; None: all);
     `attention_scores`: the runtime materialises (B, heads, N, N) scores (onnxruntime; torch SDPA does not).
-    Factors measured on tiny (peak RSS, CPU): VAE ~4 live copies of its largest tensor, DiT ~2 of the MLP's."""
+    Factors from peak RSS of tiny on CPU (measured GiB, estimate): VAE decode 9x512x512 1.28, 1.44; DiT step batch 2
+    9x512x512 0.27, 0.38; 1001x32x32 0.11, 0.12."""
     c, t, h, w = cfg.latent_shape(num_frames, height, width)
     pt, ph, pw = cfg.dit.patch
     n = t // pt * (h // ph) * (w // pw)  # DiT tokens
     d = cfg.dit
-    est = {"DiT activations": 2 * 4 * batch * n * (d.mlp_hidden + 4 * d.hidden)}
+    est = {"DiT activations": 4 * 4 * batch * n * (d.mlp_hidden + 4 * d.hidden)}
     if attention_scores:
         est["DiT attention scores"] = 4 * batch * d.heads * n * n
     videos = batch // 2 if batch > 1 else 1  # CFG rows share a video
     tl = min(t, decode_latents or t)
     chs = [cfg.vae.base_channels * m for m in cfg.vae.ch_mult]
     widest = max(chs[:2])  # the last upsample's input, at full resolution
-    est["VAE decode tile"] = 4 * 4 * videos * widest * ((tl - 1) * cfg.vae.temporal_factor + 1) * height * width
+    est["VAE decode tile"] = 5 * 4 * videos * widest * ((tl - 1) * cfg.vae.temporal_factor + 1) * height * width
     est["decoded video"] = (4 + 1) * videos * 3 * num_frames * height * width  # float32 + uint8
     est["saved video"] = num_frames * height * scale * width * scale * 3
     est["peak"] = max(est["DiT activations"] + est.get("DiT attention scores", 0),
