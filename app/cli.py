@@ -41,7 +41,7 @@ def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
     """Generate a video from PROMPT (default: the embedded tiny model). An existing -o is replaced only with
     --overwrite, atomically (temporary file + rename: a killed run leaves the old file intact)."""
     from vidrt.models.config import memory_limit
-    from vidrt.runtime.pipeline import NonFiniteError, Pipeline
+    from vidrt.runtime.pipeline import Pipeline
     from vidrt.runtime.video import check_output
     try:
         if max_memory_gb is not None:
@@ -57,7 +57,7 @@ def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
         video = pipe(prompt, **kw)
         frames = video.frames[0]
         path = video.save(out, scale=scale, overwrite=overwrite)
-    except (ConfigError, ValueError, FileExistsError, NonFiniteError) as e:
+    except (ConfigError, ValueError, FileExistsError) as e:  # NonFiniteError is a ValueError
         _fail(e)
     T, H, W, _ = frames.shape
     click.echo(f"wrote {path} ({T} frames, {H}x{W} generated, saved x{scale}, {video.fps} fps) "
@@ -71,7 +71,7 @@ def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
 def evaluate(model, seeds, json_out):
     """Prompt-faithfulness (colour, motion direction) on the held-out synthetic prompts."""
     from vidrt.runtime.evaluate import evaluate_faithfulness
-    from vidrt.runtime.pipeline import NonFiniteError, Pipeline
+    from vidrt.runtime.pipeline import Pipeline
     from vidrt.runtime.video import check_output
     try:
         seeds = tuple(int(s) for s in seeds.split(","))
@@ -81,7 +81,7 @@ def evaluate(model, seeds, json_out):
         if json_out:
             check_output(json_out, overwrite=True, suffixes=())  # before the work, not after it
         rep = evaluate_faithfulness(Pipeline(model), seeds=seeds, progress=True)
-    except (ConfigError, ValueError, NonFiniteError) as e:
+    except (ConfigError, ValueError) as e:
         _fail(e)
     click.echo(rep.summary())
     if json_out:

@@ -47,8 +47,9 @@ class Cancelled(RuntimeError):
     """Raised when a step callback asked to stop; nothing is returned for the cancelled request."""
 
 
-class NonFiniteError(RuntimeError):
-    """NaN or inf appeared in the latents, text embeddings or decoded video; the message names the step and part."""
+class NonFiniteError(ValueError):
+    """NaN or inf appeared in the latents, text embeddings or decoded video; the message names the step and part.
+    A ValueError: bad values (weights, inputs, guidance) are the cause, and every CLI command reports those."""
 
 
 def _int(name: str, v) -> int:

@@ -228,6 +228,10 @@ def test_cli_refuses_before_work(tmp_path, monkeypatch):
 
 
 def test_outputs_checked_before_work(tmp_path):
+    frames = np.zeros((9, 32, 32, 3), np.uint8)
+    for bad in (0, -1, 2.0, "2", True):
+        with pytest.raises(ConfigError, match="scale must be an integer >= 1"):
+            save_video(frames, tmp_path / "s.mp4", scale=bad)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is not a folder"):
         check_output(tmp_path / "file" / "a" / "v.mp4")
