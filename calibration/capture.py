@@ -18,6 +18,7 @@ from tqdm import tqdm
 from vidrt.export.bundle import BundleWriter
 from vidrt.models.config import ModelConfig
 from vidrt.models.synthetic import split_scenes
+from vidrt.runtime.pipeline import NonFiniteError
 
 SORA_PROMPTS = [
     "A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage",
@@ -93,8 +94,9 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
     if not prompts or any(not p.strip() for p in prompts):
         raise CalibrationError("the prompt list is empty or has an empty prompt: give one prompt per line")
     cfg, s = pipe.cfg, pipe.cfg.sample
-    num_frames, height, width = num_frames or s.num_frames, height or s.height, width or s.width
-    steps = num_inference_steps or s.num_inference_steps
+    pick = lambda v, default: default if v is None else v  # 0 is a bad value, refused below, never "default"
+    num_frames, height, width = pick(num_frames, s.num_frames), pick(height, s.height), pick(width, s.width)
+    steps = pick(num_inference_steps, s.num_inference_steps)
     guidance = s.guidance_scale if guidance_scale is None else guidance_scale
     latent_shape = cfg.latent_shape(num_frames, height, width)
     shards = []
@@ -104,8 +106,13 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
             jobs = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
             for i, prompt, seed in tqdm(jobs, desc="calibrate", disable=not progress):
                 rec.calls.clear()
-                lat = pipe.sample_latents(prompt, "", num_frames, height, width, steps, guidance, seed,
-                                          progress=False).float().cpu()
+                try:
+                    lat = pipe.sample_latents(prompt, "", num_frames, height, width, steps, guidance, seed,
+                                              progress=False).float().cpu()
+                except NonFiniteError as e:
+                    raise CalibrationError(f"{prompt!r}, seed {seed}: {e}; NaN/inf: the model or its inputs are "
+                                           "broken (check the checkpoint and the guidance scale) and cannot be "
+                                           "calibrated on") from e
                 dit = {k: torch.stack([inputs[j] for inputs, _ in rec.calls]) for j, k in
                        enumerate(("latents", "timestep", "text", "text_mask"))}
                 name = f"shard_{len(shards):04d}"

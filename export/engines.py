@@ -296,7 +296,9 @@ def main(model, out, precision, frames, height, width, buckets, vae_tile, no_bui
     try:
         cfg = resolve_model(model)[0]
         s = cfg.sample
-        bks = [Bucket(frames or s.num_frames, height or s.height, width or s.width)] + [Bucket.parse(b) for b in buckets]
+        pick = lambda v, default: default if v is None else v  # 0 is refused by the shape rules, never "default"
+        bks = [Bucket(pick(frames, s.num_frames), pick(height, s.height), pick(width, s.width))] + \
+            [Bucket.parse(b) for b in buckets]
         recipe = {"observer": observer, "smoothquant": smoothquant, **({"skip": ()} if quantize_all else {})}
         man = export_engines(model, out, [p.strip() for p in precision.split(",") if p.strip()], bks, tile=vae_tile,
                              build=not no_build, overwrite=overwrite, calib=calib, recipe=recipe,
