@@ -4,6 +4,7 @@ ready, 410 expired), DELETE cancels a queued/running job or deletes a finished o
 `ttl_s`; a job not started within `queue_timeout_s` expires unrun. Replicas hold one Pipeline each."""
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,11 @@ def serve_command(model, bundle, backend, precision, replicas, gpus_per_replica,
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"serving {cfg.model_name} on {url}/v1/videos with {replicas} replica(s); Ctrl-C stops")
+
+    def stop(*_):
+        raise KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM (service managers) shuts Serve down like Ctrl-C
+        signal.signal(sig, stop)
     try:
         while True:
             time.sleep(3600)

@@ -57,6 +57,21 @@ def records(folder: Path) -> list[dict]:
     return [json.loads(s) for s in (folder / "results.jsonl").read_text().splitlines()]
 
 
+def test_batch_reads_txt_and_allows_one_driver_per_folder(tmp_path):
+    from vidrt.app.batch import _lock
+    from vidrt.models.config import ConfigError
+    (tmp_path / "p.txt").write_text(f"# a comment\n\n{RED}\n  {YELLOW}  \n")
+    items = read_items(tmp_path / "p.txt", seed=100)
+    assert [(i.line, i.params) for i in items] == [(3, {"prompt": RED, "seed": 103}),
+                                                   (4, {"prompt": YELLOW, "seed": 104})]
+    with pytest.raises(ConfigError, match="txt .* or .jsonl"):
+        read_items(tmp_path / "p.csv")
+    held = _lock(tmp_path)
+    with pytest.raises(ConfigError, match="another vidrt batch is writing"):
+        run_batch(tmp_path / "p.txt", BatchConfig(str(tmp_path), progress=False))
+    held.close()
+
+
 def test_batch_matches_in_process_and_reports_invalid(cluster, reference, tmp_path):
     rows = [{"prompt": RED, "seed": 5, "steps": 2},
             "not json {",
