@@ -54,6 +54,7 @@ class BatchConfig:
     address: str | None = None  # None: the current Ray session, else a new local one; "auto" or HOST:PORT
     seed: int = 0  # items without a seed get seed + their line number
     progress: bool = True
+    item_timeout_s: float | None = None  # an item running longer has its actor restarted and counts as a death
 
 
 @dataclass
@@ -284,7 +285,7 @@ def _drive(todo: list[Item], cfg: BatchConfig, record) -> None:
     try:
         ray.get([a.status.remote() for a in actors])  # a model that cannot load fails here, once, with its error
         pending, attempts, idle = deque(todo), {}, list(actors)
-        busy, reviving, last = {}, {}, "no worker left"
+        busy, reviving, last, hung = {}, {}, "no worker left", set()
         while pending or busy:
             while idle and pending:
                 it, a = pending.popleft(), idle.pop()
@@ -294,7 +295,13 @@ def _drive(todo: list[Item], cfg: BatchConfig, record) -> None:
                 for it in pending:
                     record(it, "failed", error=f"every worker died ({last})", attempts=attempts.get(it.key, 0))
                 return
-            ready, _ = ray.wait(list(busy) + list(reviving), num_returns=1)
+            ready, _ = ray.wait(list(busy) + list(reviving), num_returns=1, timeout=1 if cfg.item_timeout_s else None)
+            if not ready:
+                for ref, (it, a, t0) in busy.items():
+                    if time.time() - t0 > cfg.item_timeout_s and ref not in hung:
+                        hung.add(ref)
+                        ray.kill(a, no_restart=False)  # its call fails with RayActorError: the retry path below
+                continue
             ref = ready[0]
             if ref in reviving:  # a restarted actor answered (back to work) or is gone for good
                 a, until = reviving.pop(ref)
@@ -313,7 +320,8 @@ def _drive(todo: list[Item], cfg: BatchConfig, record) -> None:
             try:
                 out = ray.get(ref)
             except RayActorError as err:
-                last = f"worker died during item {it.line}: {str(err).splitlines()[0][:300]}"
+                last = (f"item {it.line} ran over --item-timeout {cfg.item_timeout_s:g} s: its worker was restarted"
+                        if ref in hung else f"worker died during item {it.line}: {str(err).splitlines()[0][:300]}")
                 reviving[a.status.remote()] = (a, time.time() + RESTART_S)
                 if attempts[it.key] <= cfg.retries:
                     pending.appendleft(it)
@@ -358,14 +366,16 @@ def _finish(it: Item, out: dict, cfg: BatchConfig, attempts: int, total: float, 
 @click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Extra attempts for an item whose actor died")
+@click.option("--item-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an item may run before its actor is restarted and the item retried (default: no limit)")
 @click.option("--seed", type=int, default=0, show_default=True, help="Items without a seed get SEED + line number")
 def batch_command(prompts, out, model, bundle, backend, precision, replicas, gpus_per_replica, cpus_per_replica,
-                  address, retries, seed):
+                  address, retries, item_timeout, seed):
     """Generate every item of PROMPTS (.txt: a prompt a line; .jsonl: prompt, negative_prompt, seed, frames,
     height, width, steps, guidance) on Ray actors. Re-running on the same --out skips the items already done
     (verified by sha256) and redoes the rest. Exits 1 if any item failed or was invalid."""
     eng = Engine(model, bundle, backend, precision, gpus_per_replica, cpus_per_replica)
-    cfg = BatchConfig(out, eng, replicas, retries, address, seed)
+    cfg = BatchConfig(out, eng, replicas, retries, address, seed, item_timeout_s=item_timeout)
     try:
         c = run_batch(prompts, cfg)
     except (ConfigError, OSError) as e:

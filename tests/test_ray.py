@@ -281,3 +281,13 @@ def test_serve_queue_full_429_queue_timeout_and_cancel(server, reference):
     assert time.time() - t0 < 60  # the long job's steps left alone would take hours
     status, gone, _ = http("DELETE", f"{server}/v1/videos/{short['id']}")
     assert status == 200 and gone["deleted"] and http("GET", f"{server}/v1/videos/{short['id']}")[0] == 404
+
+
+def test_batch_item_timeout_restarts_the_actor_and_reports(cluster, reference, tmp_path):
+    suite = write_jsonl(tmp_path / "suite.jsonl", [{"prompt": RED, "steps": 100000}, {"prompt": RED, "steps": 2}])
+    t0 = time.time()
+    c = run_batch(suite, BatchConfig(str(tmp_path / "out"), retries=0, item_timeout_s=3, progress=False))
+    recs = {r["item"]: r for r in records(tmp_path / "out")}
+    assert c == {"done": 1, "skipped": 0, "failed": 1, "invalid": 0} and time.time() - t0 < 90  # not hours
+    assert "ran over --item-timeout 3 s" in recs[1]["error"]
+    assert recs[2]["sha256"] == reference(prompt=RED, seed=2, num_inference_steps=2)
