@@ -231,6 +231,22 @@ def plan(items: list[Item], folder: Path, results: Results) -> tuple[list[Item],
     return todo, keep
 
 
+def connect(address: str | None, log_to_driver: bool = True) -> None:
+    """Join `address` (auto, HOST:PORT or ray://...) or, when None and no session is open, start a local Ray.
+    An unreachable HOST:PORT fails in seconds with the fix, not after Ray's minutes of retries."""
+    import ray
+    if ray.is_initialized() and not address:
+        return
+    if address and address != "auto" and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"no Ray cluster answers at --address {address} ({e}); start one with `ray start "
+                              "--head` or give its GCS address (HOST:6379), or use --address auto") from None
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=log_to_driver)
+
+
 def run_batch(prompts: str | Path, cfg: BatchConfig, on_record=None) -> dict:
     """Run every item not already done in cfg.out; returns counts {done, skipped, failed, invalid}.
     `on_record(record)` sees each new record (tests, dashboards)."""
@@ -241,7 +257,7 @@ def run_batch(prompts: str | Path, cfg: BatchConfig, on_record=None) -> dict:
     items = read_items(prompts, cfg.seed)
     folder = Path(cfg.out)
     folder.mkdir(parents=True, exist_ok=True)
-    lock, results = _lock(folder), Results(folder)
+    lock, results, bar = _lock(folder), Results(folder), None
     try:
         todo, keep = plan(items, folder, results)
         results.rewrite(keep)
@@ -262,13 +278,12 @@ def run_batch(prompts: str | Path, cfg: BatchConfig, on_record=None) -> dict:
             record(it, "invalid", error=it.error, attempts=0)
         todo = [i for i in todo if not i.error]
         if todo:
-            if not ray.is_initialized() or cfg.address:
-                ray.init(address=cfg.address, ignore_reinit_error=True, include_dashboard=False,
-                         log_to_driver=False)
+            connect(cfg.address, log_to_driver=False)  # worker logs would break the progress bar
             _drive(todo, cfg, record)
-        bar.close()
         return counts
     finally:
+        if bar is not None:
+            bar.close()
         lock.close()
 
 
@@ -380,6 +395,9 @@ def batch_command(prompts, out, model, bundle, backend, precision, replicas, gpu
         c = run_batch(prompts, cfg)
     except (ConfigError, OSError) as e:
         raise click.ClickException(str(e)) from e
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished items are in {out}; run the same command again to resume", err=True)
+        raise SystemExit(130) from None
     click.echo(f"{out}: {c['done']} done, {c['skipped']} already done, {c['failed']} failed, {c['invalid']} invalid "
                f"(see {Path(out) / 'results.jsonl'})")
     if c["failed"] or c["invalid"]:

@@ -42,12 +42,12 @@ def app(cfg: ServeConfig):
 
 def start(cfg: ServeConfig) -> str:
     """Deploy on Ray (starting a local cluster if none is connected); returns the base URL."""
-    import ray
     from ray import serve
+
+    from vidrt.app.batch import connect
     if cfg.replicas < 1 or cfg.max_queued < 0 or cfg.ttl_s <= 0 or cfg.queue_timeout_s <= 0:
         raise ValueError(f"replicas >= 1, max_queued >= 0, ttl_s and queue_timeout_s > 0; got {cfg}")
-    if not ray.is_initialized() or cfg.address:
-        ray.init(address=cfg.address, ignore_reinit_error=True, include_dashboard=False)
+    connect(cfg.address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app(cfg), name=cfg.name, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}"
@@ -80,7 +80,7 @@ def serve_command(model, bundle, backend, precision, replicas, gpus_per_replica,
     from ray import serve
     try:
         url = start(cfg)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # ConfigError is a ValueError
         raise click.ClickException(str(e)) from e
     click.echo(f"serving {cfg.model_name} on {url}/v1/videos with {replicas} replica(s); Ctrl-C stops")
 

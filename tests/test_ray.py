@@ -70,6 +70,8 @@ def test_batch_reads_txt_and_allows_one_driver_per_folder(tmp_path):
     with pytest.raises(ConfigError, match="another vidrt batch is writing"):
         run_batch(tmp_path / "p.txt", BatchConfig(str(tmp_path), progress=False))
     held.close()
+    with pytest.raises(ConfigError, match="no Ray cluster answers at --address 127.0.0.1:1"):
+        run_batch(tmp_path / "p.txt", BatchConfig(str(tmp_path), address="127.0.0.1:1", progress=False))
 
 
 def test_batch_matches_in_process_and_reports_invalid(cluster, reference, tmp_path):
