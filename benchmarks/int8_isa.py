@@ -3,7 +3,9 @@ this CPU, and the instruction count of the AVX2 code path. Writes a markdown tab
 
     python -m vidrt.benchmarks.int8_isa --bundle bundles/small --calib cal_small --out int8_isa_small.md
 
-Rows: the runtime's choice (exact int8 where the default kernels saturate) and onnxruntime's default kernels.
+Rows: the runtime's choice (exact int8 where the default kernels saturate) and onnxruntime's default kernels; with
+--weights7, the alternative fix too: a CPU flavour of the graph with 7-bit weights (|w| <= 63, so u8 x s8 pair sums
+fit int16) on the default kernels, quantized from the same calibration set.
 Quality: the quality report of the export (video PSNR/SSIM against fp32 with the same seed, per-step error) with the
 int8 DiT run here and under valgrind's AVX2 CPU (isa_emulate.py, ~15 s per small step). Speed: round-robin medians
 on this CPU. Instructions: `valgrind --tool=callgrind`, one thread, per DiT step (difference of runs with 1+k and 1
@@ -53,6 +55,18 @@ def instructions(path: Path, exact: bool | None, calib: str, k: int = 2) -> int:
     return (run(1 + k) - run(1)) // k
 
 
+def _weights7(fp32: Path, calib: str, cfg, recipe: dict, out: Path) -> None:
+    """The bundle's int8 recipe with 7-bit weights, from the same calibration feeds as export-engines uses."""
+    import onnx
+
+    from vidrt.calibration import quantize as Q
+    from vidrt.calibration.capture import load_set
+    cal, _ = Q.split_samples(load_set(calib, cfg)["dit"])
+    rec = Q.QuantRecipe(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()},
+                           "weight_qmax": 63})
+    onnx.save_model(Q.quantize(fp32, Q.collect(fp32, cal, rec), rec), str(out))
+
+
 def _child(path: str, exact: str, calib: str, n: str) -> None:
     """Open the session like the runtime does (one thread) and run the DiT n times."""
     from safetensors.numpy import load_file
@@ -73,7 +87,10 @@ def _child(path: str, exact: str, calib: str, n: str) -> None:
 @click.option("--reps", type=int, default=30, show_default=True)
 @click.option("--no-emulation", is_flag=True, help="Skip the emulated AVX2 quality rows (slow)")
 @click.option("--no-instructions", is_flag=True, help="Skip the callgrind instruction counts (slow)")
-def main(bundle, calib, out, reps, no_emulation, no_instructions):
+@click.option("--emulated-prompts", type=int, default=0,
+              help="Emulated rows on the first N quality prompts only (0 = all; valgrind is ~200x slower)")
+@click.option("--weights7", is_flag=True, help="Also measure a 7-bit-weight int8 graph (the other possible fix)")
+def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_prompts, weights7):
     from vidrt.benchmarks.isa_emulate import EmulatedOrtPart
     from vidrt.calibration.report import quality_report
     from vidrt.export.bundle import load_manifest
@@ -89,26 +106,38 @@ def main(bundle, calib, out, reps, no_emulation, no_instructions):
     kw = {"num_frames": f, "height": h, "width": w, "faithfulness": pipe.cfg.name == "tiny"}
     rows = []
 
-    def quality(where: str, mode: str, part) -> None:
+    def quality(where: str, mode: str, part, **extra) -> None:
         t = time.time()
-        q = quality_report(pipe, part, **kw)
+        q = quality_report(pipe, part, **{**kw, **extra})
         fa = q.get("faithfulness", {}).get("quantized")
+        where += f", {len(q['videos'])} videos" if extra else ""
         rows.append([where, mode, q["psnr_mean"], q["psnr_min"], q["ssim_mean"], q["step_rel_l2_max"],
                      f"{100 * fa['color']:.1f}% / {100 * fa['direction']:.1f}%" if fa else "-"])
         print(rows[-1], f"{time.time() - t:.0f} s", flush=True)
 
-    for mode in ("runtime (auto)", "default kernels (u8s8)"):
-        quality(f"this CPU ({here['isa']})", mode, OrtPart("dit", int8, exact_int8=MODES[mode]))
+    graphs = {"runtime (auto)": (int8, None), "default kernels (u8s8)": (int8, False)}
+    if weights7:
+        w7 = Path(out or "int8_isa.md").with_suffix(".w7.onnx")
+        _weights7(fp32, calib, pipe.cfg, man["validation"]["dit.int8"]["recipe"], w7)
+        graphs["7-bit weights, default kernels"] = (w7, False)
+    for mode, (g, e) in graphs.items():
+        quality(f"this CPU ({here['isa']})", mode, OrtPart("dit", g, exact_int8=e))
+    few = {}
+    if emulated_prompts:
+        from vidrt.models.synthetic import split_scenes
+        few = {"prompts": [s.prompt for s in split_scenes()[1]][::4][:emulated_prompts], "faithfulness": False}
     if not no_emulation:
-        for mode in ("runtime (auto)", "default kernels (u8s8)"):
-            part = EmulatedOrtPart("dit", int8, exact_int8=MODES[mode])
-            quality("emulated AVX2 (valgrind)", mode, part)
+        for mode, (g, e) in graphs.items():
+            part = EmulatedOrtPart("dit", g, exact_int8=e)
+            quality("emulated AVX2 (valgrind)", mode, part, **few)
             part.close()
     feed = _feed(calib, pipe.cfg)
-    ms = step_ms({"fp32": (fp32, None), **{f"int8 {m}": (int8, e) for m, e in MODES.items()}}, feed, reps)
-    counts = {} if no_instructions else {n: instructions(p, e, calib) for n, (p, e) in
-                                         {"fp32": (fp32, None), "int8 exact int8 (u8u8)": (int8, True),
-                                          "int8 default kernels (u8s8)": (int8, False)}.items()}
+    timed = {"fp32": (fp32, None), **{f"int8 {m}": (int8, e) for m, e in MODES.items()}}
+    if weights7:
+        timed["int8 7-bit weights"] = (w7, False)
+    ms = step_ms(timed, feed, reps)
+    counts = {} if no_instructions else {n: instructions(p, e, calib) for n, (p, e) in timed.items()
+                                         if n != "int8 runtime (auto)"}
     lines = [f"Model `{man['model']['name']}`, video {f}x{h}x{w}; this CPU: {here['isa']}, int8 kernels "
              f"{here['int8_kernels']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| where | int8 kernels | video PSNR dB (mean / min) | SSIM | step rel L2 (worst step) | faithfulness "

@@ -6,6 +6,7 @@ PSNR/SSIM vs fp32 (same seeds), onnxruntime CPU time of the DiT step. Writes a m
 """
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -72,6 +73,7 @@ def main(model, calib, out, steps, extra, reps, quick):
     from vidrt.export import onnx_export as ox
     from vidrt.runtime.backends import OrtPart
     from vidrt.runtime.pipeline import Pipeline
+    from vidrt.runtime.ort import cpu_int8, ort_session
 
     pipe = Pipeline(model)
     cal, val = Q.split_samples(load_set(calib, pipe.cfg)["dit"], n_val=20)
@@ -108,7 +110,7 @@ def main(model, calib, out, steps, extra, reps, quick):
             trt = "yes"
         except ValueError as e:
             trt = f"no ({str(e).splitlines()[1].strip()[:60]}...)"
-        sess = ox.ort_session(path, basic_opt=basic)
+        sess = ort_session(path, basic_opt=basic)
         errs = [ox.compare(r, sess.run(None, f)[0], "") for r, f in zip(refs, val)]
         q = (quality_report(pipe, OrtPart("dit", path, basic_opt=basic), **kw) if name != "fp32" else None)
         rows.append([name, float(np.mean([e.rel_l2 for e in errs])), float(np.min([e.cosine for e in errs])),
@@ -119,7 +121,11 @@ def main(model, calib, out, steps, extra, reps, quick):
     for row in rows:
         row[6] = ms[row[0]]
     base = rows[0][6]
-    lines = [f"| graph | step rel L2 (mean, {len(val)} held-out inputs) | min cosine | video PSNR dB (mean / min) "
+    cpu = cpu_int8()
+    lines = [f"Model `{model}`; onnxruntime CPU on {cpu['isa']} (int8 kernels {cpu['int8_kernels']}, session options "
+             f"{cpu['session_options'] or 'default'}); load {os.getloadavg()[0]:.2f}; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             f"| graph | step rel L2 (mean, {len(val)} held-out inputs) | min cosine | video PSNR dB (mean / min) "
              f"| SSIM | ORT CPU ms/step | speed vs fp32 | TensorRT Q/DQ rules |", "|---" * 8 + "|"]
     for n, rl2, cos, pm, pmin, ss, ms, trt in rows:
         lines.append(f"| {n} | {rl2:.4f} | {cos:.5f} | {pm:.1f} / {pmin:.1f} | {ss:.4f} | {ms:.1f} | "
