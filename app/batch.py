@@ -113,6 +113,7 @@ class Worker:
 
     def __init__(self, engine: Engine):
         self.pipe, self.where = engine.load(), f"{socket.gethostname()}:{os.getpid()}"
+        self.pipe.text_encoder  # loaded now, not inside the first item's time (and its --item-timeout)
         self.state = {"worker": self.where, "item": None, "step": 0, "of": 0}
 
     def status(self) -> dict:

@@ -21,6 +21,7 @@ class ServeConfig:
     max_queued: int = 16  # jobs waiting for a replica; one more is refused with 429
     ttl_s: float = 3600.0  # a finished video is kept this long
     queue_timeout_s: float = 600.0
+    retries: int = 2  # extra attempts for a job whose replica died
     host: str = "127.0.0.1"
     port: int = 8000
     address: str | None = None  # Ray cluster; None: the current session, else a new local one
@@ -37,7 +38,7 @@ def app(cfg: ServeConfig):
     e = cfg.engine
     gen = Generator.options(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": e.cpus, "num_gpus": e.gpus},
                             max_queued_requests=cfg.max_queued + cfg.replicas).bind(e)
-    return Api.bind(gen, e, cfg.model_name, cfg.max_queued, cfg.ttl_s, cfg.queue_timeout_s)
+    return Api.bind(gen, e, cfg.model_name, cfg.max_queued, cfg.ttl_s, cfg.queue_timeout_s, cfg.retries)
 
 
 def start(cfg: ServeConfig) -> str:
@@ -45,8 +46,8 @@ def start(cfg: ServeConfig) -> str:
     from ray import serve
 
     from vidrt.app.batch import connect
-    if cfg.replicas < 1 or cfg.max_queued < 0 or cfg.ttl_s <= 0 or cfg.queue_timeout_s <= 0:
-        raise ValueError(f"replicas >= 1, max_queued >= 0, ttl_s and queue_timeout_s > 0; got {cfg}")
+    if cfg.replicas < 1 or cfg.max_queued < 0 or cfg.ttl_s <= 0 or cfg.queue_timeout_s <= 0 or cfg.retries < 0:
+        raise ValueError(f"replicas >= 1, max_queued >= 0, retries >= 0, ttl_s and queue_timeout_s > 0; got {cfg}")
     connect(cfg.address)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app(cfg), name=cfg.name, route_prefix="/")
@@ -63,6 +64,8 @@ def start(cfg: ServeConfig) -> str:
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True)
 @click.option("--cpus-per-replica", type=click.FloatRange(min=0.5), default=1, show_default=True)
 @click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Extra attempts for a job whose replica died")
 @click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to listen on every interface")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-queued", type=click.IntRange(min=0), default=16, show_default=True,
@@ -71,12 +74,12 @@ def start(cfg: ServeConfig) -> str:
               help="Seconds a finished video is kept")
 @click.option("--queue-timeout", "queue_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600,
               show_default=True, help="Seconds a job may wait for a replica before it expires")
-def serve_command(model, bundle, backend, precision, replicas, gpus_per_replica, cpus_per_replica, address, host,
-                  port, max_queued, ttl_s, queue_timeout_s):
+def serve_command(model, bundle, backend, precision, replicas, gpus_per_replica, cpus_per_replica, address, retries,
+                  host, port, max_queued, ttl_s, queue_timeout_s):
     """Serve an OpenAI-style video API (POST/GET/DELETE /v1/videos, GET /v1/videos/ID/content) on Ray Serve
     until Ctrl-C."""
     cfg = ServeConfig(Engine(model, bundle, backend, precision, gpus_per_replica, cpus_per_replica), replicas,
-                      max_queued, ttl_s, queue_timeout_s, host, port, address)
+                      max_queued, ttl_s, queue_timeout_s, retries, host, port, address)
     from ray import serve
     try:
         url = start(cfg)

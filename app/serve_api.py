@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from ray import serve
+from ray.exceptions import RayActorError
 
 from vidrt.app.batch import Engine, Worker
 from vidrt.models.config import ConfigError
@@ -71,6 +72,9 @@ class Job:
     params: dict
     created_at: float = field(default_factory=time.time)
     status: str = "queued"  # queued, in_progress, completed, failed, cancelled, expired
+    queued_at: float = field(default_factory=time.time)  # again when a dead replica's job is queued again
+    attempts: int = 0
+    worker: str | None = None  # host:pid of the replica running it
     progress: int = 0
     started_at: float | None = None
     completed_at: float | None = None
@@ -85,7 +89,8 @@ class Job:
                 "created_at": int(self.created_at), "completed_at": self.completed_at and int(self.completed_at),
                 "expires_at": self.expires_at and int(self.expires_at), "prompt": p["prompt"], "seed": p["seed"],
                 "size": f"{p['width']}x{p['height']}", "num_frames": p["num_frames"], "error": self.error,
-                "sha256": r.get("sha256"), "worker": r.get("worker"), "timings": r.get("timings")}
+                "sha256": r.get("sha256"), "worker": self.worker, "attempts": self.attempts,
+                "timings": r.get("timings")}
 
 
 def error(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None):
@@ -107,20 +112,20 @@ async def _invalid(_req: Request, exc: RequestValidationError):
 @serve.ingress(api)
 class Api:
     def __init__(self, generator, engine: Engine, model_name: str, max_queued: int, ttl_s: float,
-                 queue_timeout_s: float):
+                 queue_timeout_s: float, retries: int):
         # Requests are validated here, before queueing, on a CPU copy of the engine (the replica checks again)
         pipe = Engine(engine.model, engine.bundle, "onnxruntime", engine.precision).load()
         self.check, self.fps = pipe.request, pipe.cfg.sample.fps
         self.generator, self.model = generator.options(method_name="generate", stream=True), model_name
         self.max_queued, self.ttl_s, self.queue_timeout_s = max_queued, ttl_s, queue_timeout_s
-        self.jobs, self.sweeper = {}, None
+        self.jobs, self.sweeper, self.retries = {}, None, retries
 
     def _sweep(self) -> None:
         """Expiry: a job queued past queue_timeout_s is cancelled; a finished job's video is dropped at expires_at,
         and the job itself ttl_s later."""
         now = time.time()
         for j in list(self.jobs.values()):
-            if j.status == "queued" and now - j.created_at > self.queue_timeout_s:
+            if j.status == "queued" and now - j.queued_at > self.queue_timeout_s:
                 self._stop(j, "expired", {"code": "queue_timeout", "message": f"not started within "
                                           f"{self.queue_timeout_s:g} s; retry later or raise --queue-timeout"})
             elif j.expires_at and now > j.expires_at and j.status != "expired":
@@ -143,13 +148,21 @@ class Api:
         self._finish(j, status, err)
 
     async def _run(self, j: Job) -> None:
+        """Stream the job's events; a replica that dies mid-job (Serve replaces it) costs an attempt, and the job
+        goes back to the queue up to `retries` times."""
+        while await self._attempt(j) and j.attempts <= self.retries:
+            j.status, j.progress, j.queued_at = "queued", 0, time.time()
+
+    async def _attempt(self, j: Job) -> bool:
+        """One try; True when the replica died and the job may run again."""
+        j.attempts += 1
         j.call = self.generator.remote(j.params)
         try:
             async for ev in j.call:
                 if j.status not in ("queued", "in_progress"):
                     break  # cancelled or expired meanwhile
                 if ev["type"] == "started":
-                    j.status, j.started_at = "in_progress", time.time()
+                    j.status, j.started_at, j.worker = "in_progress", time.time(), ev["worker"]
                 elif ev["type"] == "progress":
                     j.progress = int(100 * ev["step"] / ev["of"])
                 elif ev["status"] == "done":
@@ -160,8 +173,14 @@ class Api:
                     self._finish(j, "cancelled" if ev["status"] == "cancelled" else "failed",
                                  {"code": code, "message": ev["error"]})
         except Exception as e:  # cancelled by us, or the replica died: the job says which
-            if j.status in ("queued", "in_progress"):
-                self._finish(j, "failed", {"code": "worker_error", "message": f"{type(e).__name__}: {e}"[:500]})
+            if j.status not in ("queued", "in_progress"):
+                return False
+            died = isinstance(e, RayActorError)
+            if died and j.attempts <= self.retries:
+                return True
+            self._finish(j, "failed", {"code": "worker_died" if died else "worker_error",
+                                       "message": f"attempt {j.attempts}: {type(e).__name__}: {e}"[:500]})
+        return False
 
     def _job(self, video_id: str) -> Job | JSONResponse:
         self._sweep()
