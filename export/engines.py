@@ -2,24 +2,19 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 
 import click
-import torch
-from torch import nn
-from tqdm import tqdm
 
-from vidrt.models.checkpoint import load_model, resolve_model
+# torch, onnx and the model code are imported by the functions that use them: `export-engines --help` answers at once
 from vidrt.models.config import ConfigError, ModelConfig, check_memory
-
-from . import onnx_export as ox
-from vidrt.runtime.ort import cpu_int8
 
 from .bundle import BundleError, BundleWriter, check_out, load_manifest
 from .tensorrt import Bucket, build_engine, build_notes, profiles_for, trt_unavailable_reason
 
-FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
 QUANT = ("int8", "fp8")
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2,  # rel L2 vs the fp32 PyTorch part
              "int8": 0.15, "fp8": 0.25}  # quantized: on held-out captured inputs (tiny measures 0.07 / 0.14)
@@ -30,20 +25,26 @@ class ExportError(RuntimeError):
     pass
 
 
-class _Cast(nn.Module):
-    """Runs `module` in `dtype` with float32 inputs/outputs, so the ONNX graph is typed in `dtype` inside (what a
-    strongly typed TensorRT network builds in) while callers always feed and read float32."""
+@functools.cache
+def _cast_class():
+    from torch import nn
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module, self.dtype = module.to(dtype), dtype
+    class _Cast(nn.Module):
+        """Runs `module` in `dtype` with float32 inputs/outputs, so the ONNX graph is typed in `dtype` inside (what a
+        strongly typed TensorRT network builds in) while callers always feed and read float32."""
 
-    def forward(self, *args):
-        return self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args)).float()
+        def __init__(self, module: nn.Module, dtype):
+            super().__init__()
+            self.module, self.dtype = module.to(dtype), dtype
+
+        def forward(self, *args):
+            return self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args)).float()
+    return _Cast
 
 
 def _cases(part: str, cfg: ModelConfig, buckets: list[Bucket], tokenize, tile: int) -> list[dict]:
     """Validation inputs: every bucket at batch 1 and 2 (DiT, text) or at the shortest and longest tile (VAE)."""
+    from . import onnx_export as ox
     cases = []
     for i, b in enumerate(buckets):
         _, t, h, w = cfg.latent_shape(b.frames, b.height, b.width)
@@ -67,6 +68,8 @@ def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
+
+    from . import onnx_export as ox
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
     runners = [OnnxrtRunner(lambda: ox.ort_session(path), name="ort-all"),
@@ -79,12 +82,20 @@ def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
 
 def export_engines(model: str, out: str | Path, precisions: list[str], buckets: list[Bucket], tile: int = 4,
                    max_batch: int = 2, build: bool = True, overwrite: bool = False, opt_level: int = 3,
-                   external_threshold: int = ox.EXTERNAL_DATA_THRESHOLD, progress: bool = True,
+                   external_threshold: int | None = None, progress: bool = True,
                    parts: tuple[str, ...] = PARTS, calib: str | Path | None = None, recipe=None,
                    quality: bool = True) -> dict:
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
     is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
-    (recipe: calibration.quantize.QuantRecipe fields; the VAE decoder and text encoder stay float)."""
+    (recipe: calibration.quantize.QuantRecipe fields; the VAE decoder and text encoder stay float).
+    external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's)."""
+    import torch
+    from tqdm import tqdm
+
+    from vidrt.models.checkpoint import load_model
+
+    from . import onnx_export as ox
+    external_threshold = ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     bad = [p for p in precisions if p not in FLOAT and p not in QUANT]
     if bad or not precisions:
         raise ConfigError(f"unknown precision {', '.join(bad) or '(none)'}; choose from fp32,fp16,bf16,int8,fp8")
@@ -144,7 +155,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason,
                                                  out, opt_level, t0)
                 continue
-            m = ref if prec == "fp32" else _Cast(copy.deepcopy(ref), FLOAT[prec])
+            m = ref if prec == "fp32" else _cast_class()(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
             cases = _cases(part, cfg, buckets, te.tokenize if te else None, tile)
             # trace with the largest validation input; the axes are dynamic, so any in-range shape serves
             path = ox.export_onnx(m, cases[-1], ox.IO[part], w.dir / f"{name}.onnx", external_threshold)
@@ -191,11 +202,15 @@ def _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out,
     return entry
 
 
-def _calibrate_dit(d: Path, dit: nn.Module, model: str, calib_set: dict, recipe: dict, quality: bool) -> tuple:
+def _calibrate_dit(d: Path, dit, model: str, calib_set: dict, recipe: dict, quality: bool) -> tuple:
     """Once per bundle: the fp32 DiT graph (the fp32 job's file if it ran first), the activation statistics of the
     calibration feeds (recipe-independent: every candidate layer is observed), the held-out feeds, and the fp32
     reference Pipeline of the quality report (None without it)."""
+    import torch
+
     from vidrt.calibration import quantize as Q
+
+    from . import onnx_export as ox
     cal, val = Q.split_samples(calib_set["dit"])
     fp32 = d / "dit.fp32.onnx"
     if not fp32.exists():
@@ -208,13 +223,18 @@ def _calibrate_dit(d: Path, dit: nn.Module, model: str, calib_set: dict, recipe:
     return fp32, stats, val, ref_pipe
 
 
-def _quantized_dit(calibrated: tuple, cfg: ModelConfig, dit: nn.Module, calib_set: dict, prec: str,
+def _quantized_dit(calibrated: tuple, cfg: ModelConfig, dit, calib_set: dict, prec: str,
                    recipe: dict) -> tuple[Path, dict, dict | None]:
     """Quantize the fp32 DiT graph; check TensorRT's Q/DQ rules; parity on held-out captured inputs; the quality
     report (per-step error, video PSNR/SSIM, faithfulness on tiny). Returns (path, validation, quality)."""
     import onnx
+    import torch
+
     from vidrt.calibration import quantize as Q
     from vidrt.calibration.qdq_check import check_tensorrt_qdq
+    from vidrt.runtime.ort import cpu_int8
+
+    from . import onnx_export as ox
     fp32, stats, val, ref_pipe = calibrated
     rec = Q.QuantRecipe(precision=prec, **recipe)
     model_q = Q.quantize(fp32, stats, rec)
@@ -293,6 +313,7 @@ def summary_table(manifest: dict) -> str:
 def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
          smoothquant, quantize_all, no_quality):
     """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
+    from vidrt.models.checkpoint import resolve_model
     try:
         cfg = resolve_model(model)[0]
         s = cfg.sample

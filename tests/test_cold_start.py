@@ -80,7 +80,7 @@ def test_encoder_imports_no_transformers():
     assert "transformers" not in mods and "torch" in mods
 
 
-@pytest.mark.parametrize("module", ["vidrt.app.cli"])
+@pytest.mark.parametrize("module", ["vidrt.app.cli", "vidrt.export.engines"])
 def test_help_imports_no_torch(module):
     mods = _modules_after(f"from {module} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
     assert "click" in mods
