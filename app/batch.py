@@ -3,7 +3,6 @@ atomically) and results.jsonl (one record per item). A re-run skips items whose 
 redoes the rest; an item whose actor died is retried on the next free actor, `retries` times, then reported failed."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +16,8 @@ from pathlib import Path
 import click
 
 from vidrt.models.config import ConfigError
+
+from .batch_files import Results, _lock, sha256, write_atomic  # noqa: F401  (sha256, _lock: tests use them here)
 
 # .jsonl keys -> Pipeline keyword arguments (the CLI's option names, so a suite line reads like a command line)
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "frames": "num_frames",
@@ -100,14 +101,6 @@ def read_items(path: str | Path, seed: int = 0) -> list[Item]:
     return items
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Worker:
     """One Pipeline, loaded once. `run` returns the encoded mp4 bytes, so nodes need no shared file system."""
 
@@ -155,65 +148,6 @@ class Worker:
     def _step(self, step: int, of: int, _latents) -> bool | None:
         self.state.update(step=step, of=of)
         return self.callback(step, of) if self.callback else None
-
-
-class Results:
-    """results.jsonl: records are appended and fsynced as items finish; a load keeps the last valid record of each
-    item (a line cut by a kill is dropped) and rewrites the file atomically, so records never repeat."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / "results.jsonl"
-
-    def load(self) -> dict[str, dict]:
-        recs = {}
-        if self.path.exists():
-            for s in self.path.read_text().splitlines():
-                try:
-                    r = json.loads(s)
-                    recs[r["key"]] = r
-                except (ValueError, KeyError, TypeError):
-                    continue
-        return recs
-
-    def rewrite(self, recs: list[dict]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".partial", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are as readable as the videos
-        os.replace(tmp, self.path)
-
-    def append(self, rec: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _lock(folder: Path):
-    """One driver per DIR; the kernel drops the lock when the driver dies, even by SIGKILL."""
-    f = open(folder / ".vidrt-batch.lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError(f"another vidrt batch is writing {folder}; wait for it or choose another --out") from None
-    return f
 
 
 def plan(items: list[Item], folder: Path, results: Results) -> tuple[list[Item], list[dict]]:

@@ -74,6 +74,18 @@ def test_batch_reads_txt_and_allows_one_driver_per_folder(tmp_path):
         run_batch(tmp_path / "p.txt", BatchConfig(str(tmp_path), address="127.0.0.1:1", progress=False))
 
 
+def test_batch_cli_exits_1_when_items_are_invalid(tmp_path):
+    from click.testing import CliRunner
+
+    from vidrt.app.cli import main
+    suite = write_jsonl(tmp_path / "s.jsonl", ["[1, 2]", {"steps": 2}])
+    r = CliRunner().invoke(main, ["batch", str(suite), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "0 done, 0 already done, 0 failed, 2 invalid" in r.output
+    assert [x["error"] for x in records(tmp_path / "out")] == [
+        "line 1 is not JSON: expected a JSON object, got list",
+        "line 2: no 'prompt'; keys are prompt, negative_prompt, seed, frames, height, width, steps, guidance"]
+
+
 def test_batch_matches_in_process_and_reports_invalid(cluster, reference, tmp_path):
     rows = [{"prompt": RED, "seed": 5, "steps": 2},
             "not json {",
