@@ -190,6 +190,7 @@ class Api:
         return j if j else error(404, f"no video {video_id!r} (unknown, deleted or expired long ago)", "not_found",
                                  "video_id")
 
+    @api.get("/healthz")  # the name; /health kept for clients that probe that one
     @api.get("/health")
     def health(self):
         return {"status": "ok"}

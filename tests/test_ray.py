@@ -233,6 +233,7 @@ def wait_for(url: str, done, limit_s: float = 90) -> dict:
 
 def test_serve_generates_the_in_process_video_then_expires(server, reference):
     assert http("GET", f"{server}/v1/models")[1]["data"][0]["id"] == "tiny"
+    assert http("GET", f"{server}/healthz")[1] == {"status": "ok"}
     status, v, _ = http("POST", f"{server}/v1/videos", {"prompt": RED, "seed": 4, "num_inference_steps": 3,
                                                          "size": "32x32", "seconds": 1})
     assert status == 200 and v["status"] == "queued" and v["object"] == "video" and v["num_frames"] == 9
