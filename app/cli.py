@@ -40,6 +40,9 @@ def main():
 def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
     """Generate a video from PROMPT (default: the embedded tiny model). An existing -o is replaced only with
     --overwrite, atomically (temporary file + rename: a killed run leaves the old file intact)."""
+    # Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a busy machine the spinning thread
+    # steals the core its partner needs, and the tiny default took 5-20 s instead of 0.4 s (benchmarks/COLD_START.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from vidrt.models.config import memory_limit
     from vidrt.runtime.pipeline import Pipeline
     from vidrt.runtime.video import check_output

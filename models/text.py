@@ -135,8 +135,10 @@ class _Bert(nn.Module):
     def __init__(self, hf: dict):
         super().__init__()
         d, eps = hf["hidden_size"], hf.get("layer_norm_eps", 1e-12)
-        self.word, self.pos = nn.Embedding(hf["vocab_size"], d), nn.Embedding(hf["max_position_embeddings"], d)
-        self.types, self.ln = nn.Embedding(hf.get("type_vocab_size", 2), d), nn.LayerNorm(d, eps=eps)
+        # the tables are loaded right after: uninitialised (_weight) spares ~60 ms of random init of 12M floats
+        table = lambda n: nn.Embedding(n, d, _weight=torch.empty(n, d))  # noqa: E731
+        self.word, self.pos = table(hf["vocab_size"]), table(hf["max_position_embeddings"])
+        self.types, self.ln = table(hf.get("type_vocab_size", 2)), nn.LayerNorm(d, eps=eps)
         self.layers = nn.ModuleList(_Layer(d, hf["intermediate_size"], hf["num_attention_heads"], eps)
                                     for _ in range(hf["num_hidden_layers"]))
 
