@@ -13,6 +13,7 @@ steps), which is what the AVX2 kernels execute; it is a proxy for time, not a ti
 """
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -84,13 +85,16 @@ def _child(path: str, exact: str, calib: str, n: str) -> None:
               help="export-engines bundle with dit.fp32 and dit.int8")
 @click.option("--calib", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False))
-@click.option("--reps", type=int, default=30, show_default=True)
+@click.option("--reps", type=int, default=30, show_default=True, help="Timed runs per graph (0: no timing)")
 @click.option("--no-emulation", is_flag=True, help="Skip the emulated AVX2 quality rows (slow)")
 @click.option("--no-instructions", is_flag=True, help="Skip the callgrind instruction counts (slow)")
 @click.option("--emulated-prompts", type=int, default=0,
               help="Emulated rows on the first N quality prompts only (0 = all; valgrind is ~200x slower)")
+@click.option("--here/--no-here", default=True, help="Quality rows on this CPU")
+@click.option("--emulate", default="auto,default,w7", show_default=True,
+              help="Emulated AVX2 quality rows: a comma list of auto, default, w7 (empty: none)")
 @click.option("--weights7", is_flag=True, help="Also measure a 7-bit-weight int8 graph (the other possible fix)")
-def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_prompts, weights7):
+def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_prompts, here, emulate, weights7):
     from vidrt.benchmarks.isa_emulate import EmulatedOrtPart
     from vidrt.calibration.report import quality_report
     from vidrt.export.bundle import load_manifest
@@ -102,7 +106,7 @@ def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_promp
     pipe = Pipeline(man["model_source"])
     f, h, w = man["calibration"]["video_shape"]
     int8, fp32 = root / "dit.int8.onnx", root / "dit.fp32.onnx"
-    here = cpu_int8()
+    cpu = cpu_int8()
     kw = {"num_frames": f, "height": h, "width": w, "faithfulness": pipe.cfg.name == "tiny"}
     rows = []
 
@@ -120,14 +124,15 @@ def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_promp
         w7 = Path(out or "int8_isa.md").with_suffix(".w7.onnx")
         _weights7(fp32, calib, pipe.cfg, man["validation"]["dit.int8"]["recipe"], w7)
         graphs["7-bit weights, default kernels"] = (w7, False)
-    for mode, (g, e) in graphs.items():
-        quality(f"this CPU ({here['isa']})", mode, OrtPart("dit", g, exact_int8=e))
+    for mode, (g, e) in graphs.items() if here else ():
+        quality(f"this CPU ({cpu['isa']})", mode, OrtPart("dit", g, exact_int8=e))
     few = {}
     if emulated_prompts:
         from vidrt.models.synthetic import split_scenes
         few = {"prompts": [s.prompt for s in split_scenes()[1]][::4][:emulated_prompts], "faithfulness": False}
+    short = dict(zip(graphs, ("auto", "default", "w7")))
     if not no_emulation:
-        for mode, (g, e) in graphs.items():
+        for mode, (g, e) in ((m, v) for m, v in graphs.items() if short[m] in emulate.split(",")):
             part = EmulatedOrtPart("dit", g, exact_int8=e)
             quality("emulated AVX2 (valgrind)", mode, part, **few)
             part.close()
@@ -135,15 +140,17 @@ def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_promp
     timed = {"fp32": (fp32, None), **{f"int8 {m}": (int8, e) for m, e in MODES.items()}}
     if weights7:
         timed["int8 7-bit weights"] = (w7, False)
-    ms = step_ms(timed, feed, reps)
+    ms = step_ms(timed, feed, reps) if reps else {n: float("nan") for n in timed}  # --reps 0: no timing
     counts = {} if no_instructions else {n: instructions(p, e, calib) for n, (p, e) in timed.items()
                                          if n != "int8 runtime (auto)"}
-    lines = [f"Model `{man['model']['name']}`, video {f}x{h}x{w}; this CPU: {here['isa']}, int8 kernels "
-             f"{here['int8_kernels']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+    lines = [f"Model `{man['model']['name']}`, video {f}x{h}x{w}; this CPU: {cpu['isa']}, int8 kernels "
+             f"{cpu['int8_kernels']}; load {os.getloadavg()[0]:.1f}; "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             "",
              "| where | int8 kernels | video PSNR dB (mean / min) | SSIM | step rel L2 (worst step) | faithfulness "
              "colour / direction |", "|---" * 6 + "|"]
     lines += [f"| {a} | {b} | {c:.1f} / {d:.1f} | {e:.4f} | {g:.4f} | {fa} |" for a, b, c, d, e, g, fa in rows]
-    lines += ["", f"| DiT call (CFG batch 2) | ms on this CPU ({here['isa']}) | x vs fp32 | instructions, AVX2 path "
+    lines += ["", f"| DiT call (CFG batch 2) | ms on this CPU ({cpu['isa']}) | x vs fp32 | instructions, AVX2 path "
               "(callgrind, 1 thread) | x vs fp32 |", "|---" * 5 + "|"]
     for n, v in ms.items():
         c, c32 = counts.get(n), counts.get("fp32")
