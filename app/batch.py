@@ -246,11 +246,11 @@ def _drive(todo: list[Item], cfg: BatchConfig, record) -> None:
                     record(it, "failed", error=f"every worker died ({last})", attempts=attempts.get(it.key, 0))
                 return
             ready, _ = ray.wait(list(busy) + list(reviving), num_returns=1, timeout=1 if cfg.item_timeout_s else None)
+            for ref, (it, a, t0) in busy.items() if cfg.item_timeout_s else ():  # every pass: others may finish often
+                if time.time() - t0 > cfg.item_timeout_s and ref not in hung:
+                    hung.add(ref)
+                    ray.kill(a, no_restart=False)  # its call fails with RayActorError: the retry path below
             if not ready:
-                for ref, (it, a, t0) in busy.items():
-                    if time.time() - t0 > cfg.item_timeout_s and ref not in hung:
-                        hung.add(ref)
-                        ray.kill(a, no_restart=False)  # its call fails with RayActorError: the retry path below
                 continue
             ref = ready[0]
             if ref in reviving:  # a restarted actor answered (back to work) or is gone for good

@@ -87,7 +87,11 @@ class EmulatedOrtPart:
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # never leave a valgrind child behind
+                self.proc.kill()
+                self.proc.wait()
 
     def __del__(self):
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import hmac
 import json
@@ -199,7 +200,7 @@ class BundleWriter:
 
     def _recover(self) -> None:
         """Under the lock: remove what killed writers left, and put back an old bundle a killed swap set aside."""
-        for p in sorted(self.out.parent.glob(f".{self.out.name}.*-*")):
+        for p in sorted(self.out.parent.glob(f".{glob.escape(self.out.name)}.*-*")):  # a name may hold * ? [
             kind, _, rest = p.name[len(self.out.name) + 2:].partition("-")
             pid = rest.split("-")[0]
             if kind not in ("partial", "old") or not pid.isdigit() or (_alive(int(pid)) and int(pid) != os.getpid()):
@@ -290,6 +291,7 @@ def _check_types(m, mpath: Path, fix: str) -> None:
 
     need(isinstance(m, dict), f"the top level is {type(m).__name__}, not an object")
     need(isinstance(m.get("files", {}), dict), "'files' is not an object")
+    need(isinstance(m.get("engines", {}), dict), "'engines' is not an object")
     for name, info in m.get("files", {}).items():
         need(isinstance(info, dict) and isinstance(info.get("sha256"), str) and type(info.get("bytes")) is int,
              f"files[{name!r}] needs 'sha256' (a string) and 'bytes' (an integer)")

@@ -5,6 +5,7 @@ written to a hidden temporary file in the same folder and renamed over the old o
 byte-identical; its hidden `.NAME.PID.*.partial.mp4` is removed by the next save to that name."""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -84,7 +85,7 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 
 
 def _remove_dead_partials(path: Path) -> None:
     """Temporary files of killed writers to this name (their PID is gone); a live writer's file is left alone."""
-    for p in path.parent.glob(f".{path.name}.*.partial{path.suffix.lower()}"):
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.partial{path.suffix.lower()}"):  # names may hold * ? [
         pid = p.name[len(path.name) + 2:].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
             p.unlink(missing_ok=True)

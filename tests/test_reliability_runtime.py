@@ -154,6 +154,7 @@ def test_long_prompt_warns_with_token_counts(pipe):
 # --- item 5: memory estimate and limits ----------------------------------------------------------------------------
 
 def test_memory_estimate_scales_and_limit_is_configurable(pipe, monkeypatch, tmp_path):
+    monkeypatch.setattr("vidrt.models.config._available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
     cfg = preset("tiny")
     small, big = estimate_memory(cfg, 9, 32, 32, 2), estimate_memory(cfg, 9, 64, 64, 2)
     assert big["VAE decode tile"] == 4 * small["VAE decode tile"]  # linear in pixels
@@ -197,7 +198,9 @@ def test_steps_cap_is_configurable(pipe, monkeypatch):
 
 
 def test_cli_refuses_before_work(tmp_path, monkeypatch):
-    monkeypatch.delenv("VIDRT_MAX_MEMORY_GB", raising=False)
+    monkeypatch.setattr("vidrt.models.config._available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
+    monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "1")  # so that teardown removes what --max-memory-gb sets below
+    monkeypatch.delenv("VIDRT_MAX_MEMORY_GB")
     out = str(tmp_path / "v.mp4")
     cases = [
         (["--height", "8192", "--width", "8192"], "needs about 368"),
@@ -357,8 +360,7 @@ def test_sigkill_during_overwrite_keeps_previous_file(tmp_path):
                 break
             time.sleep(0.005)
         assert proc.poll() is None, "the run ended before its temporary file appeared"
-        time.sleep(0.2)  # mid-encode
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(signal.SIGKILL)  # at once: the temporary file exists only while the video is encoded
         proc.wait(10)
     finally:
         if proc.poll() is None:
