@@ -7,15 +7,35 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from vidrt.app.batch import Engine, Worker
 from vidrt.models.config import ConfigError
+
+
+@ray.remote(num_cpus=0)
+class CancelBoard:
+    """The Api's cancelled job ids, polled by the replicas running them. Serve's own cancellation of a running
+    streaming call is best effort (ray-project/ray#52533): under load it came late or never, the cancelled job's
+    thread kept the Pipeline (its lock), and the replica's next job waited behind it."""
+
+    def __init__(self):
+        self.ids = set()
+
+    def add(self, job_id: str) -> None:
+        self.ids.add(job_id)
+
+    def discard(self, job_id: str) -> None:
+        self.ids.discard(job_id)
+
+    def has(self, job_id: str) -> bool:
+        return job_id in self.ids
 
 
 @serve.deployment(max_ongoing_requests=1)  # one Pipeline runs one request; Serve queues the rest
@@ -23,13 +43,25 @@ class Generator:
     def __init__(self, engine: Engine):
         self.worker = Worker(engine)
 
-    async def generate(self, params: dict):
+    async def generate(self, params: dict, job_id: str | None = None, board=None):
         """Yields {"type": "started"}, {"type": "progress", step, of}..., then the Worker's result. Cancelling the
-        call stops the Pipeline at its next step; the replica takes no new request before it has stopped."""
+        call, or adding job_id to `board` (a CancelBoard), stops the Pipeline at its next step."""
         loop, events, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        ask, asked_at = None, 0.0  # the board's pending answer, and when it was asked
 
         def step(i: int, of: int) -> bool:
+            nonlocal ask, asked_at
             loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "step": i, "of": of})
+            if board is not None:  # asked at most every 0.2 s, never waited for: steps run at full speed
+                if ask is not None and ray.wait([ask], timeout=0)[0]:
+                    try:
+                        if ray.get(ask):
+                            stop.set()
+                    except RayError:
+                        pass  # the Api is gone; Serve's own cancellation still applies
+                    ask = None
+                if ask is None and time.monotonic() - asked_at >= 0.2:
+                    ask, asked_at = board.has.remote(job_id), time.monotonic()
             return not stop.is_set()
         run = loop.run_in_executor(None, self.worker.run, 0, params, step)
         try:
@@ -119,6 +151,7 @@ class Api:
         self.generator, self.model = generator.options(method_name="generate", stream=True), model_name
         self.max_queued, self.ttl_s, self.queue_timeout_s = max_queued, ttl_s, queue_timeout_s
         self.jobs, self.sweeper, self.retries = {}, None, retries
+        self.board = CancelBoard.remote()  # owned by this replica: it goes when the Api goes
 
     def _sweep(self) -> None:
         """Expiry: a job queued past queue_timeout_s is cancelled; a finished job's video is dropped at expires_at,
@@ -131,7 +164,7 @@ class Api:
             elif j.expires_at and now > j.expires_at and j.status != "expired":
                 j.status, j.result = "expired", None
             elif j.expires_at and now > j.expires_at + self.ttl_s:
-                del self.jobs[j.id]
+                self._forget(j)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -143,9 +176,14 @@ class Api:
         j.expires_at = j.completed_at + self.ttl_s
 
     def _stop(self, j: Job, status: str, err: dict | None) -> None:
+        self.board.add.remote(j.id)  # what stops a running job for sure; cancel() alone may not reach the replica
         if j.call is not None:
             j.call.cancel()
         self._finish(j, status, err)
+
+    def _forget(self, j: Job) -> None:
+        del self.jobs[j.id]
+        self.board.discard.remote(j.id)
 
     async def _run(self, j: Job) -> None:
         """Stream the job's events; a replica that dies mid-job (Serve replaces it) costs an attempt, and the job
@@ -156,7 +194,7 @@ class Api:
     async def _attempt(self, j: Job) -> bool:
         """One try; True when the replica died and the job may run again."""
         j.attempts += 1
-        j.call = self.generator.remote(j.params)
+        j.call = self.generator.remote(j.params, j.id, self.board)
         try:
             async for ev in j.call:
                 if j.status not in ("queued", "in_progress"):
@@ -261,5 +299,5 @@ class Api:
         if j.status in ("queued", "in_progress"):
             self._stop(j, "cancelled", {"code": "cancelled", "message": "cancelled by DELETE"})
             return j.view(self.model)
-        del self.jobs[video_id]
+        self._forget(j)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
