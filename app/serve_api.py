@@ -182,7 +182,7 @@ class Api:
         self._finish(j, status, err)
 
     def _forget(self, j: Job) -> None:
-        del self.jobs[j.id]
+        self.jobs.pop(j.id, None)
         self.board.discard.remote(j.id)
 
     async def _run(self, j: Job) -> None:
@@ -268,18 +268,20 @@ class Api:
         asyncio.get_running_loop().create_task(self._run(j))
         return j.view(self.model)
 
+    # async: FastAPI runs plain `def` routes in worker threads, and the job table, the sweeper task and Serve's call
+    # handles belong to the event loop
     @api.get("/v1/videos")
-    def list_videos(self):
+    async def list_videos(self):
         self._sweep()
         return {"object": "list", "data": [j.view(self.model) for j in self.jobs.values()]}
 
     @api.get("/v1/videos/{video_id}")
-    def get(self, video_id: str):
+    async def get(self, video_id: str):
         j = self._job(video_id)
         return j.view(self.model) if isinstance(j, Job) else j
 
     @api.get("/v1/videos/{video_id}/content")
-    def content(self, video_id: str):
+    async def content(self, video_id: str):
         j = self._job(video_id)
         if not isinstance(j, Job):
             return j
@@ -291,7 +293,7 @@ class Api:
                         headers={"Content-Disposition": f'attachment; filename="{video_id}.mp4"'})
 
     @api.delete("/v1/videos/{video_id}")
-    def delete(self, video_id: str):
+    async def delete(self, video_id: str):
         """A queued or running video is cancelled (kept, status cancelled); a finished one is deleted."""
         j = self._job(video_id)
         if not isinstance(j, Job):

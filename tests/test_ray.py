@@ -35,7 +35,8 @@ def cluster():
 def reference(tmp_path_factory):
     """sha256 of the mp4 an in-process Pipeline writes for the same request (1 thread, like an actor)."""
     import torch
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored after this module: later modules keep the process's threads
     pipe, folder, cache = Pipeline("tiny"), tmp_path_factory.mktemp("ref"), {}
 
     def ref(**kw) -> str:
@@ -45,7 +46,8 @@ def reference(tmp_path_factory):
             pipe(**kw, progress=False).save(path)
             cache[key] = sha256(path)
         return cache[key]
-    return ref
+    yield ref
+    torch.set_num_threads(threads)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
