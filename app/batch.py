@@ -15,9 +15,10 @@ from pathlib import Path
 
 import click
 
+from vidrt.export.bundle import sha256, write_atomic
 from vidrt.models.config import ConfigError
 
-from .batch_files import Results, _lock, sha256, write_atomic  # noqa: F401  (sha256, _lock: tests use them here)
+from .batch_files import Results, _lock  # noqa: F401  (_lock: tests use it here)
 
 # .jsonl keys -> Pipeline keyword arguments (the CLI's option names, so a suite line reads like a command line)
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "frames": "num_frames",

@@ -1,21 +1,12 @@
-"""`vidrt batch`'s files: results.jsonl (append + fsync, atomic rewrite), videos written atomically, one driver per
-folder (a lock the kernel drops when the driver dies, even by SIGKILL)."""
+"""`vidrt batch`'s files: results.jsonl (append + fsync, atomic rewrite) and one driver per folder (a lock the kernel
+drops when the driver dies, even by SIGKILL). Videos go through export.bundle.write_atomic."""
 import fcntl
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 from vidrt.models.config import ConfigError
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Results:
@@ -50,20 +41,6 @@ class Results:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _lock(folder: Path):

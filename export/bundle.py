@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -69,6 +70,24 @@ def _mode(directory: bool) -> int:
     mask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """One file written whole or not at all: a temp file in the same folder, fsynced, renamed over `path`, so readers
+    and a crash see the old file or the new one. Its mode follows the umask, like any file the user makes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode(False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _alive(pid: int) -> bool:

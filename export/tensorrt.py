@@ -6,13 +6,13 @@ inside functions. NOT RUN on real TensorRT (none on the development machine or C
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vidrt.models.config import ModelConfig
+
+from .bundle import write_atomic
 
 log = logging.getLogger("vidrt")
 
@@ -133,19 +133,6 @@ def keyed_cache_path(path: str | Path, key: str) -> Path:
     same folder keep their own cache instead of overwriting one shared file."""
     p = Path(path)
     return p.with_name(f"{p.stem}.{key}{p.suffix or '.cache'}")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder and rename it over `path`: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def persist_timing_cache(cache, path: Path) -> str | None:
