@@ -303,20 +303,32 @@ def _finish(it: Item, out: dict, cfg: BatchConfig, attempts: int, total: float, 
            timings=out["timings"] | {"total_s": round(total, 4)}, worker=out["worker"], attempts=attempts)
 
 
+def replica_options(replicas: str, retries: str):
+    """The options of `vidrt batch` and `vidrt serve` that say what each replica loads and where it runs; `replicas`
+    and `retries` are their help texts."""
+    opts = [click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory"),
+            click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+                         help="export-engines bundle (instead of --model)"),
+            click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                         show_default=True),
+            click.option("--precision", default="fp32", show_default=True, help="The bundle DiT's precision"),
+            click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help=replicas),
+            click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True),
+            click.option("--cpus-per-replica", type=click.FloatRange(min=0.5), default=1, show_default=True),
+            click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)"),
+            click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help=retries)]
+
+    def apply(f):
+        for o in reversed(opts):  # innermost first, so --help lists them in this order
+            f = o(f)
+        return f
+    return apply
+
+
 @click.command("batch")
 @click.argument("prompts", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the videos and results.jsonl")
-@click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
-              help="export-engines bundle (instead of --model)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", default="fp32", show_default=True, help="The bundle DiT's precision")
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Actors, one Pipeline each")
-@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option("--cpus-per-replica", type=click.FloatRange(min=0.5), default=1, show_default=True)
-@click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
-@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Extra attempts for an item whose actor died")
+@replica_options(replicas="Actors, one Pipeline each", retries="Extra attempts for an item whose actor died")
 @click.option("--item-timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds an item may run before its actor is restarted and the item retried (default: no limit)")
 @click.option("--seed", type=int, default=0, show_default=True, help="Items without a seed get SEED + line number")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from vidrt.app.batch import Engine
+from vidrt.app.batch import Engine, replica_options
 
 
 @dataclass
@@ -55,17 +55,7 @@ def start(cfg: ServeConfig) -> str:
 
 
 @click.command("serve")
-@click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory")
-@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
-              help="export-engines bundle (instead of --model)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-@click.option("--precision", default="fp32", show_default=True, help="The bundle DiT's precision")
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="One Pipeline each")
-@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option("--cpus-per-replica", type=click.FloatRange(min=0.5), default=1, show_default=True)
-@click.option("--address", help="Ray cluster: auto or HOST:PORT (default: start a local one)")
-@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Extra attempts for a job whose replica died")
+@replica_options(replicas="One Pipeline each", retries="Extra attempts for a job whose replica died")
 @click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to listen on every interface")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-queued", type=click.IntRange(min=0), default=16, show_default=True,
