@@ -90,7 +90,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts): writers name their temp files with their PID."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -222,7 +223,7 @@ class BundleWriter:
         for p in sorted(self.out.parent.glob(f".{glob.escape(self.out.name)}.*-*")):  # a name may hold * ? [
             kind, _, rest = p.name[len(self.out.name) + 2:].partition("-")
             pid = rest.split("-")[0]
-            if kind not in ("partial", "old") or not pid.isdigit() or (_alive(int(pid)) and int(pid) != os.getpid()):
+            if kind not in ("partial", "old") or not pid.isdigit() or (pid_alive(int(pid)) and int(pid) != os.getpid()):
                 continue
             if kind == "old" and not (self.out.exists() or self.out.is_symlink()):
                 os.rename(p, self.out)

@@ -85,20 +85,11 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 
 
 def _remove_dead_partials(path: Path) -> None:
     """Temporary files of killed writers to this name (their PID is gone); a live writer's file is left alone."""
+    from vidrt.export.bundle import pid_alive  # one PID rule for bundles and videos; imported only when saving
     for p in path.parent.glob(f".{glob.escape(path.name)}.*.partial{path.suffix.lower()}"):  # names may hold * ? [
         pid = p.name[len(path.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _write(frames: np.ndarray, path: Path, fps: int, suffix: str) -> None:
