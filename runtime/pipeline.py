@@ -224,14 +224,15 @@ class Pipeline:
             else:
                 xin = torch.cat([x, x]) if cfg_on else x
                 t = torch.full((xin.shape[0],), ts[i], device=x.device, dtype=torch.float32)
-                v = self.dit(xin, t, text, mask).to(torch.float32)
-                _check_finite(v, f"DiT output at {where} ({self.backend}; a NaN weight, or fp16 past 65504?)")
+                v = raw = self.dit(xin, t, text, mask).to(torch.float32)
                 if cfg_on:
-                    v_u, v_c = v.chunk(2)
+                    v_u, v_c = raw.chunk(2)
                     v = v_u + guidance_scale * (v_c - v_u)
                 x = solver.step(i, x, v).to(latents.dtype)
-                _check_finite(x, f"latents after the solver update at {where} (guidance {guidance_scale}, "
-                                 f"latents {latents.dtype})")
+                if not bool(torch.isfinite(x).all()):  # one check (one sync) a step; a bad DiT output reaches x too
+                    _check_finite(raw, f"DiT output at {where} ({self.backend}; a NaN weight, or fp16 past 65504?)")
+                    _check_finite(x, f"latents after the solver update at {where} (guidance {guidance_scale}, "
+                                     f"latents {latents.dtype})")
             if callback is not None:
                 go_on = callback(i + 1, steps, x)
                 _check_finite(x, f"latents after the step callback at {where} (it wrote them)")
