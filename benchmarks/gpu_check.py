@@ -152,7 +152,7 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
     from vidrt.models.dit import VideoDiT
     from vidrt.runtime.backends import TorchPart
     from vidrt.runtime.cudagraph import GraphedStep
-    from vidrt.runtime.fp8 import to_fp8
+    from vidrt.runtime.fp8 import Fp8Linear, quantize_act, to_fp8
     mc = resolve_model(cfg.model)[0]
     f, h, w = cfg.frames or mc.sample.num_frames, cfg.height or mc.sample.height, cfg.width or mc.sample.width
     c, t, hh, ww = mc.latent_shape(f, h, w)
@@ -165,13 +165,18 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
     flops = dit_flops(dit, (torch.cat([lat, lat]), torch.rand(2, device="cuda"), text, mask))
     peak = ctx.get("peak_tflops")
     rows = []
-    for label in ("torch bf16", "torch fp8 (_scaled_mm)"):
+    for label in ("torch bf16", "torch fp8 (_scaled_mm)", "torch fp8 (_scaled_mm, compiled act quant)"):
         if "fp8" in label and torch.cuda.get_device_capability() < (8, 9):
             rows.append({"label": label, "skipped": "FP8 GEMMs need compute capability 8.9+"})
             continue
         try:  # an FP8 failure must not lose the bf16 rows
             if "fp8" in label:
-                to_fp8(dit)
+                to_fp8(dit)  # no-op the second time (no nn.Linear left)
+            if "compiled" in label:
+                quant = torch.compile(quantize_act, dynamic=True)
+                for m in dit.modules():
+                    if isinstance(m, Fp8Linear):
+                        m.quantize = quant
             step = GraphedStep(TorchPart("dit", dit), lat, text, mask, warmup=1).start(lat, text, mask, 5.0)
             step.t.fill_(0.9)
             step.dt.fill_(-0.02)
@@ -182,11 +187,43 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
                     rows.append({"label": label + (" + CUDA graph" if graphs else ""), **st,
                                  "tflops": round(flops / (st["p50_ms"] / 1e3) / 1e12, 1),
                                  "mfu_vs_bf16_peak": None if mfu is None else round(mfu, 3)})
+                rows[-1]["kernels"] = kernel_breakdown(step._step)  # eager: the same kernels the graph replays
             del step
         except Exception as e:  # noqa: BLE001
             rows.append({"label": label, "error": _err(e)})
     return {"model": cfg.model, "video": f"{f}x{h}x{w}", "latent": [c, t, hh, ww], "cfg_batch": 2,
             "dit_tflop": round(flops / 1e12, 2), "peak_tflops": peak, "results": rows}
+
+
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "scaled_mm")),
+                ("triton (compiled)", ("triton",)))
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in n for k in keys)), "other (elementwise, norm, copy)")
+
+
+def kernel_breakdown(fn) -> dict:
+    """GPU time of one call of fn by kernel kind (torch.profiler, CUDA activity only): ms and share, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        per[e.key] = per.get(e.key, 0.0) + (getattr(e, "self_device_time_total", None) or 0.0) / 1e3
+    total = sum(per.values()) or 1.0
+    kinds = {}
+    for k, ms in per.items():
+        kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0.0) + ms
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
+    return {"total_ms": round(total, 1), "by_kind": {k: {"ms": round(v, 1), "share": round(v / total, 3)}
+                                                     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:120], "ms": round(v, 1)} for k, v in top]}
 
 
 def check_onnxruntime_cuda(cfg: KitConfig, ctx: dict) -> dict:
@@ -278,6 +315,17 @@ def to_markdown(rep: dict) -> str:
             else:
                 lines.append(f"| {r['label']} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | {r['tflops']} | "
                              f"{_fmt(r['mfu_vs_bf16_peak'], '.1%')} |")
+        kern = [r for r in step["results"] if r.get("kernels")]
+        if kern:
+            lines += ["", "GPU time of one step by kernel kind (torch.profiler):", "",
+                      "| runner | total ms | " + " | ".join(k for k, _ in KERNEL_KINDS) + " | other |",
+                      "|---|---|" + "---|" * (len(KERNEL_KINDS) + 1)]
+            for r in kern:
+                by = r["kernels"]["by_kind"]
+                cells = [by.get(k, {}).get("ms") for k, _ in KERNEL_KINDS] + \
+                    [sum(v["ms"] for k, v in by.items() if k not in dict(KERNEL_KINDS))]
+                lines.append(f"| {r['label']} | {r['kernels']['total_ms']} | " + " | ".join(_fmt(c, '.1f') for c in cells)
+                             + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,13 @@ FP8_MAX = 448.0
 SENSITIVE_MODULES = (r"^patch_embed$", r"^t_embed\.", r"^text_embed\.", r"adaLN", r"^final$")
 
 
+def quantize_act(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor dynamic FP8 quantization in the activation's own dtype (no fp32 copy of the activation): the
+    reciprocal scale is rounded to that dtype first, so the scale handed to _scaled_mm is exactly its inverse."""
+    inv = (FP8_MAX / x2.abs().amax().float().clamp(min=1e-12)).to(x2.dtype)
+    return (x2 * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8), inv.float().reciprocal()
+
+
 class Fp8Linear(nn.Module):
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -32,23 +39,29 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, shape[-1])
-        a_scale = x2.abs().amax().float().clamp(min=1e-12) / FP8_MAX
-        xq = (x2.float() / a_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        xq, a_scale = self.quantize(x.reshape(-1, shape[-1]))
         m = xq.shape[0]
         pad = (-m) % 16 if x.is_cuda else 0  # CUDA FP8 GEMMs want multiples of 16
         if pad:
             xq = F.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(FP8)
         out_dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        y = torch._scaled_mm(xq, self.w8.t(), scale_a=a_scale, scale_b=self.w_scale.float(), out_dtype=out_dtype)
+        # the bias rides in the GEMM's epilogue where _scaled_mm takes it (CUDA, 16-bit out): a separate add was 8% of
+        # the Wan-1.3B step on an H200 (benchmarks/results/gpu-h200)
+        fused = self.bias is not None and x.is_cuda and out_dtype in (torch.bfloat16, torch.float16)
+        y = torch._scaled_mm(xq, self.w8.t(), scale_a=a_scale, scale_b=self.w_scale.float(), out_dtype=out_dtype,
+                             bias=self.bias.to(out_dtype) if fused else None)
         y = y[:m]
-        if self.bias is not None:
+        if self.bias is not None and not fused:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
+    quantize = staticmethod(quantize_act)  # to_fp8(compile_quant=True) sets a fused (compiled) one per instance
 
-def to_fp8(module: nn.Module, skip: tuple[str, ...] = SENSITIVE_MODULES) -> list[str]:
-    """Replace every nn.Linear whose dims are multiples of 16 and whose name matches no `skip` regex."""
+
+def to_fp8(module: nn.Module, skip: tuple[str, ...] = SENSITIVE_MODULES, compile_quant: bool = False) -> list[str]:
+    """Replace every nn.Linear whose dims are multiples of 16 and whose name matches no `skip` regex.
+    compile_quant: quantize activations with one torch.compile'd (Triton) kernel instead of eager ops (CUDA)."""
+    quant = torch.compile(quantize_act, dynamic=True) if compile_quant else None
     done = []
     for name, lin in list(module.named_modules()):
         if not isinstance(lin, nn.Linear) or any(re.search(p, name) for p in skip):
@@ -57,6 +70,9 @@ def to_fp8(module: nn.Module, skip: tuple[str, ...] = SENSITIVE_MODULES) -> list
             continue
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Fp8Linear(lin).to(lin.weight.device))
+        new = Fp8Linear(lin).to(lin.weight.device)
+        if quant is not None:
+            new.quantize = quant
+        setattr(parent, child, new)
         done.append(name)
     return done
