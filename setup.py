@@ -17,6 +17,9 @@ setup(
         "imageio-ffmpeg", "pillow", "click>=8", "tqdm", "onnx>=1.16", "onnxruntime>=1.18", "polygraphy",
     ],
     # ray: `vidrt batch` and `vidrt serve` (Ray Core actors, Ray Serve deployments with FastAPI)
-    extras_require={"test": ["pytest", "hypothesis"], "ray": ["ray[serve]>=2.40"]},
+    # diffusers: model families loaded from diffusers pipeline directories (Wan); accelerate is what diffusers needs to
+    # load Wan's transformer (low_cpu_mem_usage)
+    extras_require={"test": ["pytest", "hypothesis"], "ray": ["ray[serve]>=2.40"],
+                    "diffusers": ["diffusers>=0.35", "accelerate"]},
     entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.export.engines:main"]},
 )

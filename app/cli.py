@@ -23,14 +23,16 @@ def main():
 @main.command()
 @click.argument("prompt")
 @click.option("-o", "--out", default="out.mp4", show_default=True, help="Output .mp4 or .gif")
-@click.option("--model", default="tiny", show_default=True, help="Preset name or checkpoint directory")
+@click.option("--model", default="tiny", show_default=True,
+              help="Preset name, vidrt checkpoint directory, or diffusers pipeline directory (Wan)")
 @click.option("--negative-prompt", default="", help="Classifier-free guidance negative prompt")
 @click.option("--frames", "num_frames", type=int, help="4k+1 frames (model default if omitted)")
 @click.option("--height", type=int)
 @click.option("--width", type=int)
 @click.option("--steps", "num_inference_steps", type=int)
 @click.option("--guidance", "guidance_scale", type=float)
-@click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), default="euler", show_default=True)
+@click.option("--solver", help="euler or dpm++2m (vidrt models; default euler); diffusers directories use their "
+              "shipped scheduler (default)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--scale", type=click.IntRange(min=0), default=0,
               help="Nearest-neighbour upscale of the saved video; 0 = auto (>= 256 px)")

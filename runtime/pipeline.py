@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vidrt.models.checkpoint import load_model
-from vidrt.models.config import MAX_GUIDANCE, ConfigError, ModelConfig, check_memory, max_steps
-from vidrt.models.text import TextEncoder, check_prompts
+from vidrt.models.config import MAX_GUIDANCE, ConfigError, ModelConfig, max_steps
+from vidrt.models.family import VidrtFamily, load_family
+from vidrt.models.text import check_prompts
 
-from .schedulers import SHIFT_RANGE, SOLVERS, make_solver
+from .schedulers import SHIFT_RANGE
 from .video import save_video
 
 
@@ -38,7 +38,7 @@ class Request:
     num_inference_steps: int
     guidance_scale: float
     seed: int
-    solver: str
+    solver: str  # one of the family's solvers ("default" for a diffusers family: its shipped scheduler)
     shift: float
     decode_tile: int | None = None  # None: the pipeline's own
 
@@ -92,17 +92,26 @@ class Pipeline:
     against before any work (default: VIDRT_MAX_MEMORY_GB, else 80% of the memory available; models.config)."""
 
     def __init__(self, model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 text_encoder: TextEncoder | None = None, max_memory_gb: float | None = None):
+                 text_encoder=None, max_memory_gb: float | None = None):
+        """model: a preset, `tiny`, a vidrt checkpoint directory, or a diffusers pipeline directory of a supported
+        family (models/family.py)."""
         self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
-        self.cfg, self.dit, self.vae = load_model(model)
+        self.family = load_family(model)
         self.device, self.dtype = torch.device(device), dtype
-        self.dit.to(self.device, dtype)
-        self.vae.to(self.device, dtype)
-        self._text_encoder = text_encoder
-        self.vae_part = None  # a backend part decoding normalised latent tiles (bundles); None: self.vae
+        self.family.to(self.device, dtype)
+        if text_encoder is not None:
+            self.family._text_encoder = text_encoder
         self.backend = "torch"
         self.cuda_graphs, self.graph_fallback = False, None  # see runtime/cudagraph.py
-        self.buckets, self.max_batch, self.decode_tile = None, None, 4  # bundles: what their engines serve
+        self.buckets, self.max_batch = None, None  # bundles: what their engines serve
+
+    # the family's parts, under the names the runtime's users know (bench, calibration and tests swap `dit`)
+    cfg = property(lambda self: self.family.cfg)
+    vae = property(lambda self: self.family.vae)
+    dit = property(lambda self: self.family.dit, lambda self, m: setattr(self.family, "dit", m))
+    vae_part = property(lambda self: getattr(self.family, "vae_part", None),
+                        lambda self, m: setattr(self.family, "vae_part", m))
+    decode_tile = property(lambda self: getattr(self.family, "decode_tile", None))
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
@@ -141,11 +150,10 @@ class Pipeline:
 
         self = cls.__new__(cls)
         self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
-        self.cfg = ModelConfig.from_dict(m["model"])
+        cfg = ModelConfig.from_dict(m["model"])
         self.device, self.dtype, self.backend = torch.device(device), torch.float32, backend
         self.cuda_graphs, self.graph_fallback = False, None
         shared = SharedDeviceMemory(self.device) if backend == "tensorrt" else None
-        cfg = self.cfg
 
         def part(name: str, e: dict, out_shape, reuse: bool = False):
             if backend == "tensorrt":
@@ -155,15 +163,16 @@ class Pipeline:
                              out_shape=out_shape, reuse_output=reuse)
 
         sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
-        self.dit = part("dit", pick("dit", precision), lambda x, *_: x.shape, reuse=True)
-        self.vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
+        dit = part("dit", pick("dit", precision), lambda x, *_: x.shape, reuse=True)
+        vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
             z.shape[0], 3, (z.shape[2] - 1) * tf + 1, z.shape[3] * sf, z.shape[4] * sf))
         te = part("text_encoder", pick("text_encoder", None), lambda ids, _: (*ids.shape, cfg.text.dim))
-        self._text_encoder = _BundleTextEncoder(cfg.text, te)
         with torch.device("meta"):  # tiling logic only (tile context, temporal factor): no weights
-            self.vae = CausalVAE(cfg.vae)
+            vae = CausalVAE(cfg.vae)
+        # the VAE decoder's profiles are sized for the bundle's tile
+        self.family = VidrtFamily(cfg, dit, vae, _BundleTextEncoder(cfg.text, te), vae_part, m["vae_tile"])
+        self.family.device = self.device
         self.bundle, self.buckets, self.max_batch = str(root), list(m["buckets"]), m["max_batch"]
-        self.decode_tile = m["vae_tile"]  # the VAE decoder's profiles are sized for this tile
         return self
 
     def _check_bundle_shape(self, frames: int, height: int, width: int, dit_batch: int) -> None:
@@ -184,13 +193,16 @@ class Pipeline:
         return self.cfg
 
     @property
-    def text_encoder(self) -> TextEncoder:
-        if self._text_encoder is None:
-            self._text_encoder = TextEncoder(self.cfg.text, device=self.device)
-        return self._text_encoder
+    def text_encoder(self):
+        """The family's text encoder (loaded on first use): encode(prompts) -> (text, text_mask)."""
+        return self.family.text_encoder
+
+    @property
+    def _text_encoder(self):
+        return getattr(self.family, "_text_encoder", None)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, mask = self.text_encoder.encode(prompts)
+        emb, mask = self.family.encode(prompts)
         return emb.to(self.device, self.dtype), mask.to(self.device)
 
     @torch.no_grad()
@@ -215,6 +227,7 @@ class Pipeline:
         solver.reset()
         x = latents
         ts = solver.timesteps
+        model_t = getattr(solver, "model_t", ts)  # the DiT's timestep per step (a family's scheduler may differ)
         steps = len(ts) - 1
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
             where = f"step {i + 1} of {steps}"
@@ -223,7 +236,7 @@ class Pipeline:
                 _check_finite(x, f"latents after {where} (CUDA-graph replay of the DiT step)")
             else:
                 xin = torch.cat([x, x]) if cfg_on else x
-                t = torch.full((xin.shape[0],), ts[i], device=x.device, dtype=torch.float32)
+                t = torch.full((xin.shape[0],), model_t[i], device=x.device, dtype=torch.float32)
                 v = raw = self.dit(xin, t, text, mask).to(torch.float32)
                 if cfg_on:
                     v_u, v_c = raw.chunk(2)
@@ -246,21 +259,22 @@ class Pipeline:
             return self._decode(latents, tile)
 
     def _decode(self, latents: torch.Tensor, tile: int | None) -> list[np.ndarray]:
-        tile = tile or self.decode_tile
-        _check_finite(latents, "latents given to the VAE decoder")
-        if self.vae_part is not None:  # the exported part de-normalises itself; tiling commutes with that
-            video = self.vae.decode_tiled(latents.float(), tile=tile, decode_fn=self.vae_part).float()
-        else:
-            z = latents * self.cfg.vae.latent_std + self.cfg.vae.latent_mean
-            video = self.vae.decode_tiled(z.to(self.dtype), tile=tile).float()
-        _check_finite(video, f"decoded video (VAE decoder, {self.backend})")  # before the clamp hides an overflow
-        video = video.clamp(-1, 1)
+        video = self.decode_video(latents, tile)
         u8 = ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
         return list(u8)
 
+    @torch.no_grad()
+    def decode_video(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Normalised latents -> float32 video in [-1, 1], (B, 3, F, H, W) (decode() gives uint8 frames)."""
+        with self._lock:
+            _check_finite(latents, "latents given to the VAE decoder")
+            video = self.family.decode(latents, tile).float()
+            _check_finite(video, f"decoded video (VAE decoder, {self.backend})")  # before the clamp hides overflow
+            return video.clamp(-1, 1)
+
     def request(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
+                guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
                 shift: float | None = None, decode_tile: int | None = None) -> "Request":
         """Resolve defaults (None only: 0 is an error, not "default") and validate a request without running
         anything, memory included (raises ConfigError/BackendError with the fix). Servers call it before queueing."""
@@ -279,7 +293,8 @@ class Pipeline:
         r = Request(prompts, negs, pick("num_frames", num_frames, s.num_frames, _int),
                     pick("height", height, s.height, _int), pick("width", width, s.width, _int),
                     pick("num_inference_steps", num_inference_steps, s.num_inference_steps, _int),
-                    pick("guidance_scale", guidance_scale, s.guidance_scale, _real), _int("seed", seed), solver,
+                    pick("guidance_scale", guidance_scale, s.guidance_scale, _real), _int("seed", seed),
+                    self.family.solvers[0] if solver is None else solver,
                     pick("shift", shift, s.shift, _real), pick("decode_tile", decode_tile, None, _int))
         cap = max_steps()
         if not 1 <= r.num_inference_steps <= cap:
@@ -291,8 +306,9 @@ class Pipeline:
             raise ConfigError(f"shift={r.shift} must be {SHIFT_RANGE[0]:g} to {SHIFT_RANGE[1]:g} (1 = no time shift)")
         if not -2 ** 63 <= r.seed < 2 ** 64:
             raise ConfigError(f"seed={r.seed} must fit in 64 bits")
-        if not isinstance(r.solver, str) or r.solver not in SOLVERS:
-            raise ConfigError(f"unknown solver {r.solver!r}; choose one of {', '.join(SOLVERS)}")
+        if not isinstance(r.solver, str) or r.solver not in self.family.solvers:
+            raise ConfigError(f"unknown solver {r.solver!r} for {self.cfg.name}; choose one of "
+                              f"{', '.join(self.family.solvers)}")
         if r.decode_tile is not None and r.decode_tile < 1:
             raise ConfigError(f"decode_tile={r.decode_tile} must be >= 1 latent frame")
         self.cfg.latent_shape(r.num_frames, r.height, r.width)  # validates, naming the fix
@@ -305,15 +321,12 @@ class Pipeline:
 
     def check_memory(self, r: Request, scale: int = 1) -> int:
         """Estimated peak bytes of `r` (saved at `scale`); ConfigError naming it and the limit when over the limit."""
-        tile = (r.decode_tile or self.decode_tile) + self.vae.decoder.tile_context()
-        return check_memory(self.cfg, r.num_frames, r.height, r.width, self._dit_batch(r), scale, tile,
-                            attention_scores=self.backend == "onnxruntime", limit_gb=self.max_memory_gb,
-                            device=str(self.device))
+        return self.family.check_memory(r, str(self.device), self.max_memory_gb, self.backend, scale)
 
     def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
                        num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
-                       solver: str = "euler", shift: float | None = None, progress: bool = True,
+                       solver: str | None = None, shift: float | None = None, progress: bool = True,
                        callback=None) -> torch.Tensor:
         """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
         r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
@@ -324,7 +337,7 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback must be callable(step, num_steps, latents), got {type(callback).__name__}")
         shape = self.cfg.latent_shape(r.num_frames, r.height, r.width)
-        sched = make_solver(r.solver, r.num_inference_steps, r.shift)
+        sched = self.family.solver(r.solver, r.num_inference_steps, r.shift)
         gen = torch.Generator().manual_seed(r.seed)  # noise drawn on CPU: same video on every device
         with self._lock:  # one request at a time: parts reuse bound buffers (see the class docstring)
             latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)
@@ -334,7 +347,7 @@ class Pipeline:
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, solver: str = "euler",
+                 guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
                  shift: float | None = None, decode_tile: int | None = None, progress: bool = True,
                  callback=None) -> VideoOutput:
         r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,

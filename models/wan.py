@@ -1,0 +1,274 @@
+"""The Wan family: Wan 2.1 / 2.2 text-to-video from a local diffusers directory (WanPipeline).
+
+The directory is loaded with diffusers and transformers classes (safetensors only, local files only); nothing of
+the model code is copied. What vidrt adds is the family's side of the contract in models/family.py:
+
+- the transformer behind the runtime's one DiT call `dit(latents, timestep, text, text_mask) -> velocity` (`WanDiT`:
+  Wan has no text mask, its text is zero-padded instead; Wan 2.2 A14B's two experts switch at `boundary_ratio`;
+  TI2V-5B's `expand_timesteps` gives every token the step's timestep);
+- prompts -> UMT5 embeddings exactly as WanPipeline makes them (cleaned, padded to max_sequence_length, every row
+  past its prompt's tokens zeroed);
+- the schedule from the directory's own scheduler_config (runtime/schedulers.solver_from_diffusers);
+- decode: per-channel latent de-normalisation, then the Wan VAE's own causal, cached decode;
+- shape rules: frames 4k+1 (the VAE's time factor), height/width multiples of VAE factor x patch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, SampleDefaults
+
+PIPELINES = ("WanPipeline",)  # model_index.json _class_name values this family loads
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+TEXT_LEN = 512  # WanPipeline's max_sequence_length default
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+
+
+@dataclass
+class WanConfig:
+    """The geometry and rules the runtime reads, from the directory's configs (no weights needed)."""
+    name: str
+    in_channels: int
+    text_dim: int
+    patch: tuple[int, int, int]
+    temporal_factor: int
+    spatial_factor: int
+    latents_mean: list[float]
+    latents_std: list[float]
+    scheduler: dict
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False
+    text_len: int = TEXT_LEN
+    sample: SampleDefaults = field(default_factory=SampleDefaults)
+    family: str = "wan"
+
+    @classmethod
+    def from_dir(cls, root: Path) -> "WanConfig":
+        index = _json(root / "model_index.json")
+        missing = [p for p in PARTS if not (root / p).is_dir()]
+        if "transformer" in missing and (root / "transformer_2").is_dir():
+            missing.remove("transformer")
+        if missing:
+            raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: a Wan "
+                              f"text-to-video directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
+        tr = _json(root / "transformer" / "config.json")
+        vae = _json(root / "vae" / "config.json")
+        sched = _json(root / "scheduler" / "scheduler_config.json")
+        te = _json(root / "text_encoder" / "config.json")
+        st, ss = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
+        patch = tuple(tr.get("patch_size", (1, 2, 2)))
+        shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
+        if te.get("d_model", tr.get("text_dim")) != tr.get("text_dim", 4096):
+            raise ConfigError(f"{root}: text_encoder d_model={te.get('d_model')} but transformer text_dim="
+                              f"{tr.get('text_dim')}: the parts are from different models")
+        # WanPipeline's defaults: 81 frames at 480x832, 50 steps, guidance 5, 16 fps
+        m = ss * max(patch[1:])
+        h, w = max(m, 480 // m * m), max(m, 832 // m * m)
+        return cls(name=root.name, in_channels=tr.get("in_channels", 16), text_dim=tr.get("text_dim", 4096),
+                   patch=patch, temporal_factor=st, spatial_factor=ss, latents_mean=list(vae["latents_mean"]),
+                   latents_std=list(vae["latents_std"]), scheduler=sched,
+                   boundary_ratio=index.get("boundary_ratio"), expand_timesteps=bool(index.get("expand_timesteps")),
+                   sample=SampleDefaults(num_frames=81, height=h, width=w, num_inference_steps=50, guidance_scale=5.0,
+                                         shift=shift, fps=16))
+
+    @property
+    def hw_multiple(self) -> int:
+        return self.spatial_factor * max(self.patch[1:])
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f, m = self.temporal_factor, self.hw_multiple
+        if num_frames < 1 or (num_frames - 1) % f:
+            k = max(0, (num_frames - 1) // f)
+            raise ConfigError(f"num_frames={num_frames} must be {f}k+1 for Wan (its VAE compresses time x{f}); try "
+                              f"{f * k + 1} or {f * (k + 1) + 1}")
+        for name, v in (("height", height), ("width", width)):
+            if v < m or v % m:
+                raise ConfigError(f"{name}={v} must be a positive multiple of {m} for Wan (VAE x{self.spatial_factor}"
+                                  f" times patch {max(self.patch[1:])}); try {max(m, round(v / m) * m)}")
+        return (self.in_channels, (num_frames - 1) // f + 1, height // self.spatial_factor,
+                width // self.spatial_factor)
+
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        _, t, h, w = self.latent_shape(num_frames, height, width)
+        pt, ph, pw = self.patch
+        return math.ceil(t / pt) * (h // ph) * (w // pw)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+class WanDiT(nn.Module):
+    """One or two Wan transformers behind vidrt's DiT call. `timestep` is the scheduler's timestep (0..1000), one per
+    batch row; `text_mask` is accepted and unused (Wan zero-pads its text instead of masking it)."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module | None = None,
+                 boundary: float | None = None, expand_timesteps: bool = False):
+        super().__init__()
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary, self.expand_timesteps = boundary, expand_timesteps
+
+    def forward(self, latents, timestep, text, text_mask=None):
+        model = self.transformer
+        if self.transformer_2 is not None and float(timestep.reshape(-1)[0]) < self.boundary:
+            model = self.transformer_2  # Wan 2.2 A14B: the low-noise expert below the boundary timestep
+        dtype = next(model.parameters()).dtype
+        if self.expand_timesteps:  # one timestep per latent token (2x2 spatial patches), as WanPipeline does
+            _, _, t, h, w = latents.shape
+            timestep = timestep[:, None].expand(-1, t * (h // 2) * (w // 2))
+        return model(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype),
+                     return_dict=False)[0]
+
+
+def _diffusers():
+    try:
+        import diffusers
+        import transformers
+    except ImportError as e:
+        raise ConfigError(f"loading a diffusers directory needs diffusers and transformers ({e}); install them with "
+                          "pip install 'vidrt[diffusers]'") from e
+    return diffusers, transformers
+
+
+def _load(cls, path: Path, what: str, **kw):
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, local_files_only=True, **kw)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"cannot load the {what} from {path} (safetensors weights that match its config.json are "
+                          f"needed; no pickle files are read): {first}") from e
+
+
+class WanFamily:
+    """A loaded Wan directory: see models/family.py for the contract."""
+    solvers = ("default",)
+
+    def __init__(self, root: str | Path):
+        from vidrt.models.text import _offline
+        self.root = Path(root)
+        self.cfg = WanConfig.from_dir(self.root)
+        _offline()
+        diffusers, transformers = _diffusers()
+        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
+        self.text_model = _load(transformers.UMT5EncoderModel, self.root / "text_encoder", "text encoder").eval()
+        tr = _load(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer")
+        tr2 = None
+        if (self.root / "transformer_2").is_dir():
+            tr2 = _load(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2").eval()
+        if tr2 is not None and self.cfg.boundary_ratio is None:
+            raise ConfigError(f"{self.root} has transformer_2/ but model_index.json gives no boundary_ratio")
+        boundary = None if tr2 is None else self.cfg.boundary_ratio * self.cfg.scheduler.get(
+            "num_train_timesteps", 1000)
+        self.dit = WanDiT(tr.eval(), tr2, boundary, self.cfg.expand_timesteps)
+        self.vae = _load(diffusers.AutoencoderKLWan, self.root / "vae", "VAE").eval()
+        self.device = torch.device("cpu")
+
+    def to(self, device, dtype) -> "WanFamily":
+        """The DiT and VAE in `dtype` on `device`; the text encoder stays float32 (as WanPipeline's bf16 one would
+        be cast back to the transformer dtype anyway)."""
+        self.device = torch.device(device)
+        self.dit.to(self.device, dtype)
+        self.vae.to(self.device, dtype)
+        self.text_model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+        L = self.cfg.text_len
+        tok = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=L, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+        emb = self.text_model(ids, mask).last_hidden_state.float()
+        emb = emb * mask[..., None].to(emb.dtype)  # rows past each prompt's tokens are zeros, as in WanPipeline
+        return emb, mask.bool()
+
+    def solver(self, name: str, steps: int, shift: float | None):
+        from vidrt.runtime.schedulers import solver_from_diffusers
+        return solver_from_diffusers(self.cfg.scheduler, steps, shift)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Normalised latents (B, C, T, H, W) -> video in [-1, 1] (B, 3, F, H, W), unclamped. `tile` is unused: the
+        Wan VAE decodes frame by frame with its causal feature cache, which is exact at any length."""
+        p = next(self.vae.parameters())
+        c = latents.shape[1]
+        mean = torch.tensor(self.cfg.latents_mean, device=p.device, dtype=p.dtype).view(1, c, 1, 1, 1)
+        std = torch.tensor(self.cfg.latents_std, device=p.device, dtype=p.dtype).view(1, c, 1, 1, 1)
+        return self.vae.decode(latents.to(p.device, p.dtype) * std + mean, return_dict=False)[0]
+
+    @property
+    def text_encoder(self) -> "WanFamily":
+        return self  # encode(prompts) is the text encoder's contract
+
+    def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
+        """A coarse activation estimate (float32 bytes): the DiT's widest activation (FFN) per CFG row, and the VAE
+        decoder's widest feature map at full resolution over its cached frames."""
+        from .config import memory_limit
+        batch = len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
+        tc = self.dit.transformer.config
+        dit = 4 * batch * self.cfg.tokens(r.num_frames, r.height, r.width) * max(tc.ffn_dim, 4 * tc.num_attention_heads
+                                                                              * tc.attention_head_dim) * 3
+        vc = self.vae.config
+        vae = 4 * len(r.prompts) * 6 * (vc.decoder_base_dim or vc.base_dim) * r.height * r.width * 4
+        video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
+        peak = max(dit, vae, video)
+        limit, source = memory_limit(limit_gb, device)
+        if peak > limit:
+            raise ConfigError(f"{r.num_frames}x{r.height}x{r.width} (DiT batch {batch}) needs about "
+                              f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
+                              "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
+        return peak
+
+
+TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "
+              "under bright dark small big").split()
+
+
+def save_tiny(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_experts: bool = False) -> Path:
+    """A tiny random-init Wan text-to-video directory, as diffusers' save_pretrained writes it (tests, README demo):
+    the real configs' structure with small widths, a word-level tokenizer, UMT5 text encoder. scheduler: "unipc"
+    (what Wan checkpoints ship: flow prediction, flow_shift 3) or "euler" (FlowMatchEulerDiscreteScheduler, shift 5).
+    two_experts: Wan 2.2 A14B's layout (transformer_2, boundary_ratio 0.875)."""
+    diffusers, transformers = _diffusers()
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    torch.manual_seed(seed)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+    def transformer():
+        return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                               in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                               num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                               rope_max_seq_len=32)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True])
+    if scheduler == "unipc":
+        sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0, num_train_timesteps=1000)
+    else:
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
+    extra = {"transformer_2": transformer(), "boundary_ratio": 0.875} if two_experts else {}
+    pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
+                                 scheduler=sched, **extra)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
