@@ -12,7 +12,7 @@ import click
 from vidrt.models.config import ConfigError, ModelConfig, check_memory
 
 from .bundle import BundleError, BundleWriter, check_out, load_manifest
-from .tensorrt import Bucket, build_engine, build_notes, profiles_for, trt_unavailable_reason
+from .tensorrt import Bucket, build_engine, build_notes, trt_unavailable_reason
 
 FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
 QUANT = ("int8", "fp8")
@@ -38,28 +38,9 @@ def _cast_class():
             self.module, self.dtype = module.to(dtype), dtype
 
         def forward(self, *args):
-            return self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args)).float()
+            out = self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
+            return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
     return _Cast
-
-
-def _cases(part: str, cfg: ModelConfig, buckets: list[Bucket], tokenize, tile: int) -> list[dict]:
-    """Validation inputs: every bucket at batch 1 and 2 (DiT, text) or at the shortest and longest tile (VAE)."""
-    from . import onnx_export as ox
-    cases = []
-    for i, b in enumerate(buckets):
-        _, t, h, w = cfg.latent_shape(b.frames, b.height, b.width)
-        if part == "dit":
-            cases += [ox.dit_inputs(cfg, n, (t, h, w), seed=i) for n in (1, 2)]
-        elif part == "vae_decoder":
-            tmax = profiles_for("vae_decoder", cfg, [b], vae_tile=tile)[0]["latents"][2][2]
-            cases += [ox.vae_inputs(cfg, 1, (n, h, w), seed=i) for n in sorted({1, tmax})]
-    if part == "text_encoder":
-        prompts = ["a red circle moving left on a blue background", "A litter of golden retriever puppies playing "
-                   "in the snow", ""]
-        for n in (1, 2):
-            tok = tokenize(prompts[:n] if n == 1 else prompts[1:])
-            cases.append({"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]})
-    return cases
 
 
 def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
@@ -92,7 +73,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     import torch
     from tqdm import tqdm
 
-    from vidrt.models.checkpoint import load_model
+    from vidrt.models.family import VidrtFamily, load_family
 
     from . import onnx_export as ox
     external_threshold = ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
@@ -112,9 +93,16 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if max_batch < 1:
         raise ConfigError(f"max_batch {max_batch}: the engines must serve a batch of at least 1 (2 for guidance)")
     check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
-    cfg, dit, vae = load_model(model)
+    fam = load_family(model)
+    cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
+    if quant and not own:
+        raise ConfigError(f"{','.join(quant)} bundles of a {cfg.family} model are not built yet (calibration and the "
+                          "quantization recipe exist for vidrt's own DiT only); export fp32/fp16/bf16")
     for b in buckets:  # clear errors before any work; validation runs onnxruntime, which materialises attention
-        check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + vae.decoder.tile_context(), True)
+        if own:
+            check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
+        else:
+            cfg.latent_shape(b.frames, b.height, b.width)  # the family's frame/size rules, naming the fix
     calib_set = None
     if quant:
         from vidrt.calibration.capture import load_set
@@ -123,12 +111,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             raise ConfigError(f"calibration set {calib} was captured at {Bucket(*calib_set['manifest']['video_shape'])}"
                               f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
                               "--bucket or capture a set at a bucket shape")
-    te = None
-    if "text_encoder" in parts:
-        from vidrt.models.text import TextEncoder
-        te = TextEncoder(cfg.text)
-    modules = {"text_encoder": te, "dit": dit,
-               "vae_decoder": ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)}
+    specs = {sp.name: sp for sp in fam.export_parts(parts, buckets, max_batch, tile)}
+    dit = specs["dit"].module if "dit" in specs else None
     skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
                 "max_batch": max_batch, "vae_tile": tile, "exporter": "torch.onnx.export(dynamo=False)",
@@ -136,7 +120,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 "engines": {"built": skip_reason is None, "skipped_reason": skip_reason}}
     # The text encoder runs once per video: it stays fp32 (HF BERT's fp16 export mixes types, and it is not the cost).
     floats = [p for p in precisions if p in FLOAT] or ["fp32"]  # quantized bundles still need a float VAE
-    jobs = [(part, prec) for part in parts for prec in
+    jobs = [(part, prec) for part in specs for prec in  # a family may export a part as several graphs
             (["fp32"] if part == "text_encoder" else precisions if part == "dit" else floats)]
     if quant:
         manifest["calibration"] = {"set": str(calib), "manifest_digest": calib_set["manifest"]["digest"],
@@ -147,18 +131,22 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
         for part, prec in tqdm(jobs, desc="export", disable=not progress):
             name = f"{part}.{prec}"
             t0 = time.time()
-            ref = modules[part]
+            spec = specs[part]
+            ref, cases = spec.module, spec.cases
             if prec in QUANT:
                 calibrated = calibrated or _calibrate_dit(w.dir, dit, model, calib_set, recipe or {}, quality)
                 path, report, qual = _quantized_dit(calibrated, cfg, dit, calib_set, prec, recipe or {})
                 manifest["validation"][name], manifest["quality"][name] = report, qual
-                manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason,
-                                                 out, opt_level, t0)
+                manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
                 continue
             m = ref if prec == "fp32" else _cast_class()(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
-            cases = _cases(part, cfg, buckets, te.tokenize if te else None, tile)
-            # trace with the largest validation input; the axes are dynamic, so any in-range shape serves
-            path = ox.export_onnx(m, cases[-1], ox.IO[part], w.dir / f"{name}.onnx", external_threshold)
+            # trace with the largest bucket input; the axes are dynamic, and the probe case proves any in-range
+            # shape serves (a shape baked into the graph fails parity there)
+            with spec.swaps(m):
+                path = ox.export_onnx(m, spec.example, spec.io, w.dir / f"{name}.onnx", external_threshold)
+            for rel, src in spec.files.items():  # what the runtime needs beside the graph (a tokenizer)
+                (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (w.dir / rel).write_bytes(Path(src).read_bytes())
             report = {"graph": ox.check_graph(path), "tolerance_rel_l2": TOLERANCE[prec]}
             try:
                 par = ox.parity(ref, path, cases)
@@ -167,15 +155,14 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 report["polygraphy"] = _polygraphy_compare(path, cases, 1e-4 if prec == "fp32" else 1e-2)
             except Exception as e:  # onnxruntime CPU lacks some kernels (bf16 MatMul): say so, don't hide it
                 if prec != "bf16":
-                    raise
+                    raise ExportError(f"{name}: {e}; bundle not written") from e
                 report.update(passed=None, skipped="onnxruntime CPU has no bf16 kernel for this graph ("
                               + str(e).split(":")[-1].strip()[:120] + "); validate it with TensorRT")
             if report["passed"] is False:
                 worst = max(report["parity"], key=lambda p: p["rel_l2"])
                 raise ExportError(f"{name}: onnxruntime output differs from PyTorch (rel L2 {worst['rel_l2']:.2e} "
                                   f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
-            manifest["parts"][name] = _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out,
-                                             opt_level, t0)
+            manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
             manifest["validation"][name] = report
         if calibrated and "fp32" not in precisions:  # the fp32 DiT graph was only the quantizer's input
             calibrated[0].unlink()
@@ -183,11 +170,11 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
-def _entry(w, part, prec, path, cfg, buckets, max_batch, tile, skip_reason, out, opt_level, t0) -> dict:
-    entry = {"part": part, "precision": prec, "onnx": path.name,
+def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0) -> dict:
+    part = spec.name
+    entry = {"part": part, "precision": prec, "onnx": path.name, "inputs": list(spec.io[0]),
              "external_data": sorted(p.name for p in w.dir.glob(path.name + ".data")),
-             "profiles": [{k: [list(s) for s in v] for k, v in pr.items()}
-                          for pr in profiles_for(part, cfg, buckets, max_batch, tile)],
+             "profiles": [{k: [list(s) for s in v] for k, v in pr.items()} for pr in spec.profiles],
              "engine": None, "seconds": round(time.time() - t0, 2)}
     # which graph each runtime uses, and how it opens it (one graph serves both today)
     # tensorrt: what the strongly typed engine computes in (fp32 without TF32; Q/DQ graphs keep fp32 float layers)
@@ -294,7 +281,8 @@ def summary_table(manifest: dict) -> str:
 
 
 @click.command()
-@click.option("--model", default="tiny", show_default=True, help="tiny|small|opensora-1.2|wan2.1-1.3b|CHECKPOINT_DIR")
+@click.option("--model", default="tiny", show_default=True,
+              help="tiny|small|opensora-1.2|wan2.1-1.3b|CHECKPOINT_DIR|DIFFUSERS_DIR (Wan)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create")
 @click.option("--precision", default="fp32", show_default=True, help="Comma list of fp32,fp16,bf16,int8,fp8")
 @click.option("--frames", type=int, help="Bucket frames (with --height/--width; default: the model's)")
@@ -313,9 +301,9 @@ def summary_table(manifest: dict) -> str:
 def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
          smoothquant, quantize_all, no_quality):
     """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
-    from vidrt.models.checkpoint import resolve_model
+    from vidrt.models.family import family_config
     try:
-        cfg = resolve_model(model)[0]
+        cfg = family_config(model)
         s = cfg.sample
         pick = lambda v, default: default if v is None else v  # 0 is refused by the shape rules, never "default"
         bks = [Bucket(pick(frames, s.num_frames), pick(height, s.height), pick(width, s.width))] + \

@@ -122,7 +122,20 @@ def parity(module: nn.Module, path: str | Path, cases: list[dict[str, torch.Tens
     res = []
     for inputs in cases:
         with torch.no_grad():
-            ref = module(*inputs.values()).float().numpy()
-        out = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        res.append(compare(ref, out, "x".join(str(d) for d in next(iter(inputs.values())).shape)))
+            ref = module(*inputs.values())
+        # several outputs (a streaming step's frames + caches): compared as one concatenated vector
+        refs = [r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+        shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
+        try:
+            outs = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+        except Exception as e:  # noqa: BLE001 - e.g. a shape baked into the graph at export (an Expand, a Reshape)
+            raise RuntimeError(f"onnxruntime cannot run the graph at input shape {shape}: "
+                               f"{(str(e).splitlines() or [''])[0][:300]}") from e
+        for i, (r, o) in enumerate(zip(refs, outs)):
+            if r.shape != o.shape:
+                raise RuntimeError(f"onnxruntime cannot run the graph at input shape {shape}: output {i} is "
+                                   f"{'x'.join(map(str, o.shape))}, PyTorch gives {'x'.join(map(str, r.shape))} (a "
+                                   "shape baked into the graph at export)")
+        res.append(compare(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]),
+                           shape))
     return res

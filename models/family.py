@@ -13,14 +13,20 @@ is model-specific, once; `Pipeline` reads everything through it:
                         normalised latents -> video in [-1, 1] (B, 3, F, H, W), unclamped
     check_memory(request, device, limit_gb, backend, scale)
                         refuse a request that cannot fit, before any work
+    export_parts(parts, buckets, max_batch, tile)
+                        the graphs export-engines writes (PartSpec: module, names and dynamic axes declared once,
+                        validation feeds including a probe shape unlike every bucket, TensorRT profiles, exact swaps)
 
 Families: "vidrt" (the project's VideoDiT + causal VAE: presets, `tiny`, vidrt checkpoint directories) and "wan"
 (models/wan.py: a diffusers WanPipeline directory). A diffusers directory is recognised by its model_index.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +35,58 @@ from .config import PRESETS, ConfigError, ModelConfig, check_memory
 
 # model_index.json _class_name -> family module (vidrt.models.<module>)
 DIFFUSERS_FAMILIES = {"WanPipeline": "wan"}
+DIT_CALL = ("latents", "timestep", "text", "text_mask")  # the runtime's one DiT call, in this order
+
+
+@dataclass
+class PartSpec:
+    """One exported graph, declared by its family. `io` = (input names, output names, dynamic axes {name: {axis:
+    label}}) is the one declaration export, parity, TensorRT profiles and the runtime read. `cases`: validation feeds
+    (every bucket, and a probe shape unlike every bucket, so a shape baked into the graph fails the export);
+    `example`: the tracing feed; `swaps`: a context manager of exact export-time module swaps; `files`: files the
+    runtime needs beside the graph (bundle name -> source path)."""
+    name: str
+    module: torch.nn.Module
+    io: tuple
+    cases: list[dict]
+    example: dict
+    profiles: list[dict]
+    swaps: Callable = lambda module: contextlib.nullcontext()  # module -> context manager
+    files: dict = field(default_factory=dict)
+
+
+def batch_profiles(io: tuple, feeds: list[dict]) -> list[dict]:
+    """TensorRT profiles from one max-batch feed per bucket: every dim exact except the batch axis (1..max)."""
+    names, _, axes = io
+    out = []
+    for feed in feeds:
+        prof = {}
+        for n in names:
+            shape = tuple(feed[n].shape)
+            lo = tuple(1 if axes.get(n, {}).get(i) == "batch" else d for i, d in enumerate(shape))
+            prof[n] = (lo, shape, shape)
+        if prof not in out:
+            out.append(prof)
+    return out
+
+
+def probe_shape(buckets, frames_step: int, hw_multiple: int) -> tuple[int, int, int]:
+    """A valid (frames, height, width) unlike every bucket in all three: validation runs the graphs there too."""
+    f = max(b.frames for b in buckets) + frames_step
+    h = max(b.height for b in buckets) + hw_multiple
+    w = max(b.width for b in buckets) + 2 * hw_multiple
+    return f, h, w
+
+
+class DitCall:
+    """The runtime's DiT call (DIT_CALL order) on a graph that declares fewer inputs (Wan has no text mask)."""
+
+    def __init__(self, part, inputs: tuple[str, ...]):
+        self.part, self.inputs, self.backend = part, tuple(inputs), getattr(part, "backend", "torch")
+
+    def __call__(self, *args):
+        named = dict(zip(DIT_CALL, args))
+        return self.part(*(named[n] for n in self.inputs))
 
 
 class VidrtFamily:
@@ -67,6 +125,40 @@ class VidrtFamily:
         z = latents * self.cfg.vae.latent_std + self.cfg.vae.latent_mean
         return self.vae.decode_tiled(z.to(next(self.vae.parameters()).dtype), tile=tile).float()
 
+    def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list[PartSpec]:
+        """text_encoder (fp32 BERT/T5), dit, vae_decoder (one temporal tile with its causal context, de-normalising
+        inside); names and axes from export/onnx_export.IO, profiles from export/tensorrt.profiles_for."""
+        from vidrt.export import onnx_export as ox
+        from vidrt.export.tensorrt import profiles_for
+        cfg, specs = self.cfg, []
+        for part in parts:
+            cases, example = [], None
+            for i, b in enumerate(buckets):
+                _, t, h, w = cfg.latent_shape(b.frames, b.height, b.width)
+                if part == "dit":
+                    cases += [ox.dit_inputs(cfg, n, (t, h, w), seed=i) for n in (1, max_batch)]
+                elif part == "vae_decoder":
+                    tmax = profiles_for("vae_decoder", cfg, [b], vae_tile=tile)[0]["latents"][2][2]
+                    cases += [ox.vae_inputs(cfg, 1, (n, h, w), seed=i) for n in sorted({1, tmax})]
+            if part == "dit":  # and a probe unlike every bucket in frames, size, batch and text length
+                example = cases[-1]
+                pf = probe_shape(buckets, cfg.vae.temporal_factor, cfg.hw_multiple)
+                cases.append(ox.dit_inputs(cfg, max_batch + 1, cfg.latent_shape(*pf)[1:],
+                                           max(2, cfg.text.max_length // 2), seed=99))
+                module = self.dit
+            elif part == "vae_decoder":
+                module = ox.DecoderPart(self.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+            else:
+                module = self.text_encoder
+                prompts = ["a red circle moving left on a blue background", "A litter of golden retriever puppies "
+                           "playing in the snow", ""]
+                for n in (1, 2):
+                    tok = module.tokenize(prompts[:n] if n == 1 else prompts[1:])
+                    cases.append({"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]})
+            specs.append(PartSpec(part, module, ox.IO[part], cases, example or cases[-1],
+                                  profiles_for(part, cfg, buckets, max_batch, tile)))
+        return specs
+
     def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
         tile = (r.decode_tile or self.decode_tile) + self.vae.decoder.tile_context()
         batch = len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
@@ -86,15 +178,29 @@ def diffusers_family(root: Path) -> str:
     return DIFFUSERS_FAMILIES[cls]
 
 
+def _diffusers_dir(model) -> Path | None:
+    p = Path(str(model)).expanduser()
+    ok = str(model) not in PRESETS and str(model) != "tiny" and p.is_dir() and (p / "model_index.json").is_file()
+    return p if ok else None
+
+
+def family_config(model: str | Path):
+    """The model's config (defaults, shape rules) without loading weights."""
+    p = _diffusers_dir(model)
+    if p is not None and diffusers_family(p) == "wan":
+        from .wan import WanConfig
+        return WanConfig.from_dir(p)
+    from .checkpoint import resolve_model
+    return resolve_model(model)[0]
+
+
 def load_family(model: str | Path = "tiny", seed: int = 0):
     """A preset name, `tiny`, a vidrt checkpoint directory or a diffusers pipeline directory -> a loaded family on
     CPU in float32 (eval mode)."""
     p = Path(str(model)).expanduser()
-    if str(model) not in PRESETS and str(model) != "tiny" and p.is_dir() and (p / "model_index.json").is_file():
-        name = diffusers_family(p)
-        if name == "wan":
-            from .wan import WanFamily
-            return WanFamily(p)
+    if _diffusers_dir(model) is not None and diffusers_family(p) == "wan":
+        from .wan import WanFamily
+        return WanFamily(p)
     if p.is_dir() and not any((p / f).is_file() for f in FILES) and str(model) not in PRESETS:
         raise ConfigError(f"{p} is neither a vidrt checkpoint ({', '.join(FILES)}) nor a diffusers pipeline "
                           f"directory (model_index.json with transformer/, vae/, text_encoder/, tokenizer/, "

@@ -51,6 +51,9 @@ class WanConfig:
     boundary_ratio: float | None = None
     expand_timesteps: bool = False
     text_len: int = TEXT_LEN
+    width: int = 1536  # the transformer's hidden size and FFN width, the VAE decoder's base channels (memory estimate)
+    ffn_dim: int = 8960
+    vae_base_dim: int = 96
     sample: SampleDefaults = field(default_factory=SampleDefaults)
     family: str = "wan"
 
@@ -77,6 +80,8 @@ class WanConfig:
         m = ss * max(patch[1:])
         h, w = max(m, 480 // m * m), max(m, 832 // m * m)
         return cls(name=root.name, in_channels=tr.get("in_channels", 16), text_dim=tr.get("text_dim", 4096),
+                   width=tr.get("num_attention_heads", 12) * tr.get("attention_head_dim", 128),
+                   ffn_dim=tr.get("ffn_dim", 8960), vae_base_dim=vae.get("decoder_base_dim") or vae.get("base_dim", 96),
                    patch=patch, temporal_factor=st, spatial_factor=ss, latents_mean=list(vae["latents_mean"]),
                    latents_std=list(vae["latents_std"]), scheduler=sched,
                    boundary_ratio=index.get("boundary_ratio"), expand_timesteps=bool(index.get("expand_timesteps")),
@@ -108,6 +113,10 @@ class WanConfig:
     def to_dict(self) -> dict:
         from dataclasses import asdict
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanConfig":
+        return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
 
 
 class WanDiT(nn.Module):
@@ -163,6 +172,7 @@ class WanFamily:
         diffusers, transformers = _diffusers()
         self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
         self.text_model = _load(transformers.UMT5EncoderModel, self.root / "text_encoder", "text encoder").eval()
+        self.text_part = WanText(self.text_model)
         tr = _load(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer")
         tr2 = None
         if (self.root / "transformer_2").is_dir():
@@ -173,11 +183,36 @@ class WanFamily:
             "num_train_timesteps", 1000)
         self.dit = WanDiT(tr.eval(), tr2, boundary, self.cfg.expand_timesteps)
         self.vae = _load(diffusers.AutoencoderKLWan, self.root / "vae", "VAE").eval()
+        self.vae_decode = lambda z: self.vae.decode(z, return_dict=False)[0]
         self.device = torch.device("cpu")
+
+    @classmethod
+    def from_bundle(cls, root: Path, manifest: dict, pick, part, device: str = "cpu") -> "WanFamily":
+        """A Wan export-engines bundle on onnxruntime: the tokenizer saved in the bundle, the text encoder and DiT
+        graphs, the VAE's two streaming step graphs. `pick(part, precision)` -> manifest entry; `part(name, entry,
+        out_shape)` -> a backend part."""
+        from vidrt.export.wan_vae import OrtStep, stream_decode
+
+        from .family import DitCall
+        _, transformers = _diffusers()
+        self = cls.__new__(cls)
+        self.root, self.cfg, self.device = Path(root), WanConfig.from_dict(manifest["model"]), torch.device(device)
+        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
+        self.text_part = part("text_encoder", pick("text_encoder", None),
+                              lambda ids, _: (*ids.shape, self.cfg.text_dim))
+        self.text_model, self.vae = None, None
+        self._dit_entry = pick("dit", manifest["_precision"])
+        self.dit = DitCall(part("dit", self._dit_entry, lambda x, *_: x.shape), self._dit_entry["inputs"])
+        steps = [OrtStep(self.root / pick(n, manifest["_vae_precision"])["runtimes"]["onnxruntime"]["graph"])
+                 for n in ("vae_first", "vae_step")]
+        self.vae_decode = lambda z: stream_decode(steps[0], steps[1], z.float())
+        return self
 
     def to(self, device, dtype) -> "WanFamily":
         """The DiT and VAE in `dtype` on `device`; the text encoder stays float32 (as WanPipeline's bf16 one would
         be cast back to the transformer dtype anyway)."""
+        if self.vae is None:  # a bundle: the parts live in their backend
+            return self
         self.device = torch.device(device)
         self.dit.to(self.device, dtype)
         self.vae.to(self.device, dtype)
@@ -191,9 +226,7 @@ class WanFamily:
         tok = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=L, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
-        emb = self.text_model(ids, mask).last_hidden_state.float()
-        emb = emb * mask[..., None].to(emb.dtype)  # rows past each prompt's tokens are zeros, as in WanPipeline
-        return emb, mask.bool()
+        return self.text_part(ids, mask), mask.bool()
 
     def solver(self, name: str, steps: int, shift: float | None):
         from vidrt.runtime.schedulers import solver_from_diffusers
@@ -201,13 +234,14 @@ class WanFamily:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """Normalised latents (B, C, T, H, W) -> video in [-1, 1] (B, 3, F, H, W), unclamped. `tile` is unused: the
-        Wan VAE decodes frame by frame with its causal feature cache, which is exact at any length."""
-        p = next(self.vae.parameters())
+        """Normalised latents (B, C, T, H, W) -> video in [-1, 1] (B, 3, F, H, W) (the Wan VAE clamps). `tile` is
+        unused: the Wan VAE decodes frame by frame with its causal feature cache, exact at any length."""
+        dev, dtype = (latents.device, torch.float32) if self.vae is None else \
+            (lambda p: (p.device, p.dtype))(next(self.vae.parameters()))
         c = latents.shape[1]
-        mean = torch.tensor(self.cfg.latents_mean, device=p.device, dtype=p.dtype).view(1, c, 1, 1, 1)
-        std = torch.tensor(self.cfg.latents_std, device=p.device, dtype=p.dtype).view(1, c, 1, 1, 1)
-        return self.vae.decode(latents.to(p.device, p.dtype) * std + mean, return_dict=False)[0]
+        mean = torch.tensor(self.cfg.latents_mean, device=dev, dtype=dtype).view(1, c, 1, 1, 1)
+        std = torch.tensor(self.cfg.latents_std, device=dev, dtype=dtype).view(1, c, 1, 1, 1)
+        return self.vae_decode(latents.to(dev, dtype) * std + mean)
 
     @property
     def text_encoder(self) -> "WanFamily":
@@ -217,12 +251,9 @@ class WanFamily:
         """A coarse activation estimate (float32 bytes): the DiT's widest activation (FFN) per CFG row, and the VAE
         decoder's widest feature map at full resolution over its cached frames."""
         from .config import memory_limit
-        batch = len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
-        tc = self.dit.transformer.config
-        dit = 4 * batch * self.cfg.tokens(r.num_frames, r.height, r.width) * max(tc.ffn_dim, 4 * tc.num_attention_heads
-                                                                              * tc.attention_head_dim) * 3
-        vc = self.vae.config
-        vae = 4 * len(r.prompts) * 6 * (vc.decoder_base_dim or vc.base_dim) * r.height * r.width * 4
+        batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
+        dit = 4 * batch * c.tokens(r.num_frames, r.height, r.width) * max(c.ffn_dim, 4 * c.width) * 3
+        vae = 4 * len(r.prompts) * 6 * c.vae_base_dim * r.height * r.width * 4
         video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
         peak = max(dit, vae, video)
         limit, source = memory_limit(limit_gb, device)
@@ -231,6 +262,73 @@ class WanFamily:
                               f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
                               "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
         return peak
+
+    # ---- export: the parts export-engines writes ----------------------------------------------------------------
+    def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:
+        from .family import PartSpec, batch_profiles, probe_shape
+        c, specs = self.cfg, []
+        pf = probe_shape(buckets, c.temporal_factor, c.hw_multiple)
+        g = torch.Generator().manual_seed(0)
+        if "text_encoder" in parts:
+            io = (["input_ids", "attention_mask"], ["text"], {"input_ids": {0: "batch", 1: "text_len"},
+                  "attention_mask": {0: "batch", 1: "text_len"}, "text": {0: "batch", 1: "text_len"}})
+            prompts = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
+
+            def feed(n, length):
+                tok = self.tokenizer(prompts[:n], padding="max_length", max_length=length, truncation=True,
+                                     return_tensors="pt")
+                return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask}
+            full = feed(max_batch, c.text_len)
+            cases = [feed(1, c.text_len), full, feed(min(3, max_batch + 1), max(2, c.text_len // 3))]
+            files = {f"tokenizer/{p.name}": p for p in sorted((self.root / "tokenizer").iterdir()) if p.is_file()}
+            specs.append(PartSpec("text_encoder", WanText(self.text_model), io, cases, full,
+                                  batch_profiles(io, [full]), files=files))
+        if "dit" in parts:
+            io = (["latents", "timestep", "text"], ["velocity"], {
+                "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
+                "text": {0: "batch", 1: "text_len"}, "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
+
+            def feed(shape, n, length):
+                return {"latents": torch.randn(n, *c.latent_shape(*shape), generator=g),
+                        "timestep": torch.rand(n, generator=g) * 1000,
+                        "text": torch.randn(n, length, c.text_dim, generator=g)}
+            per_bucket = [feed((b.frames, b.height, b.width), max_batch, c.text_len) for b in buckets]
+            cases = [feed((b.frames, b.height, b.width), 1, c.text_len) for b in buckets] + per_bucket
+            cases.append(feed(pf, max_batch + 1, max(2, c.text_len // 3)))  # probe: batch, shape, text length
+            from vidrt.export.swaps import exportable
+            specs.append(PartSpec("dit", self.dit, io, cases, per_bucket[-1], batch_profiles(io, per_bucket),
+                                  swaps=exportable))
+        if "vae_decoder" in parts:  # two streaming step graphs (export/wan_vae.py): first latent frame, the rest
+            from vidrt.export.wan_vae import WanDecodeStep, cache_shapes, nearest_for_export, step_io
+            z = c.in_channels
+
+            def feed(first, shape, n):
+                _, _, h, w = c.latent_shape(*shape)
+                shapes = cache_shapes(self.vae, n, h, w)
+                x = {"latent": torch.randn(n, z, 1, h, w, generator=g)}
+                if not first:
+                    x.update({f"cache_{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)})
+                return x, [(s[3] // h, s[4] // w) for s in shapes]
+            for first, name in ((True, "vae_first"), (False, "vae_step")):
+                per_bucket = [feed(first, (b.frames, b.height, b.width), 1)[0] for b in buckets]
+                probe, scales = feed(first, pf, 2)
+                io = step_io(len(scales), scales, first)
+                specs.append(PartSpec(name, WanDecodeStep(self.vae, first), io, per_bucket + [probe],
+                                      per_bucket[-1], batch_profiles(io, per_bucket),
+                                      swaps=lambda m: nearest_for_export(m)))
+        return specs
+
+
+class WanText(nn.Module):
+    """UMT5 as WanPipeline uses it: embeddings of every position past a prompt's tokens are zero."""
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids, attention_mask):
+        emb = self.text_model(input_ids, attention_mask).last_hidden_state.float()
+        return emb * attention_mask[..., None].to(emb.dtype)
 
 
 TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "

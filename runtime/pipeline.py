@@ -150,9 +150,9 @@ class Pipeline:
 
         self = cls.__new__(cls)
         self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
-        cfg = ModelConfig.from_dict(m["model"])
         self.device, self.dtype, self.backend = torch.device(device), torch.float32, backend
         self.cuda_graphs, self.graph_fallback = False, None
+        self.bundle, self.buckets, self.max_batch = str(root), list(m["buckets"]), m["max_batch"]
         shared = SharedDeviceMemory(self.device) if backend == "tensorrt" else None
 
         def part(name: str, e: dict, out_shape, reuse: bool = False):
@@ -162,6 +162,16 @@ class Pipeline:
             return make_part(backend, name, root / rt["graph"], device, basic_opt=rt["graph_optimization"] == "basic",
                              out_shape=out_shape, reuse_output=reuse)
 
+        if m["model"].get("family") == "wan":
+            if backend != "onnxruntime":
+                raise BackendError("Wan bundles run on backend='onnxruntime' (the TensorRT path of its multi-output "
+                                   "streaming VAE graphs is not built)")
+            from vidrt.models.wan import WanFamily
+            vae_prec = vae_precision or pick("vae_step", None)["precision"]
+            self.family = WanFamily.from_bundle(root, {**m, "_precision": precision, "_vae_precision": vae_prec},
+                                                pick, part, device)
+            return self
+        cfg = ModelConfig.from_dict(m["model"])
         sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
         dit = part("dit", pick("dit", precision), lambda x, *_: x.shape, reuse=True)
         vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
@@ -172,7 +182,6 @@ class Pipeline:
         # the VAE decoder's profiles are sized for the bundle's tile
         self.family = VidrtFamily(cfg, dit, vae, _BundleTextEncoder(cfg.text, te), vae_part, m["vae_tile"])
         self.family.device = self.device
-        self.bundle, self.buckets, self.max_batch = str(root), list(m["buckets"]), m["max_batch"]
         return self
 
     def _check_bundle_shape(self, frames: int, height: int, width: int, dit_batch: int) -> None:

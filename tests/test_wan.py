@@ -98,3 +98,68 @@ def test_directory_errors_name_the_fix(dirs, tmp_path):
     st.rename(st.with_suffix(".bin"))
     with pytest.raises(ConfigError, match="no pickle files are read"):
         Pipeline(pickled)
+
+
+BUCKETS = ("9x32x32", "5x32x48")
+
+
+@pytest.fixture(scope="module")
+def bundle(dirs, tmp_path_factory):
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    out = tmp_path_factory.mktemp("wanb") / "b"
+    return out, export_engines(str(dirs["unipc"]), out, ["fp32"], [Bucket.parse(b) for b in BUCKETS],
+                               progress=False)
+
+
+def test_export_validates_every_graph_beyond_its_buckets(bundle):
+    """Text encoder, DiT and the VAE's two streaming step graphs, each checked against PyTorch at both buckets and at
+    a probe shape unlike both (frames, height, width, batch and text length differ; measured rel L2 <= 2.7e-7)."""
+    man = bundle[1]
+    val = man["validation"]
+    assert sorted(val) == ["dit.fp32", "text_encoder.fp32", "vae_first.fp32", "vae_step.fp32"]
+    for name, rep in val.items():
+        assert rep["passed"] and rep["polygraphy"]["passed"], name
+        assert max(p["rel_l2"] for p in rep["parity"]) <= 1e-4, name
+    dit_shapes = [p["shape"] for p in val["dit.fp32"]["parity"]]
+    assert dit_shapes[-1] == "3x16x4x6x10"  # the probe: 13x48x80 at batch 3 (buckets: 9x32x32, 5x32x48 at <= 2)
+    assert man["parts"]["dit.fp32"]["inputs"] == ["latents", "timestep", "text"]  # Wan has no text mask
+    assert "tokenizer/tokenizer.json" in man["files"]
+
+
+def test_bundle_on_onnxruntime_matches_diffusers(dirs, bundle):
+    """The exported bundle on onnxruntime vs diffusers' WanPipeline: measured max abs 6.3e-7, bound 1e-2."""
+    from diffusers import WanPipeline
+
+    from vidrt.runtime.backends import BackendError
+    pipe = Pipeline.from_bundle(bundle[0])
+    lat = torch.randn(1, *pipe.cfg.latent_shape(F, H, W), generator=torch.Generator().manual_seed(0))
+    want = WanPipeline.from_pretrained(dirs["unipc"])(
+        prompt=PROMPT, negative_prompt=NEG, num_frames=F, height=H, width=W, num_inference_steps=STEPS,
+        guidance_scale=G, latents=lat.clone(), output_type="pt").frames
+    assert (_vidrt(pipe, lat) - want).abs().max().item() <= 1e-2
+    with pytest.raises(BackendError, match="13x32x32 is not a shape this bundle serves"):
+        pipe.request(PROMPT, num_frames=13, height=32, width=32)
+
+
+def test_validation_catches_a_shape_baked_into_the_graph(dirs, tmp_path, monkeypatch):
+    """Without the RoPE swap the DiT graph bakes the export shape (batch 2 here): the export must fail on its own
+    validation, not later in a user's run."""
+    from vidrt.export import swaps
+    from vidrt.export.engines import ExportError, export_engines
+    from vidrt.export.tensorrt import Bucket
+    real = swaps.exportable
+    monkeypatch.setattr(swaps, "exportable", lambda m: real(m, ["rms_norm"]))
+    with pytest.raises(ExportError, match=r"dit.fp32: onnxruntime cannot run the graph at input shape 1x16x3x4x4: "
+                                          r"output 0 is \S+, PyTorch gives 1x16x3x4x4 \(a shape baked"):
+        export_engines(str(dirs["unipc"]), tmp_path / "b", ["fp32"], [Bucket(9, 32, 32)], parts=("dit",),
+                       progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_quantized_wan_bundle_is_refused_before_any_work(dirs, tmp_path):
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    with pytest.raises(ConfigError, match="int8 bundles of a wan model are not built yet"):
+        export_engines(str(dirs["unipc"]), tmp_path / "b", ["int8"], [Bucket(9, 32, 32)], calib=tmp_path,
+                       progress=False)
