@@ -33,7 +33,7 @@ import torch
 from .checkpoint import FILES, load_model
 from .config import PRESETS, ConfigError, ModelConfig, check_memory
 
-# model_index.json _class_name -> family module (vidrt.models.<module>)
+# model_index.json _class_name -> family module (vidrt.models.<module>; it defines Family and Config)
 DIFFUSERS_FAMILIES = {"WanPipeline": "wan"}
 DIT_CALL = ("latents", "timestep", "text", "text_mask")  # the runtime's one DiT call, in this order
 
@@ -184,12 +184,17 @@ def _diffusers_dir(model) -> Path | None:
     return p if ok else None
 
 
+def family_module(name: str):
+    """vidrt.models.<name>: a family module, defining Family (loaded model) and Config (configs only)."""
+    import importlib
+    return importlib.import_module(f"vidrt.models.{name}")
+
+
 def family_config(model: str | Path):
     """The model's config (defaults, shape rules) without loading weights."""
     p = _diffusers_dir(model)
-    if p is not None and diffusers_family(p) == "wan":
-        from .wan import WanConfig
-        return WanConfig.from_dir(p)
+    if p is not None:
+        return family_module(diffusers_family(p)).Config.from_dir(p)
     from .checkpoint import resolve_model
     return resolve_model(model)[0]
 
@@ -198,9 +203,8 @@ def load_family(model: str | Path = "tiny", seed: int = 0):
     """A preset name, `tiny`, a vidrt checkpoint directory or a diffusers pipeline directory -> a loaded family on
     CPU in float32 (eval mode)."""
     p = Path(str(model)).expanduser()
-    if _diffusers_dir(model) is not None and diffusers_family(p) == "wan":
-        from .wan import WanFamily
-        return WanFamily(p)
+    if _diffusers_dir(model) is not None:
+        return family_module(diffusers_family(p)).Family(p)
     if p.is_dir() and not any((p / f).is_file() for f in FILES) and str(model) not in PRESETS:
         raise ConfigError(f"{p} is neither a vidrt checkpoint ({', '.join(FILES)}) nor a diffusers pipeline "
                           f"directory (model_index.json with transformer/, vae/, text_encoder/, tokenizer/, "

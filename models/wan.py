@@ -187,10 +187,11 @@ class WanFamily:
         self.device = torch.device("cpu")
 
     @classmethod
-    def from_bundle(cls, root: Path, manifest: dict, pick, part, device: str = "cpu") -> "WanFamily":
+    def from_bundle(cls, root: Path, manifest: dict, pick, part, precision: str, vae_precision: str | None,
+                    device: str = "cpu") -> "WanFamily":
         """A Wan export-engines bundle on onnxruntime: the tokenizer saved in the bundle, the text encoder and DiT
-        graphs, the VAE's two streaming step graphs. `pick(part, precision)` -> manifest entry; `part(name, entry,
-        out_shape)` -> a backend part."""
+        graphs, the VAE's two streaming step graphs. `pick(part, precision)` -> manifest entry (None: the first
+        float one); `part(name, entry, out_shape)` -> a backend part."""
         from vidrt.export.wan_vae import OrtStep, stream_decode
 
         from .family import DitCall
@@ -201,9 +202,9 @@ class WanFamily:
         self.text_part = part("text_encoder", pick("text_encoder", None),
                               lambda ids, _: (*ids.shape, self.cfg.text_dim))
         self.text_model, self.vae = None, None
-        self._dit_entry = pick("dit", manifest["_precision"])
+        self._dit_entry = pick("dit", precision)
         self.dit = DitCall(part("dit", self._dit_entry, lambda x, *_: x.shape), self._dit_entry["inputs"])
-        steps = [OrtStep(self.root / pick(n, manifest["_vae_precision"])["runtimes"]["onnxruntime"]["graph"])
+        steps = [OrtStep(self.root / pick(n, vae_precision)["runtimes"]["onnxruntime"]["graph"])
                  for n in ("vae_first", "vae_step")]
         self.vae_decode = lambda z: stream_decode(steps[0], steps[1], z.float())
         return self
@@ -329,6 +330,9 @@ class WanText(nn.Module):
     def forward(self, input_ids, attention_mask):
         emb = self.text_model(input_ids, attention_mask).last_hidden_state.float()
         return emb * attention_mask[..., None].to(emb.dtype)
+
+
+Family, Config = WanFamily, WanConfig  # what models/family.py loads
 
 
 TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "

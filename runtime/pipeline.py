@@ -162,14 +162,13 @@ class Pipeline:
             return make_part(backend, name, root / rt["graph"], device, basic_opt=rt["graph_optimization"] == "basic",
                              out_shape=out_shape, reuse_output=reuse)
 
-        if m["model"].get("family") == "wan":
+        if m["model"].get("family"):  # a diffusers family (models/<family>.py) builds itself from its parts
+            from vidrt.models.family import family_module
+            fam = m["model"]["family"]
             if backend != "onnxruntime":
-                raise BackendError("Wan bundles run on backend='onnxruntime' (the TensorRT path of its multi-output "
-                                   "streaming VAE graphs is not built)")
-            from vidrt.models.wan import WanFamily
-            vae_prec = vae_precision or pick("vae_step", None)["precision"]
-            self.family = WanFamily.from_bundle(root, {**m, "_precision": precision, "_vae_precision": vae_prec},
-                                                pick, part, device)
+                raise BackendError(f"{fam} bundles run on backend='onnxruntime' (their TensorRT path is not built)")
+            self.family = family_module(fam).Family.from_bundle(root, m, pick, part, precision, vae_precision,
+                                                                device)
             return self
         cfg = ModelConfig.from_dict(m["model"])
         sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
