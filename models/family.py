@@ -6,7 +6,7 @@ is model-specific, once; `Pipeline` reads everything through it:
     dit                 nn.Module with the one DiT call: dit(latents, timestep, text, text_mask) -> velocity
     to(device, dtype)   move the torch parts
     encode(prompts)     -> (text (B, L, D) float32, text_mask (B, L) bool), exactly as the family's pipeline does it
-    solvers, solver(name, steps, shift)
+    solvers, solver(name, steps, shift, latent_shape=None)
                         the sampler: sigmas from 1 to 0 (.timesteps), the DiT's timestep per step (.model_t),
                         step(i, x, velocity)
     decode(latents, tile)
@@ -17,8 +17,9 @@ is model-specific, once; `Pipeline` reads everything through it:
                         the graphs export-engines writes (PartSpec: module, names and dynamic axes declared once,
                         validation feeds including a probe shape unlike every bucket, TensorRT profiles, exact swaps)
 
-Families: "vidrt" (the project's VideoDiT + causal VAE: presets, `tiny`, vidrt checkpoint directories) and "wan"
-(models/wan.py: a diffusers WanPipeline directory). A diffusers directory is recognised by its model_index.json.
+Families: "vidrt" (the project's VideoDiT + causal VAE: presets, `tiny`, vidrt checkpoint directories), "wan"
+(models/wan.py: a diffusers WanPipeline directory) and "ltx" (models/ltx.py: a diffusers LTXPipeline directory).
+A diffusers directory is recognised by its model_index.json.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .checkpoint import FILES, load_model
 from .config import PRESETS, ConfigError, ModelConfig, check_memory
 
 # model_index.json _class_name -> family module (vidrt.models.<module>; it defines Family and Config)
-DIFFUSERS_FAMILIES = {"WanPipeline": "wan"}
+DIFFUSERS_FAMILIES = {"WanPipeline": "wan", "LTXPipeline": "ltx"}
 DIT_CALL = ("latents", "timestep", "text", "text_mask")  # the runtime's one DiT call, in this order
 
 
@@ -114,7 +115,7 @@ class VidrtFamily:
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_encoder.encode(prompts)
 
-    def solver(self, name: str, steps: int, shift: float | None):
+    def solver(self, name: str, steps: int, shift: float | None, **_):
         from vidrt.runtime.schedulers import make_solver
         return make_solver(name, steps, self.cfg.sample.shift if shift is None else shift)
 
@@ -174,7 +175,7 @@ def diffusers_family(root: Path) -> str:
         raise ConfigError(f"{root / 'model_index.json'} is not a diffusers model index: {e}") from e
     if cls not in DIFFUSERS_FAMILIES:
         raise ConfigError(f"{root} is a diffusers {cls} directory, which vidrt does not support; supported: "
-                          f"{', '.join(DIFFUSERS_FAMILIES)} (Wan 2.1 / 2.2 text-to-video)")
+                          f"{', '.join(DIFFUSERS_FAMILIES)} (Wan 2.1 / 2.2, LTX-Video 0.9 text-to-video)")
     return DIFFUSERS_FAMILIES[cls]
 
 

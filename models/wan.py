@@ -229,7 +229,7 @@ class WanFamily:
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
         return self.text_part(ids, mask), mask.bool()
 
-    def solver(self, name: str, steps: int, shift: float | None):
+    def solver(self, name: str, steps: int, shift: float | None, **_):
         from vidrt.runtime.schedulers import solver_from_diffusers
         return solver_from_diffusers(self.cfg.scheduler, steps, shift)
 

@@ -345,7 +345,7 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback must be callable(step, num_steps, latents), got {type(callback).__name__}")
         shape = self.cfg.latent_shape(r.num_frames, r.height, r.width)
-        sched = self.family.solver(r.solver, r.num_inference_steps, r.shift)
+        sched = self.family.solver(r.solver, r.num_inference_steps, r.shift, latent_shape=shape)
         gen = torch.Generator().manual_seed(r.seed)  # noise drawn on CPU: same video on every device
         with self._lock:  # one request at a time: parts reuse bound buffers (see the class docstring)
             latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)

@@ -180,10 +180,13 @@ def make_solver(name: str, steps: int, shift: float = 1.0):
     return SOLVERS[name](steps, shift)
 
 
-def solver_from_diffusers(config: dict, steps: int, shift: float | None = None):
+def solver_from_diffusers(config: dict, steps: int, shift: float | None = None, mu: float | None = None,
+                          sigmas=None):
     """The solver for a diffusers scheduler config (e.g. a Wan checkpoint's scheduler/scheduler_config.json) on
     exactly diffusers' schedule: the sigmas and DiT timesteps of scheduler.set_timesteps(steps). shift, when given,
-    replaces the config's flow_shift (UniPC) or shift (flow-match Euler)."""
+    replaces the config's flow_shift (UniPC) or shift (flow-match Euler). mu and sigmas (flow-match Euler) are passed
+    to set_timesteps as a pipeline passes them: mu is required by use_dynamic_shifting (e.g. LTXPipeline: mu from the
+    video's sequence length, sigmas linspace(1, 1 / steps, steps))."""
     import diffusers  # optional dependency
 
     kind = config.get("_class_name")
@@ -201,11 +204,16 @@ def solver_from_diffusers(config: dict, steps: int, shift: float | None = None):
         ok = (c.prediction_type == "flow_prediction" and c.use_flow_sigmas and c.predict_x0 and not c.thresholding
               and not c.use_dynamic_shifting and c.solver_type in ("bh1", "bh2") and c.final_sigmas_type == "zero")
     else:
-        ok = not (c.use_dynamic_shifting or c.stochastic_sampling or c.invert_sigmas)
+        ok = not ((c.use_dynamic_shifting and mu is None) or c.stochastic_sampling or c.invert_sigmas)
+    if unipc and (mu is not None or sigmas is not None):
+        raise ValueError("mu and sigmas are FlowMatchEulerDiscreteScheduler arguments; UniPC takes neither")
     if not ok:
-        raise ValueError(f"unsupported {kind} settings (dynamic shifting, stochastic sampling, inverted sigmas, "
+        raise ValueError(f"unsupported {kind} settings (dynamic shifting without mu, stochastic sampling, inverted sigmas, "
                          f"thresholding, non-flow prediction, final sigma not zero); supported: {supported}")
-    sched.set_timesteps(steps)
+    if mu is None and sigmas is None:
+        sched.set_timesteps(steps)
+    else:
+        sched.set_timesteps(steps, sigmas=None if sigmas is None else [float(x) for x in sigmas], mu=mu)
     sigmas, model_t = sched.sigmas.tolist(), [float(t) for t in sched.timesteps.tolist()]
     if not unipc:
         return FlowEuler.from_sigmas(sigmas, model_t)

@@ -78,12 +78,12 @@ def test_directory_errors_name_the_fix(dirs, tmp_path):
     src = dirs["unipc"]
     with pytest.raises(ConfigError, match="neither a vidrt checkpoint .* nor a diffusers pipeline"):
         Pipeline(tmp_path)  # empty directory
-    ltx = _copy(src, tmp_path / "ltx")
-    idx = json.loads((ltx / "model_index.json").read_text())
-    (ltx / "model_index.json").write_text(json.dumps({**idx, "_class_name": "LTXPipeline"}))
-    with pytest.raises(ConfigError, match="LTXPipeline directory, which vidrt does not support; supported: "
-                                          "WanPipeline"):
-        Pipeline(ltx)
+    cog = _copy(src, tmp_path / "cog")
+    idx = json.loads((cog / "model_index.json").read_text())
+    (cog / "model_index.json").write_text(json.dumps({**idx, "_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(ConfigError, match="CogVideoXPipeline directory, which vidrt does not support; supported: "
+                                          "WanPipeline, LTXPipeline"):
+        Pipeline(cog)
     novae = _copy(src, tmp_path / "novae")
     shutil.rmtree(novae / "vae")
     with pytest.raises(ConfigError, match="lacks vae/"):

@@ -1,0 +1,374 @@
+"""The LTX-Video family: a local diffusers LTXPipeline directory (LTX-Video 0.9.x text-to-video).
+
+Loaded with diffusers and transformers classes (safetensors only, local files only); nothing of the model code is
+copied. vidrt's side of the contract in models/family.py, each rule as LTXPipeline applies it:
+
+- `LTXDiT`: LTXPipeline works on packed latents (B, T/pt * H/p * W/p, C * pt * p * p); the runtime's latents are
+  (B, C, T, H, W), so the wrapper packs before and unpacks after the transformer (pure reshapes/permutes: exact). The
+  RoPE positions are LTXPipeline's (latent grid x (temporal ratio / frame_rate, spatial ratio, spatial ratio) x
+  patch), passed as `video_coords` built without in-place writes (what LTXVideoRotaryPosEmbed computes from
+  rope_interpolation_scale, op for op). LTX masks its text: the DiT takes `text_mask` as `encoder_attention_mask`.
+- prompts -> T5 embeddings as LTXPipeline.encode_prompt: padded to max_sequence_length 128; the text encoder runs
+  *without* the attention mask (padding positions are encoded, not zeroed), the mask goes to the transformer.
+- schedule: FlowMatchEulerDiscreteScheduler with dynamic shifting: sigmas linspace(1, 1/steps, steps) and mu from
+  the video's latent sequence length (calculate_shift with the scheduler's base/max shift and sequence lengths).
+- decode: latents * latents_std / scaling_factor + latents_mean (the VAE's buffers), then the whole latent video in
+  one decoder call (the LTX decoder is not causal-cached). A timestep-conditioned VAE (0.9.1+) gets LTXPipeline's
+  defaults decode_timestep 0, decode_noise_scale = decode_timestep (0: no noise is mixed in).
+- shape rules: frames = temporal ratio x k + 1 (8k+1), height/width multiples of lcm(32, spatial ratio x patch).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, SampleDefaults
+from .wan import _diffusers, _json, _load
+
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+TEXT_LEN = 128  # LTXPipeline's max_sequence_length default
+FRAME_RATE = 25  # LTXPipeline's frame_rate default (RoPE's temporal interpolation scale)
+
+
+@dataclass
+class LTXConfig:
+    """The geometry and rules the runtime reads, from the directory's configs (no weights needed)."""
+    name: str
+    in_channels: int
+    text_dim: int
+    patch: tuple[int, int]  # the transformer's (patch_size_t, patch_size)
+    temporal_factor: int
+    spatial_factor: int
+    scheduler: dict
+    timestep_conditioning: bool = False
+    text_len: int = TEXT_LEN
+    frame_rate: int = FRAME_RATE
+    width: int = 2048  # the transformer's hidden size, the VAE decoder's widest channels (memory estimate)
+    vae_width: int = 512
+    sample: SampleDefaults = field(default_factory=SampleDefaults)
+    family: str = "ltx"
+
+    @classmethod
+    def from_dir(cls, root: Path) -> "LTXConfig":
+        missing = [p for p in PARTS if not (root / p).is_dir()]
+        if missing:
+            raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: an LTX-Video "
+                              f"directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
+        tr = _json(root / "transformer" / "config.json")
+        vae = _json(root / "vae" / "config.json")
+        sched = _json(root / "scheduler" / "scheduler_config.json")
+        te = _json(root / "text_encoder" / "config.json")
+        if te.get("d_model") != tr.get("caption_channels", 4096):
+            raise ConfigError(f"{root}: text_encoder d_model={te.get('d_model')} but transformer caption_channels="
+                              f"{tr.get('caption_channels', 4096)}: the parts are from different models")
+        scaling = vae.get("spatio_temporal_scaling", (True, True, True, False))  # AutoencoderKLLTXVideo's ratios
+        ss = vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * 2 ** sum(scaling)
+        st = vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * 2 ** sum(scaling)
+        c = cls(name=root.name, in_channels=tr.get("in_channels", 128), text_dim=tr.get("caption_channels", 4096),
+                patch=(tr.get("patch_size_t", 1), tr.get("patch_size", 1)), temporal_factor=st, spatial_factor=ss,
+                scheduler=sched, timestep_conditioning=bool(vae.get("timestep_conditioning")),
+                width=tr.get("num_attention_heads", 32) * tr.get("attention_head_dim", 64),
+                vae_width=max(vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [512]))
+        m = c.hw_multiple  # LTXPipeline's defaults: 161 frames at 512x704, 50 steps, guidance 3, 25 fps
+        c.sample = SampleDefaults(num_frames=st * 20 + 1, height=max(m, 512 // m * m), width=max(m, 704 // m * m),
+                                  num_inference_steps=50, guidance_scale=3.0,
+                                  shift=float(sched.get("shift", 1.0)), fps=FRAME_RATE)
+        return c
+
+    @property
+    def hw_multiple(self) -> int:
+        return math.lcm(32, self.spatial_factor * self.patch[1])  # LTXPipeline.check_inputs: divisible by 32
+
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        return self.text_len, self.text_dim
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f, m, pt = self.temporal_factor, self.hw_multiple, self.patch[0]
+        t = (num_frames - 1) // f + 1
+        if num_frames < 1 or (num_frames - 1) % f or t % pt:
+            k = max(0, (num_frames - 1) // f)
+            raise ConfigError(f"num_frames={num_frames} must be {f}k+1 for LTX-Video (its VAE compresses time x{f}); "
+                              f"try {f * k + 1} or {f * (k + 1) + 1}")
+        for name, v in (("height", height), ("width", width)):
+            if v < m or v % m:
+                raise ConfigError(f"{name}={v} must be a positive multiple of {m} for LTX-Video (VAE x"
+                                  f"{self.spatial_factor}, patch {self.patch[1]}, LTXPipeline's 32); try "
+                                  f"{max(m, round(v / m) * m)}")
+        return self.in_channels, t, height // self.spatial_factor, width // self.spatial_factor
+
+    def tokens(self, num_frames: int, height: int, width: int) -> int:
+        _, t, h, w = self.latent_shape(num_frames, height, width)
+        return t // self.patch[0] * (h // self.patch[1]) * (w // self.patch[1])
+
+    def mu(self, latent_shape) -> float:
+        """LTXPipeline's dynamic shift: calculate_shift of the latent video's T * H * W."""
+        _, t, h, w = latent_shape[-4:]
+        s = self.scheduler
+        b_len, m_len = s.get("base_image_seq_len", 256), s.get("max_image_seq_len", 4096)
+        b_s, m_s = s.get("base_shift", 0.5), s.get("max_shift", 1.15)
+        m = (m_s - b_s) / (m_len - b_len)
+        return t * h * w * m + (b_s - m * b_len)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LTXConfig":
+        return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
+
+
+class LTXDiT(nn.Module):
+    """The LTX transformer behind vidrt's DiT call on (B, C, T, H, W) latents. `timestep`: the scheduler's (sigma x
+    1000), one per row; `text_mask` (B, L): LTXPipeline's prompt attention mask."""
+
+    def __init__(self, transformer: nn.Module, cfg: LTXConfig):
+        super().__init__()
+        self.transformer, self.pt, self.p = transformer, *cfg.patch
+        self.scale = (cfg.temporal_factor / cfg.frame_rate, cfg.spatial_factor, cfg.spatial_factor)
+
+    def video_coords(self, b: int, t: int, h: int, w: int, device) -> torch.Tensor:
+        """(B, 3, T * H * W) RoPE positions: what LTXVideoRotaryPosEmbed derives from rope_interpolation_scale (grid x
+        scale x patch, divided by the base sizes inside), built without in-place slice writes."""
+        grid = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=device) for n in (t, h, w)),
+                                          indexing="ij"))
+        grid = grid.unsqueeze(0).repeat(b, 1, 1, 1, 1)
+        axes = [grid[:, i:i + 1] * s * p for i, (s, p) in enumerate(zip(self.scale, (self.pt, self.p, self.p)))]
+        return torch.cat(axes, dim=1).flatten(2, 4)
+
+    def forward(self, latents, timestep, text, text_mask):
+        tr, pt, p = self.transformer, self.pt, self.p
+        dtype = next(tr.parameters()).dtype
+        b, c, t, h, w = latents.shape
+        x = latents.reshape(b, c, t // pt, pt, h // p, p, w // p, p)  # LTXPipeline._pack_latents
+        x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+        out = tr(hidden_states=x.to(dtype), encoder_hidden_states=text.to(dtype), timestep=timestep,
+                 encoder_attention_mask=text_mask, video_coords=self.video_coords(b, t // pt, h // p, w // p, x.device),
+                 return_dict=False)[0]
+        out = out.reshape(b, t // pt, h // p, w // p, -1, pt, p, p)  # LTXPipeline._unpack_latents
+        return out.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class LTXDecode(nn.Module):
+    """Normalised latents (B, C, T, H, W) -> video (B, 3, F, H, W): LTXPipeline's de-normalisation with the VAE's
+    latents_mean/std buffers and scaling_factor, then one decoder call over the whole latent video (timestep 0 for a
+    timestep-conditioned VAE: LTXPipeline's default decode_timestep, with decode_noise_scale 0)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        v = self.vae
+        mean, std = (x.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype) for x in (v.latents_mean, v.latents_std))
+        z = latents * std / v.config.scaling_factor + mean
+        temb = z.new_zeros(z.shape[0]) if v.config.timestep_conditioning else None
+        return v.decode(z, temb, return_dict=False)[0]
+
+
+class LTXText(nn.Module):
+    """T5 as LTXPipeline runs it: input ids only (the mask goes to the transformer, not the encoder)."""
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, input_ids):
+        return self.text_model(input_ids)[0].float()
+
+
+class LTXFamily:
+    """A loaded LTX-Video directory: see models/family.py for the contract."""
+    solvers = ("default",)
+    # kept in float by FP8/INT8: the timestep and caption embedders, the patch projections (by analogy with Wan's
+    # measured list; not measured for LTX)
+    quant_skip = (r"time_embed", r"caption_projection", r"(^|\.)proj_in$", r"(^|\.)proj_out$")
+
+    def __init__(self, root: str | Path):
+        from vidrt.models.text import _offline
+        self.root = Path(root)
+        self.cfg = LTXConfig.from_dir(self.root)
+        _offline()
+        diffusers, transformers = _diffusers()
+        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
+        self.text_model = _load(transformers.T5EncoderModel, self.root / "text_encoder", "text encoder").eval()
+        self.text_part = LTXText(self.text_model)
+        tr = _load(diffusers.LTXVideoTransformer3DModel, self.root / "transformer", "transformer").eval()
+        self.dit = LTXDiT(tr, self.cfg)
+        self.vae = _load(diffusers.AutoencoderKLLTXVideo, self.root / "vae", "VAE").eval()
+        self.vae_part = LTXDecode(self.vae)
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def from_bundle(cls, root: Path, manifest: dict, pick, part, precision: str, vae_precision: str | None,
+                    device: str = "cpu") -> "LTXFamily":
+        """An LTX export-engines bundle on onnxruntime: the bundle's tokenizer, text encoder, DiT (with its text mask
+        input) and whole-video VAE decoder graphs."""
+        from .family import DitCall
+        _, transformers = _diffusers()
+        self = cls.__new__(cls)
+        self.root, self.cfg, self.device = Path(root), LTXConfig.from_dict(manifest["model"]), torch.device(device)
+        c = self.cfg
+        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
+        self.text_part = part("text_encoder", pick("text_encoder", None), lambda ids: (*ids.shape, c.text_dim))
+        self.text_model, self.vae = None, None
+        entry = pick("dit", precision)
+        self.dit = DitCall(part("dit", entry, lambda x, *_: x.shape), entry["inputs"])
+        self.vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
+            z.shape[0], 3, (z.shape[2] - 1) * c.temporal_factor + 1, z.shape[3] * c.spatial_factor,
+            z.shape[4] * c.spatial_factor))
+        return self
+
+    def to(self, device, dtype) -> "LTXFamily":
+        """The DiT and VAE in `dtype` on `device`; the text encoder stays float32."""
+        if self.vae is None:  # a bundle: the parts live in their backend
+            return self
+        self.device = torch.device(device)
+        self.dit.to(self.device, dtype)
+        self.vae.to(self.device, dtype)
+        self.text_model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.cfg.text_len, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        return self.text_part(tok.input_ids.to(self.device)).float(), tok.attention_mask.bool().to(self.device)
+
+    @property
+    def text_encoder(self) -> "LTXFamily":
+        return self  # encode(prompts) is the text encoder's contract
+
+    def solver(self, name: str, steps: int, shift: float | None = None, latent_shape=None):
+        """LTXPipeline's schedule for a video of `latent_shape` ((C,) T, H, W: mu depends on it). `shift` is not
+        used: LTX's scheduler shifts by mu (use_dynamic_shifting), which the video's size sets."""
+        import numpy as np
+
+        from vidrt.runtime.schedulers import solver_from_diffusers
+        if latent_shape is None:
+            raise ConfigError("the LTX-Video schedule depends on the video size: pass latent_shape=cfg.latent_shape("
+                              "frames, height, width) to solver()")
+        mu = self.cfg.mu(latent_shape) if self.cfg.scheduler.get("use_dynamic_shifting") else None
+        return solver_from_diffusers(self.cfg.scheduler, steps, None, mu=mu,
+                                     sigmas=np.linspace(1.0, 1 / steps, steps))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Normalised latents -> video in [-1, 1] (B, 3, F, H, W), unclamped. `tile` is unused: the LTX decoder
+        decodes the whole latent video at once (it is not causal, so frame tiles would not be exact)."""
+        if self.vae is None:
+            return self.vae_part(latents.float())
+        p = next(self.vae.parameters())
+        return self.vae_part(latents.to(p.device, p.dtype))
+
+    def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
+        """A coarse activation estimate (float32 bytes): the DiT's FFN (4 x width) per CFG row, the VAE decoder's
+        widest feature map at full resolution over every frame (one decoder call), the video itself."""
+        from .config import memory_limit
+        batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
+        tokens = c.tokens(r.num_frames, r.height, r.width)
+        dit = 4 * batch * tokens * 4 * c.width * 3
+        if backend == "onnxruntime":  # materialised attention scores
+            dit = max(dit, 4 * batch * tokens * tokens * 2)
+        vae = 4 * len(r.prompts) * r.num_frames * r.height * r.width * max(4 * c.vae_width // 16, 48)
+        video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
+        peak = max(dit, vae, video)
+        limit, source = memory_limit(limit_gb, device)
+        if peak > limit:
+            raise ConfigError(f"{r.num_frames}x{r.height}x{r.width} (DiT batch {batch}) needs about "
+                              f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
+                              "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
+        return peak
+
+    # ---- export: the parts export-engines writes ----------------------------------------------------------------
+    def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:
+        """text_encoder (input_ids -> text), dit (with text_mask), vae_decoder (the whole latent video, de-normalising
+        inside); every graph dynamic in batch, frames, height, width (and text length)."""
+        from vidrt.export.swaps import exportable
+
+        from .family import PartSpec, batch_profiles, probe_shape
+        c, specs, L = self.cfg, [], self.cfg.text_len
+        pf = probe_shape(buckets, c.temporal_factor, c.hw_multiple)
+        shapes = [(b.frames, b.height, b.width) for b in buckets]
+        g = torch.Generator().manual_seed(0)
+        if "text_encoder" in parts:
+            io = (["input_ids"], ["text"], {"input_ids": {0: "batch", 1: "text_len"}, "text": {0: "batch", 1: "text_len"}})
+            prompts = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
+
+            def feed(n, length):
+                return {"input_ids": self.tokenizer(prompts[:n], padding="max_length", max_length=length,
+                                                    truncation=True, return_tensors="pt").input_ids}
+            full = feed(max_batch, L)
+            cases = [feed(1, L), full, feed(min(3, max_batch + 1), max(2, L // 3))]
+            files = {f"tokenizer/{p.name}": p for p in sorted((self.root / "tokenizer").iterdir()) if p.is_file()}
+            specs.append(PartSpec("text_encoder", self.text_part, io, cases, full, batch_profiles(io, [full]),
+                                  files=files))
+        if "dit" in parts:
+            io = (["latents", "timestep", "text", "text_mask"], ["velocity"], {
+                "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
+                "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
+                "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
+
+            def feed(shape, n, length):
+                mask = torch.arange(length)[None] < torch.randint(1, length + 1, (n, 1), generator=g)
+                return {"latents": torch.randn(n, *c.latent_shape(*shape), generator=g),
+                        "timestep": torch.rand(n, generator=g) * 1000,
+                        "text": torch.randn(n, length, c.text_dim, generator=g), "text_mask": mask}
+            per_bucket = [feed(s, max_batch, L) for s in shapes]
+            cases = [feed(s, 1, L) for s in shapes] + per_bucket + [feed(pf, max_batch + 1, max(2, L // 3))]
+            specs.append(PartSpec("dit", self.dit, io, cases, per_bucket[-1], batch_profiles(io, per_bucket),
+                                  swaps=exportable))
+        if "vae_decoder" in parts:
+            io = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
+                                           "video": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
+            per_bucket = [{"latents": torch.randn(1, *c.latent_shape(*s), generator=g)} for s in shapes]
+            probe = {"latents": torch.randn(2, *c.latent_shape(*pf), generator=g)}
+            specs.append(PartSpec("vae_decoder", self.vae_part, io, per_bucket + [probe], per_bucket[-1],
+                                  batch_profiles(io, per_bucket), swaps=exportable))
+        return specs
+
+
+Family, Config = LTXFamily, LTXConfig  # what models/family.py loads
+
+
+def save_tiny(out: str | Path, seed: int = 0, timestep_conditioning: bool = False) -> Path:
+    """A tiny random-init LTX-Video directory, as diffusers' save_pretrained writes it (tests, demos): the real
+    configs' structure (VAE x32 space, x8 time; patch 1; dynamic-shifting flow-match Euler) with small widths, a
+    word-level tokenizer, a T5 encoder, and random latents_mean/std and scaling_factor 0.9 so de-normalisation is
+    exercised. timestep_conditioning: a 0.9.1-style decoder."""
+    diffusers, transformers = _diffusers()
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from .wan import TINY_WORDS
+    torch.manual_seed(seed)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>", model_max_length=TEXT_LEN)
+    text_encoder = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    # inner dim 2 x 8 = 16 is not a multiple of 6, like the real 2048: RoPE's padding branch runs
+    transformer = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=32)
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1), scaling_factor=0.9,
+        timestep_conditioning=timestep_conditioning)
+    vae.latents_mean.copy_(torch.randn(8) * 0.5)
+    vae.latents_std.copy_(torch.rand(8) + 0.5)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(  # LTX-Video 0.9's scheduler_config
+        use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096,
+        shift_terminal=0.1)
+    pipe = diffusers.LTXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                 scheduler=sched)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
