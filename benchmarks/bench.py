@@ -101,7 +101,7 @@ def make_pipeline(model: str, bundle: str | None, r: Runner, device: str):
         pipe = Pipeline(model, device=device, dtype=dtype)
         if r.precision == "fp8":
             from vidrt.runtime.fp8 import to_fp8
-            to_fp8(pipe.dit)
+            to_fp8(pipe.dit, pipe.family.quant_skip)
         if r.backend == "torch.compile":
             pipe.dit = TorchPart("dit", pipe.dit, compile=True)
     else:
@@ -122,7 +122,7 @@ def bench_runner(pipe, r: Runner, frames: int, height: int, width: int, steps: i
         res["stages"]["text_encoder"] = st
     except ConfigError as e:  # e.g. the umT5 of the Wan geometry is not on this machine: time the rest without it
         res["stages"]["text_encoder"] = {"skipped": str(e)[:200]}
-        L, D = pipe.cfg.text.max_length, pipe.cfg.text.dim
+        L, D = pipe.cfg.text_shape
         emb = torch.randn(2, L, D, generator=torch.Generator().manual_seed(0)).to(dev, pipe.dtype)
         text, mask = emb, torch.ones(2, L, dtype=torch.bool, device=dev)
         pipe.encode_prompts = lambda prompts: (emb[:len(prompts)], mask[:len(prompts)])
@@ -130,7 +130,8 @@ def bench_runner(pipe, r: Runner, frames: int, height: int, width: int, steps: i
     c, t, h, w = pipe.cfg.latent_shape(frames, height, width)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, c, t, h, w, generator=g).to(dev, pipe.dtype)
-    ts = torch.full((2,), 0.5, device=dev)
+    sol = pipe.family.solver(pipe.family.solvers[0], 10, None)
+    ts = torch.full((2,), sol.model_t[5], device=dev)  # a mid-schedule timestep in the family's own units
     st, _ = timed(lambda: pipe.dit(x, ts, text, mask), warmup, runs, dev)
     res["stages"]["dit_step"] = {**st, "throughput_steps_per_s": 1000 / st["p50_ms"]}
     lat = x[:1]
@@ -184,8 +185,9 @@ def to_markdown(rep: dict) -> str:
     lines = [f"Model `{rep['model']}`, video {rep['shape']}, {rep['steps']} steps, CFG batch 2; device "
              f"{rep['device']} ({m.get('gpu') or m['cpu']}, ISA {m.get('isa', '?')}, {m['cpu_threads']} threads, load "
              f"{m.get('load_avg_1m', '?')}); {rep['date']}.",
-             f"DiT step: {rep['dit_gflop']:.1f} GFLOP counted; measured GEMM peak {rep['gemm_peak_gflops']:.0f} "
-             "GFLOP/s.", "",
+             (f"DiT step: {rep['dit_gflop']:.1f} GFLOP counted" if rep["dit_gflop"] else
+              "DiT step: FLOPs not counted (no torch module of this model ran)")
+             + f"; measured GEMM peak {rep['gemm_peak_gflops']:.0f} GFLOP/s.", "",
              "| runner | text enc p50 ms | DiT step p50 / p90 / p99 ms | DiT x | DiT GFLOP/s (% peak) | VAE p50 ms "
              "| e2e p50 s | e2e x | frames/s | videos/min | peak RSS MiB |", "|---" * 11 + "|"]
     for r in rep["results"]:
@@ -198,7 +200,8 @@ def to_markdown(rep: dict) -> str:
         te = f"{s['text_encoder']['p50_ms']:.1f}" if "p50_ms" in s["text_encoder"] else "n/a (random text)"
         lines.append(
             f"| {r['label']} | {te} | {d['p50_ms']:.1f} / {d['p90_ms']:.1f} / "
-            f"{d['p99_ms']:.1f} | {fmt(d['speedup_vs_baseline'])} | {d['gflops']:.1f} ({d['peak_fraction']:.0%}) | "
+            f"{d['p99_ms']:.1f} | {fmt(d['speedup_vs_baseline'])} | "
+            + (f"{d['gflops']:.1f} ({d['peak_fraction']:.0%})" if "gflops" in d else "-") + " | "
             f"{s['vae_decode']['p50_ms']:.1f} | {e['p50_ms'] / 1000:.2f} | {fmt(e['speedup_vs_baseline'])} | "
             f"{e['throughput_frames_per_s']:.1f} | {e['videos_per_min']:.1f} | "
             f"{max(st.get('rss_peak_mib', 0) for st in s.values()):.0f} |")
@@ -239,16 +242,19 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
         progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from vidrt.models.checkpoint import load_model
+    from vidrt.models.family import family_config, load_family
     dev = torch.device(device)
-    cfg, dit, _ = load_model(model)
+    cfg = family_config(model)
     s = cfg.sample
     frames, height, width = frames or s.num_frames, height or s.height, width or s.width
     c, t, h, w = cfg.latent_shape(frames, height, width)
-    L = cfg.text.max_length
-    flops = dit_flops(dit, (torch.randn(2, c, t, h, w), torch.rand(2), torch.randn(2, L, cfg.text.dim),
-                            torch.ones(2, L, dtype=torch.bool)))
-    del dit
+    (L, D), flops = cfg.text_shape, None
+
+    def count(dit, d) -> int:  # FLOPs of one CFG-batch DiT call, counted on the module that runs
+        with torch.device(d):
+            return dit_flops(dit, (torch.randn(2, c, t, h, w, dtype=next(dit.parameters()).dtype), torch.rand(2),
+                                   torch.randn(2, L, D, dtype=next(dit.parameters()).dtype),
+                                   torch.ones(2, L, dtype=torch.bool)))
     peak = gemm_peak_gflops(dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
     results = []
     for r in tqdm(runners, desc="bench", disable=not progress):
@@ -258,23 +264,34 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
             results.append({"label": r.label, "backend": r.backend, "precision": r.precision,
                             "skipped": str(e).splitlines()[0][:200]})
             continue
-        res = bench_runner(pipe, r, frames, height, width, steps, warmup, runs, e2e_runs)
-        d = res["stages"]["dit_step"]
-        d["gflops"] = flops / (d["p50_ms"] / 1000) / 1e9
-        d["peak_fraction"] = d["gflops"] / peak
-        results.append(res)
+        if flops is None and isinstance(pipe.dit, torch.nn.Module):
+            flops = count(pipe.dit, pipe.device)
+        results.append(bench_runner(pipe, r, frames, height, width, steps, warmup, runs, e2e_runs))
         del pipe
+    if flops is None and _family_name(model) is None:  # bundles only: vidrt's own DiT counts in a moment on the host
+        flops = count(load_family(model).dit, "cpu")
+    for res in results:
+        d = res.get("stages", {}).get("dit_step")
+        if d and flops:
+            d["gflops"] = flops / (d["p50_ms"] / 1000) / 1e9
+            d["peak_fraction"] = d["gflops"] / peak
     add_ratios(results, baseline or runners[0].label)
     rep = {"schema": "vidrt-bench/1", "model": model, "shape": f"{frames}x{height}x{width}", "steps": steps,
            "device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(dev),
            "warmup": warmup, "runs": runs, "e2e_runs": e2e_runs, "baseline": baseline or runners[0].label,
-           "dit_gflop": flops / 1e9, "gemm_peak_gflops": peak, "results": results}
+           "dit_gflop": flops / 1e9 if flops else None, "gemm_peak_gflops": peak, "results": results}
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     (o / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
     (o / "results.md").write_text(to_markdown(rep) + "\n")
     plot_png(rep, o / "results.png")
     return rep
+
+
+def _family_name(model) -> str | None:
+    """Not vidrt's own model (a diffusers directory or a family preset)?"""
+    from vidrt.models.family import family_config
+    return getattr(family_config(model), "family", None)
 
 
 def parse_runners(spec: str) -> list[Runner]:

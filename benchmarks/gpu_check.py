@@ -25,7 +25,7 @@ BUDGET_S = 540  # checks not started by then are skipped: the kit ends inside 10
 
 @dataclass
 class KitConfig:
-    model: str = "wan2.1-1.3b"  # the benchmark geometry (random init: timing only)
+    model: str = "wan2.1-1.3b"  # the benchmark model: diffusers' Wan 2.1 1.3B network, random init (timing only)
     frames: int | None = None  # default: the preset's sample shape (81x480x832 for wan2.1-1.3b)
     height: int | None = None
     width: int | None = None
@@ -44,6 +44,8 @@ CHECKS = [
     ("gemm_peak", "bf16 dense GEMM peak of this card (n x n x n, CUDA events)", ("cuda",)),
     ("dit_step", "DiT step (DiT + CFG + Euler) on the benchmark geometry: torch bf16, bf16 + CUDA graph, "
      "FP8 _scaled_mm, FP8 + CUDA graph: p50 ms and MFU vs the measured bf16 peak", ("cuda",)),
+    ("wan_parity", "a tiny random Wan diffusers directory on CUDA: vidrt's Pipeline vs diffusers' WanPipeline "
+     "(fp32, decoded frames max abs), and its CUDA-graph step vs eager (bf16)", ("cuda", "diffusers")),
     ("onnxruntime_cuda", "onnxruntime CUDA provider with IO binding vs onnxruntime CPU (tiny DiT fp32): parity and "
      "p50", ("cuda", "onnxruntime_cuda")),
     ("tensorrt", "export-engines with TensorRT (tiny, fp32+fp16), Pipeline.from_bundle(backend='tensorrt') vs torch, "
@@ -53,7 +55,7 @@ CHECKS = [
 
 def plan(env: dict, only: list[str] | None = None) -> list[dict]:
     """What the kit runs here: one entry per check, with the reason when it is skipped."""
-    missing = {"cuda": "no CUDA device", "onnxruntime_cuda": "onnxruntime has no CUDAExecutionProvider "
+    missing = {"cuda": "no CUDA device", "diffusers": "diffusers is not installed (pip install 'vidrt[diffusers]')", "onnxruntime_cuda": "onnxruntime has no CUDAExecutionProvider "
                "(pip install onnxruntime-gpu)", "tensorrt": "the tensorrt package is not installed"}
     out = []
     for name, what, needs in CHECKS:
@@ -79,6 +81,11 @@ def probe_env() -> dict:
         pass
     from vidrt.export.tensorrt import trt_version
     env["tensorrt"] = trt_version()
+    try:
+        import diffusers
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        env["diffusers"] = None
     return env
 
 
@@ -148,21 +155,22 @@ def check_gemm_peak(cfg: KitConfig, ctx: dict) -> dict:
 
 def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
     from vidrt.benchmarks.bench import dit_flops
-    from vidrt.models.checkpoint import resolve_model
-    from vidrt.models.dit import VideoDiT
+    from vidrt.models.family import family_config, load_family
     from vidrt.runtime.backends import TorchPart
     from vidrt.runtime.cudagraph import GraphedStep
     from vidrt.runtime.fp8 import Fp8Linear, quantize_act, to_fp8
-    mc = resolve_model(cfg.model)[0]
+    mc = family_config(cfg.model)
     f, h, w = cfg.frames or mc.sample.num_frames, cfg.height or mc.sample.height, cfg.width or mc.sample.width
     c, t, hh, ww = mc.latent_shape(f, h, w)
+    (L, D), arch = mc.text_shape, getattr(mc, "family", "vidrt")
     torch.manual_seed(0)
+    fam = load_family(cfg.model, device="cuda", dtype=torch.bfloat16).to("cuda", torch.bfloat16)
+    dit, t_mid = fam.dit.eval(), fam.solver(fam.solvers[0], 10, None).model_t[5]  # mid-schedule, family units
     with torch.device("cuda"):
-        dit = VideoDiT(mc.dit).to(torch.bfloat16).eval()
         lat = torch.randn(1, c, t, hh, ww, dtype=torch.bfloat16)
-        text = torch.randn(2, mc.text.max_length, mc.text.dim, dtype=torch.bfloat16)
-        mask = torch.ones(2, mc.text.max_length, dtype=torch.bool)
-    flops = dit_flops(dit, (torch.cat([lat, lat]), torch.rand(2, device="cuda"), text, mask))
+        text = torch.randn(2, L, D, dtype=torch.bfloat16)
+        mask = torch.ones(2, L, dtype=torch.bool)
+    flops = dit_flops(dit, (torch.cat([lat, lat]), torch.full((2,), t_mid, device="cuda"), text, mask))
     peak = ctx.get("peak_tflops")
     rows = []
     for label in ("torch bf16", "torch fp8 (_scaled_mm)", "torch fp8 (_scaled_mm, compiled act quant)"):
@@ -171,14 +179,14 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
             continue
         try:  # an FP8 failure must not lose the bf16 rows
             if "fp8" in label:
-                to_fp8(dit)  # no-op the second time (no nn.Linear left)
+                to_fp8(dit, fam.quant_skip)  # no-op the second time (no nn.Linear left)
             if "compiled" in label:
                 quant = torch.compile(quantize_act, dynamic=True)
                 for m in dit.modules():
                     if isinstance(m, Fp8Linear):
                         m.quantize = quant
             step = GraphedStep(TorchPart("dit", dit), lat, text, mask, warmup=1).start(lat, text, mask, 5.0)
-            step.t.fill_(0.9)
+            step.t.fill_(t_mid)
             step.dt.fill_(-0.02)
             with torch.no_grad():
                 for graphs in (False, True):
@@ -191,7 +199,8 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
             del step
         except Exception as e:  # noqa: BLE001
             rows.append({"label": label, "error": _err(e)})
-    return {"model": cfg.model, "video": f"{f}x{h}x{w}", "latent": [c, t, hh, ww], "cfg_batch": 2,
+    return {"model": cfg.model, "architecture": arch, "video": f"{f}x{h}x{w}", "latent": [c, t, hh, ww],
+            "cfg_batch": 2,
             "dit_tflop": round(flops / 1e12, 2), "peak_tflops": peak, "results": rows}
 
 
@@ -224,6 +233,44 @@ def kernel_breakdown(fn) -> dict:
     return {"total_ms": round(total, 1), "by_kind": {k: {"ms": round(v, 1), "share": round(v / total, 3)}
                                                      for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [{"kernel": k[:120], "ms": round(v, 1)} for k, v in top]}
+
+
+def check_wan_parity(cfg: KitConfig, ctx: dict) -> dict:
+    from diffusers import WanPipeline
+
+    from vidrt.models.wan import save_tiny
+    from vidrt.runtime.pipeline import Pipeline
+    prompt, neg, (f, h, w), steps, g = "a red circle moving left", "blue", (9, 32, 32), 4, 5.0
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        root = save_tiny(Path(d) / "wan")
+        pipe = Pipeline(root, device="cuda")
+        lat = torch.randn(1, *pipe.cfg.latent_shape(f, h, w), generator=torch.Generator().manual_seed(0))
+        want = WanPipeline.from_pretrained(root).to("cuda")(
+            prompt=prompt, negative_prompt=neg, num_frames=f, height=h, width=w, num_inference_steps=steps,
+            guidance_scale=g, latents=lat.clone().cuda(), output_type="pt").frames
+        text, mask = pipe.encode_prompts([neg, prompt])
+        r = pipe.request(prompt, neg, f, h, w, steps, g)
+        x = pipe.denoise(lat.cuda(), text, mask, g, pipe.family.solver(r.solver, steps, r.shift), progress=False)
+        got = (pipe.decode_video(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        res["fp32_vs_diffusers"] = _diff(got, want)
+        bf = Pipeline(root, device="cuda", dtype=torch.bfloat16)
+        text, mask = bf.encode_prompts([neg, prompt])
+        sol = bf.family.solver("default", 8, None)
+        eager = bf.denoise(lat.cuda().bfloat16(), text, mask, g, sol, progress=False)
+        bf.cuda_graphs = True  # UniPC keeps host history: graphs fall back; euler from the same sigmas is graphed
+        from vidrt.runtime.schedulers import FlowEuler
+        eu = FlowEuler.from_sigmas(sol.timesteps, sol.model_t)
+        bf.cuda_graphs = False
+        e2 = bf.denoise(lat.cuda().bfloat16(), text, mask, g, eu, progress=False)
+        bf.cuda_graphs = True
+        graphed = bf.denoise(lat.cuda().bfloat16(), text, mask, g, eu, progress=False)
+        res["bf16_graph_vs_eager_euler"] = {**_diff(graphed, e2), "graph_fallback": bf.graph_fallback}
+        res["bf16_unipc_finite"] = bool(torch.isfinite(eager).all())
+    res["passed"] = res["fp32_vs_diffusers"]["max_abs"] <= 1e-3 and \
+        res["bf16_graph_vs_eager_euler"]["graph_fallback"] is None and \
+        res["bf16_graph_vs_eager_euler"]["rel_l2"] <= 1e-2
+    return res
 
 
 def check_onnxruntime_cuda(cfg: KitConfig, ctx: dict) -> dict:
@@ -279,7 +326,7 @@ def check_tensorrt(cfg: KitConfig, ctx: dict) -> dict:
     return res
 
 
-RUNNERS = {"cuda_graph_parity": check_cuda_graph_parity, "gemm_peak": check_gemm_peak, "dit_step": check_dit_step,
+RUNNERS = {"cuda_graph_parity": check_cuda_graph_parity, "wan_parity": check_wan_parity, "gemm_peak": check_gemm_peak, "dit_step": check_dit_step,
            "onnxruntime_cuda": check_onnxruntime_cuda, "tensorrt": check_tensorrt}
 
 
@@ -334,6 +381,9 @@ def _summary(name: str, r: dict) -> str:
         return ""
     if name == "cuda_graph_parity":
         return "; ".join(f"{k}: max abs {_fmt(v['max_abs'])}" for k, v in r.items() if isinstance(v, dict))
+    if name == "wan_parity":
+        return (f"fp32 vs WanPipeline max abs {_fmt(r['fp32_vs_diffusers']['max_abs'])}; bf16 graph vs eager rel L2 "
+                f"{_fmt(r['bf16_graph_vs_eager_euler']['rel_l2'])}")
     if name == "gemm_peak":
         return f"{r['bf16_tflops']} TFLOP/s bf16 at n={r['n']}"
     if name == "dit_step":

@@ -282,7 +282,7 @@ def summary_table(manifest: dict) -> str:
 
 @click.command()
 @click.option("--model", default="tiny", show_default=True,
-              help="tiny|small|opensora-1.2|wan2.1-1.3b|CHECKPOINT_DIR|DIFFUSERS_DIR (Wan)")
+              help="a preset (tiny, small, ...), a vidrt CHECKPOINT_DIR or a diffusers DIR (Wan)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create")
 @click.option("--precision", default="fp32", show_default=True, help="Comma list of fp32,fp16,bf16,int8,fp8")
 @click.option("--frames", type=int, help="Bucket frames (with --height/--width; default: the model's)")

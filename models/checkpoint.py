@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import PRESETS, ConfigError, ModelConfig, preset
+from .config import PRESETS, ConfigError, ModelConfig, all_presets, preset
 from .dit import VideoDiT
 from .vae import CausalVAE
 
@@ -45,7 +45,7 @@ def resolve_model(model: str | Path) -> tuple[ModelConfig, Path | None]:
     p = Path(model).expanduser()
     if not p.exists():
         raise ConfigError(f"checkpoint path {str(p)!r} does not exist; pass a directory with {', '.join(FILES)} "
-                          f"or a preset ({', '.join(PRESETS)})")
+                          f"or a preset ({', '.join(all_presets())})")
     missing = [f for f in FILES if not (p / f).is_file()]
     if missing:
         raise ConfigError(f"checkpoint directory {str(p)!r} lacks {', '.join(missing)}")

@@ -98,6 +98,11 @@ class ModelConfig:
             raise ConfigError(f"dit.in_channels={self.dit.in_channels} != vae.z_channels={self.vae.z_channels}")
 
     @property
+    def text_shape(self) -> tuple[int, int]:
+        """(length, width) of the text embeddings the DiT takes."""
+        return self.text.max_length, self.text.dim
+
+    @property
     def hw_multiple(self) -> int:
         """Height and width must be multiples of this: VAE factor x patch size, and at least 16."""
         m = self.vae.spatial_factor * max(self.dit.patch[1:])
@@ -251,9 +256,10 @@ def _opensora() -> ModelConfig:
 
 
 def _wan() -> ModelConfig:
-    # Wan2.1-T2V-1.3B geometry (random init): 30 layers, 1536 wide, 12 heads, ffn 8960, umT5-XXL text (4096 x 512).
+    # vidrt's VideoDiT at the Wan2.1-T2V-1.3B widths (random init): 30 layers, 1536 wide, 12 heads, ffn 8960, umT5-XXL
+    # text (4096 x 512). Not Wan's network: the real architecture is models/wan.py's preset "wan2.1-1.3b".
     return ModelConfig(
-        "wan2.1-1.3b",
+        "vidrt-wan2.1-1.3b",
         dit=DiTConfig(in_channels=16, hidden=1536, depth=30, heads=12, mlp_hidden=8960, patch=(1, 2, 2),
                       text_dim=4096, shared_adaln=True),
         vae=VAEConfig(z_channels=16, base_channels=96),
@@ -262,10 +268,17 @@ def _wan() -> ModelConfig:
                               shift=5.0, fps=16))
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "opensora-1.2": _opensora, "wan2.1-1.3b": _wan}
+PRESETS = {"tiny": _tiny, "small": _small, "opensora-1.2": _opensora, "vidrt-wan2.1-1.3b": _wan}
+
+
+def all_presets() -> list[str]:
+    """vidrt's presets, then the model families' real-size random-init ones (models/wan.py)."""
+    from .wan import PRESETS as WAN
+    return [*PRESETS, *WAN]
 
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} or pass a checkpoint directory")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(all_presets())} or pass a checkpoint "
+                          "directory")
     return PRESETS[name]()

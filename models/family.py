@@ -6,6 +6,7 @@ is model-specific, once; `Pipeline` reads everything through it:
     dit                 nn.Module with the one DiT call: dit(latents, timestep, text, text_mask) -> velocity
     to(device, dtype)   move the torch parts
     encode(prompts)     -> (text (B, L, D) float32, text_mask (B, L) bool), exactly as the family's pipeline does it
+    quant_skip          module-name regexes kept in float by FP8/INT8 (measured per family)
     solvers, solver(name, steps, shift, latent_shape=None)
                         the sampler: sigmas from 1 to 0 (.timesteps), the DiT's timestep per step (.model_t),
                         step(i, x, velocity)
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from vidrt.runtime.fp8 import SENSITIVE_MODULES
 
 from .checkpoint import FILES, load_model
 from .config import PRESETS, ConfigError, ModelConfig, check_memory
@@ -94,6 +97,7 @@ class VidrtFamily:
     """The project's own DiT and causal VAE (ModelConfig). `vae_part`: a backend part decoding normalised latent
     tiles (bundles); None decodes with `vae`."""
     solvers = ("euler", "dpm++2m")
+    quant_skip = SENSITIVE_MODULES  # kept in float by FP8 (the ONNX recipe's calibration.quantize.SENSITIVE)
 
     def __init__(self, cfg: ModelConfig, dit, vae, text_encoder=None, vae_part=None, decode_tile: int = 4):
         self.cfg, self.dit, self.vae, self.vae_part, self.decode_tile = cfg, dit, vae, vae_part, decode_tile
@@ -191,8 +195,16 @@ def family_module(name: str):
     return importlib.import_module(f"vidrt.models.{name}")
 
 
+def _family_preset(model) -> str | None:
+    """The family module of a random-init preset at a real size (e.g. wan2.1-14b), or None."""
+    from . import wan
+    return "wan" if str(model) in wan.PRESETS else None
+
+
 def family_config(model: str | Path):
     """The model's config (defaults, shape rules) without loading weights."""
+    if _family_preset(model):
+        return family_module(_family_preset(model)).preset_config(str(model))
     p = _diffusers_dir(model)
     if p is not None:
         return family_module(diffusers_family(p)).Config.from_dir(p)
@@ -200,9 +212,11 @@ def family_config(model: str | Path):
     return resolve_model(model)[0]
 
 
-def load_family(model: str | Path = "tiny", seed: int = 0):
+def load_family(model: str | Path = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):
     """A preset name, `tiny`, a vidrt checkpoint directory or a diffusers pipeline directory -> a loaded family on
-    CPU in float32 (eval mode)."""
+    CPU in float32 (eval mode); a family's real-size random-init preset is built directly on `device` in `dtype`."""
+    if _family_preset(model):
+        return family_module(_family_preset(model)).from_preset(str(model), device, dtype, seed)
     p = Path(str(model)).expanduser()
     if _diffusers_dir(model) is not None:
         return family_module(diffusers_family(p)).Family(p)

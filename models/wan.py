@@ -92,6 +92,10 @@ class WanConfig:
     def hw_multiple(self) -> int:
         return self.spatial_factor * max(self.patch[1:])
 
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        return self.text_len, self.text_dim
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         f, m = self.temporal_factor, self.hw_multiple
         if num_frames < 1 or (num_frames - 1) % f:
@@ -133,12 +137,22 @@ class WanDiT(nn.Module):
         model = self.transformer
         if self.transformer_2 is not None and float(timestep.reshape(-1)[0]) < self.boundary:
             model = self.transformer_2  # Wan 2.2 A14B: the low-noise expert below the boundary timestep
-        dtype = next(model.parameters()).dtype
+        dtype = model.dtype  # as WanPipeline: the dtype of the parameters not kept in float32
         if self.expand_timesteps:  # one timestep per latent token (2x2 spatial patches), as WanPipeline does
             _, _, t, h, w = latents.shape
             timestep = timestep[:, None].expand(-1, t * (h // 2) * (w // 2))
         return model(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype),
                      return_dict=False)[0]
+
+
+def _cast(model: nn.Module, device, dtype) -> None:
+    """model.to(device, dtype), except the parameters diffusers keeps in float32 when it loads the model in a 16-bit
+    dtype (the model's _keep_in_fp32_modules: Wan's time embedder, norms, modulation table), so vidrt computes what
+    WanPipeline.from_pretrained(torch_dtype=...) computes."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        want = torch.float32 if p.is_floating_point() and any(k in name.split(".") for k in keep) else dtype
+        p.data = p.data.to(device, want if p.is_floating_point() else p.dtype)
 
 
 def _diffusers():
@@ -163,6 +177,9 @@ def _load(cls, path: Path, what: str, **kw):
 class WanFamily:
     """A loaded Wan directory: see models/family.py for the contract."""
     solvers = ("default",)
+    # kept in float by FP8/INT8 (module-name regexes): the time/text condition embedders, the patch embedding and the
+    # output projection (a colleague measured Wan INT8 rel L2 0.087 with nothing skipped, 0.040 with these skipped)
+    quant_skip = (r"condition_embedder", r"patch_embedding", r"(^|\.)proj_out$")
 
     def __init__(self, root: str | Path):
         from vidrt.models.text import _offline
@@ -215,13 +232,17 @@ class WanFamily:
         if self.vae is None:  # a bundle: the parts live in their backend
             return self
         self.device = torch.device(device)
-        self.dit.to(self.device, dtype)
-        self.vae.to(self.device, dtype)
-        self.text_model.to(self.device)
+        for m in (*self.dit.children(), self.vae):
+            _cast(m, self.device, dtype)
+        if self.text_model is not None:  # presets have none
+            self.text_model.to(self.device)
         return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.cfg.name} is a random-init geometry preset without a text encoder (UMT5-XXL "
+                              "is not built at random): pass text embeddings, or use a Wan diffusers directory")
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
         L = self.cfg.text_len
         tok = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=L, truncation=True,
@@ -333,6 +354,82 @@ class WanText(nn.Module):
 
 
 Family, Config = WanFamily, WanConfig  # what models/family.py loads
+
+# Random-init presets at the real sizes, from the published diffusers configs (timing only: no text encoder, so
+# bench feeds random text embeddings; the VAE statistics of Wan 2.2's 48-channel VAE are placeholders).
+_T2V = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+            freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_VAE21 = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+PRESETS = {
+    "wan2.1-1.3b": dict(transformer={**_T2V, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+                        vae=_VAE21, sample=(81, 480, 832, 16), flow_shift=3.0),
+    "wan2.1-14b": dict(transformer={**_T2V, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+                       vae=_VAE21, sample=(81, 720, 1280, 16), flow_shift=5.0),
+    "wan2.2-5b": dict(transformer={**_T2V, "num_attention_heads": 24, "ffn_dim": 14336, "num_layers": 30,
+                                   "in_channels": 48, "out_channels": 48},
+                      vae=dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48,
+                               latents_std=[1.0] * 48),
+                      sample=(121, 704, 1280, 24), flow_shift=5.0, expand_timesteps=True),
+    "wan2.2-a14b": dict(transformer={**_T2V, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+                        vae=_VAE21, sample=(81, 720, 1280, 16), flow_shift=5.0, boundary_ratio=0.875),
+}
+
+
+def _random_init(cls, kw: dict, device, dtype, seed: int):
+    """cls(**kw) built on the meta device and materialised on `device` in `dtype` (a 14B model never exists in fp32
+    on the host); weights N(0, 0.02), norms 1, biases 0; buffers (RoPE tables) from a one-layer CPU twin."""
+    with torch.device("meta"):
+        m = cls(**kw)
+    _cast(m, "meta", dtype)
+    m = m.to_empty(device=device)
+    twin = cls(**{**kw, "num_layers": 1}) if "num_layers" in kw else cls(**kw)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        for name, b in m.named_buffers():
+            b.copy_(dict(twin.named_buffers())[name])
+    _cast(m, device, dtype)  # the float32 modules back to float32, as diffusers loads them
+    return m.eval()
+
+
+def preset_config(name: str) -> WanConfig:
+    diffusers, _ = _diffusers()
+    p = PRESETS[name]
+    t, v = p["transformer"], p["vae"]
+    with torch.device("meta"):
+        vd = diffusers.AutoencoderKLWan(**v).config  # the class's defaults (latent statistics, scale factors)
+    f, h, w, fps = p["sample"]
+    return WanConfig(name=name, in_channels=t["in_channels"], text_dim=t["text_dim"], patch=tuple(t["patch_size"]),
+                     temporal_factor=vd.scale_factor_temporal, spatial_factor=vd.scale_factor_spatial,
+                     latents_mean=list(vd.latents_mean), latents_std=list(vd.latents_std),
+                     scheduler={"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+                                "use_flow_sigmas": True, "flow_shift": p["flow_shift"], "num_train_timesteps": 1000},
+                     boundary_ratio=p.get("boundary_ratio"), expand_timesteps=p.get("expand_timesteps", False),
+                     width=t["num_attention_heads"] * t["attention_head_dim"], ffn_dim=t["ffn_dim"],
+                     vae_base_dim=v.get("decoder_base_dim") or v["base_dim"],
+                     sample=SampleDefaults(num_frames=f, height=h, width=w, num_inference_steps=50,
+                                           guidance_scale=5.0, shift=p["flow_shift"], fps=fps))
+
+
+def from_preset(name: str, device="cpu", dtype=torch.float32, seed: int = 0) -> WanFamily:
+    """A random-init Wan at a real size (PRESETS), built directly on `device` in `dtype`."""
+    diffusers, _ = _diffusers()
+    t, v, cfg = PRESETS[name]["transformer"], PRESETS[name]["vae"], preset_config(name)
+    self = WanFamily.__new__(WanFamily)
+    self.root, self.cfg, self.device = None, cfg, torch.device(device)
+    self.tokenizer = self.text_model = self.text_part = None
+    tr = _random_init(diffusers.WanTransformer3DModel, t, device, dtype, seed)
+    tr2 = _random_init(diffusers.WanTransformer3DModel, t, device, dtype, seed + 1) if cfg.boundary_ratio else None
+    self.dit = WanDiT(tr, tr2, None if tr2 is None else cfg.boundary_ratio * 1000, cfg.expand_timesteps)
+    self.vae = _random_init(diffusers.AutoencoderKLWan, v, device, dtype, seed + 2)
+    self.vae_decode = lambda z: self.vae.decode(z, return_dict=False)[0]
+    return self
 
 
 TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "

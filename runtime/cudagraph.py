@@ -1,7 +1,7 @@
 """CUDA graph of one whole denoising step: DiT call + CFG combine + Euler update, captured once per shape after
 warm-up, with static buffers, then replayed for every step (host work per step: two scalar fills and a replay).
 
-    pipe = Pipeline("wan2.1-1.3b", device="cuda", dtype=torch.bfloat16); pipe.cuda_graphs = True
+    pipe = Pipeline("vidrt-wan2.1-1.3b", device="cuda", dtype=torch.bfloat16); pipe.cuda_graphs = True
     pipe(prompt)   # captures on the first call of each shape, replays after; falls back (logged) when it cannot
 
 Works for torch modules and TensorRT engines: TrtPart runs on its own stream, which joins the capture (fork/join on
@@ -70,9 +70,10 @@ class GraphedStep:
         self.g.fill_(guidance)
         return self
 
-    def step(self, t: float, t_next: float) -> torch.Tensor:
-        """One replay from t to t_next; returns the static latents buffer (valid until the next step)."""
-        self.t.fill_(t)
+    def step(self, t: float, t_next: float, model_t: float | None = None) -> torch.Tensor:
+        """One replay from noise level t to t_next, the DiT given `model_t` (default t: a family's scheduler may
+        count in other units, Wan's 0..1000); returns the static latents buffer (valid until the next step)."""
+        self.t.fill_(t if model_t is None else model_t)
         self.dt.fill_(t_next - t)
         with torch.cuda.device(self.x.device):
             self.graph.replay()

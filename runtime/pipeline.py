@@ -96,7 +96,7 @@ class Pipeline:
         """model: a preset, `tiny`, a vidrt checkpoint directory, or a diffusers pipeline directory of a supported
         family (models/family.py)."""
         self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
-        self.family = load_family(model)
+        self.family = load_family(model, device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.family.to(self.device, dtype)
         if text_encoder is not None:
@@ -240,7 +240,7 @@ class Pipeline:
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
             where = f"step {i + 1} of {steps}"
             if graphed is not None:  # the same step, replayed from a CUDA graph
-                x = graphed.step(ts[i], ts[i + 1])
+                x = graphed.step(ts[i], ts[i + 1], model_t[i])
                 _check_finite(x, f"latents after {where} (CUDA-graph replay of the DiT step)")
             else:
                 xin = torch.cat([x, x]) if cfg_on else x

@@ -19,7 +19,7 @@ def test_bad_shapes_name_the_fix(frames, h, w, msg):
 
 def test_latent_shape_and_presets():
     assert preset("tiny").latent_shape(9, 32, 32) == (8, 3, 4, 4)
-    assert preset("wan2.1-1.3b").latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    assert preset("vidrt-wan2.1-1.3b").latent_shape(81, 480, 832) == (16, 21, 60, 104)
     with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny, small"):
         preset("huge")
     with pytest.raises(ConfigError, match="does not exist"):
@@ -38,7 +38,7 @@ def test_preset_sizes():
             return sum(p.numel() for p in VideoDiT(preset(name).dit).parameters())
     assert 30e6 <= n("small") <= 60e6
     # Published DiT sizes: Wan2.1-T2V-1.3B has 1.42B parameters (its name rounds down).
-    assert 1.38e9 <= n("wan2.1-1.3b") <= 1.46e9
+    assert 1.38e9 <= n("vidrt-wan2.1-1.3b") <= 1.46e9
     # 28 layers of one full-3D-attention block: 0.61B. STDiT3-XL (1.1B) runs a spatial and a temporal block per layer.
     assert 0.55e9 <= n("opensora-1.2") <= 0.7e9
 

@@ -188,12 +188,13 @@ def test_gpu_kit_plan_runs_what_this_machine_has():
     p = {c["name"]: c for c in plan(_env())}
     assert [n for n, c in p.items() if c["run"]] == ["cuda_graph_parity", "gemm_peak", "dit_step"]
     assert "onnxruntime-gpu" in p["onnxruntime_cuda"]["skipped"] and "tensorrt" in p["tensorrt"]["skipped"]
-    full = plan(_env(onnxruntime_cuda=True, tensorrt="10.13.0.35"))
+    assert "diffusers is not installed" in p["wan_parity"]["skipped"]
+    full = plan(_env(onnxruntime_cuda=True, tensorrt="10.13.0.35", diffusers="0.42.1"))
     assert all(c["run"] for c in full)
     assert not any(c["run"] for c in plan(_env(cuda=False)))
     only = {c["name"]: c["run"] for c in plan(_env(), only=["gemm_peak"])}
-    assert only == {"cuda_graph_parity": False, "gemm_peak": True, "dit_step": False, "onnxruntime_cuda": False,
-                    "tensorrt": False}
+    assert only == {"cuda_graph_parity": False, "gemm_peak": True, "dit_step": False, "wan_parity": False,
+                    "onnxruntime_cuda": False, "tensorrt": False}
 
 
 def _report():
@@ -252,7 +253,7 @@ def test_gpu_kit_without_cuda_says_so_and_exits_nonzero(tmp_path):
 def test_gpu_kit_run_writes_a_report_of_skips_without_cuda(tmp_path):
     from vidrt.benchmarks.gpu_check import KitConfig, run
     rep = run(KitConfig(), tmp_path)
-    assert [c["skipped"].split(";")[0] for c in rep["checks"]] == ["no CUDA device"] * 5
+    assert [c["skipped"].split(";")[0] for c in rep["checks"]] == ["no CUDA device"] * 6
     assert json.loads((tmp_path / "results.json").read_text())["checks"][0]["name"] == "cuda_graph_parity"
     assert (tmp_path / "results.md").read_text().startswith("# vidrt GPU check: no CUDA device")
 

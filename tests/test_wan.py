@@ -163,3 +163,42 @@ def test_quantized_wan_bundle_is_refused_before_any_work(dirs, tmp_path):
     with pytest.raises(ConfigError, match="int8 bundles of a wan model are not built yet"):
         export_engines(str(dirs["unipc"]), tmp_path / "b", ["int8"], [Bucket(9, 32, 32)], calib=tmp_path,
                        progress=False)
+
+
+def test_real_size_presets_match_the_published_models():
+    """Random-init presets at the real sizes (for GPU timing): DiT parameter counts on the meta device, measured vs
+    the published sizes: Wan2.1-T2V-1.3B 1.419B ("1.42B"), 14B 14.29B, Wan2.2-TI2V-5B 5.00B."""
+    from diffusers import WanTransformer3DModel
+
+    from vidrt.models import wan
+    from vidrt.models.family import family_config
+
+    def n(name):
+        with torch.device("meta"):
+            return sum(p.numel() for p in WanTransformer3DModel(**wan.PRESETS[name]["transformer"]).parameters())
+    assert 1.38e9 <= n("wan2.1-1.3b") <= 1.46e9
+    assert 13.5e9 <= n("wan2.1-14b") <= 15e9
+    assert 4.7e9 <= n("wan2.2-5b") <= 5.3e9
+    assert family_config("wan2.1-1.3b").latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    five = family_config("wan2.2-5b")  # 48-channel VAE, x16 space, patch 2: sizes are multiples of 32
+    assert five.latent_shape(121, 704, 1280) == (48, 31, 44, 80) and five.expand_timesteps
+    with pytest.raises(ConfigError, match="multiple of 32 for Wan"):
+        five.latent_shape(121, 720, 1280)
+    assert family_config("wan2.2-a14b").boundary_ratio == 0.875
+
+
+def test_random_init_materialises_on_the_device_like_diffusers_loads():
+    """Built on meta, materialised in bf16, with the RoPE tables of a CPU-built twin and diffusers' float32 modules
+    (time embedder, norms, modulation table) in float32; the forward is finite."""
+    from diffusers import WanTransformer3DModel
+
+    from vidrt.models.wan import _random_init
+    kw = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+              text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+    m = _random_init(WanTransformer3DModel, kw, "cpu", torch.bfloat16, 0)
+    ref = WanTransformer3DModel(**kw)
+    assert torch.equal(m.rope.freqs_cos.float(), ref.rope.freqs_cos)
+    assert m.scale_shift_table.dtype == torch.float32 and m.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16
+    out = m(hidden_states=torch.randn(1, 4, 2, 8, 8, dtype=torch.bfloat16), timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(1, 7, 32, dtype=torch.bfloat16), return_dict=False)[0]
+    assert out.shape == (1, 4, 2, 8, 8) and torch.isfinite(out).all()
