@@ -289,7 +289,7 @@ class LTXFamily:
     def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:
         """text_encoder (input_ids -> text), dit (with text_mask), vae_decoder (the whole latent video, de-normalising
         inside); every graph dynamic in batch, frames, height, width (and text length)."""
-        from vidrt.export.swaps import exportable
+        from vidrt.export import swaps as sw
 
         from .family import PartSpec, batch_profiles, probe_shape
         c, specs, L = self.cfg, [], self.cfg.text_len
@@ -297,7 +297,8 @@ class LTXFamily:
         shapes = [(b.frames, b.height, b.width) for b in buckets]
         g = torch.Generator().manual_seed(0)
         if "text_encoder" in parts:
-            io = (["input_ids"], ["text"], {"input_ids": {0: "batch", 1: "text_len"}, "text": {0: "batch", 1: "text_len"}})
+            io = (["input_ids"], ["text"], {"input_ids": {0: "batch", 1: "text_len"},
+                                            "text": {0: "batch", 1: "text_len"}})
             prompts = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
 
             def feed(n, length):
@@ -322,14 +323,14 @@ class LTXFamily:
             per_bucket = [feed(s, max_batch, L) for s in shapes]
             cases = [feed(s, 1, L) for s in shapes] + per_bucket + [feed(pf, max_batch + 1, max(2, L // 3))]
             specs.append(PartSpec("dit", self.dit, io, cases, per_bucket[-1], batch_profiles(io, per_bucket),
-                                  swaps=exportable))
+                                  swaps=lambda m: sw.exportable(m, sw.LTX)))
         if "vae_decoder" in parts:
             io = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
                                            "video": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
             per_bucket = [{"latents": torch.randn(1, *c.latent_shape(*s), generator=g)} for s in shapes]
             probe = {"latents": torch.randn(2, *c.latent_shape(*pf), generator=g)}
             specs.append(PartSpec("vae_decoder", self.vae_part, io, per_bucket + [probe], per_bucket[-1],
-                                  batch_profiles(io, per_bucket), swaps=exportable))
+                                  batch_profiles(io, per_bucket), swaps=lambda m: sw.exportable(m, sw.LTX)))
         return specs
 
 

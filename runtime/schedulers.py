@@ -208,8 +208,8 @@ def solver_from_diffusers(config: dict, steps: int, shift: float | None = None, 
     if unipc and (mu is not None or sigmas is not None):
         raise ValueError("mu and sigmas are FlowMatchEulerDiscreteScheduler arguments; UniPC takes neither")
     if not ok:
-        raise ValueError(f"unsupported {kind} settings (dynamic shifting without mu, stochastic sampling, inverted sigmas, "
-                         f"thresholding, non-flow prediction, final sigma not zero); supported: {supported}")
+        raise ValueError(f"unsupported {kind} settings (dynamic shifting without mu, stochastic sampling, inverted "
+                         f"sigmas, thresholding, non-flow prediction, final sigma not zero); supported: {supported}")
     if mu is None and sigmas is None:
         sched.set_timesteps(steps)
     else:

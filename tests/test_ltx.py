@@ -114,3 +114,68 @@ def test_frame_and_size_rules_name_the_fix(dirs, tmp_path):
     with pytest.raises(ConfigError, match="caption_channels=64: the parts are from different models"):
         Pipeline(mism)
 
+
+BUCKETS = ((9, 32, 32), (17, 32, 64))
+
+
+@pytest.fixture(scope="module")
+def bundle(dirs, tmp_path_factory):
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    out = tmp_path_factory.mktemp("ltxb") / "b"
+    return out, export_engines(str(dirs["v090"]), out, ["fp32"], [Bucket(*b) for b in BUCKETS], progress=False)
+
+
+def test_export_validates_every_graph_beyond_its_buckets(bundle):
+    """Text encoder, DiT (with its text mask) and the whole-video VAE decoder, each checked against PyTorch at both
+    buckets and at a probe shape unlike both (frames, height, width, batch and text length differ)."""
+    man = bundle[1]
+    val = man["validation"]
+    assert sorted(val) == ["dit.fp32", "text_encoder.fp32", "vae_decoder.fp32"]
+    for name, rep in val.items():
+        assert rep["passed"] and rep["polygraphy"]["passed"], name
+        assert max(p["rel_l2"] for p in rep["parity"]) <= 1e-4, name
+    assert val["dit.fp32"]["parity"][-1]["shape"] == "3x8x4x2x4"  # probe 25x64x128 at batch 3
+    assert val["vae_decoder.fp32"]["parity"][-1]["shape"] == "2x8x4x2x4"
+    assert man["parts"]["dit.fp32"]["inputs"] == ["latents", "timestep", "text", "text_mask"]
+    assert man["model"]["family"] == "ltx" and "tokenizer/tokenizer.json" in man["files"]
+
+
+def test_bundle_on_onnxruntime_matches_diffusers(dirs, bundle):
+    """The exported bundle on onnxruntime vs diffusers' LTXPipeline at both buckets (measured max abs 9.5e-7 and
+    1.2e-6; bound 1e-2)."""
+    from vidrt.runtime.backends import BackendError
+    pipe = Pipeline.from_bundle(bundle[0])
+    diffs = []
+    for f, h, w in BUCKETS:
+        lat = _latents(pipe, f, h, w)
+        diffs.append((_vidrt(pipe, lat, f=f, h=h, w=w) - _reference(dirs["v090"], lat, f, h, w)).abs().max().item())
+    print("onnxruntime bundle vs LTXPipeline max abs:", diffs)
+    assert max(diffs) <= 1e-2, diffs
+    with pytest.raises(BackendError, match="9x64x64 is not a shape this bundle serves"):
+        pipe.request(PROMPT, num_frames=9, height=64, width=64)
+
+
+def test_export_swaps_are_exact_and_needed(dirs, tmp_path, monkeypatch):
+    """The LTX swaps change no value (torch output with and without them: equal) and each is needed: without
+    ltx_rope the exporter rewrites the timestep embedding's Concat axis to 2 on rank-2 tensors; without ltx_movedim
+    the VAE's movedim(-1, 1) becomes Transpose perm (0, -1, 1, 2, 3). Both graphs fail ONNX's checker."""
+    from vidrt.export import swaps
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    from vidrt.models.ltx import LTXFamily
+    fam = LTXFamily(dirs["tconf"])
+    for spec in fam.export_parts(("dit", "vae_decoder"), [Bucket(9, 32, 32)], 2, 4):
+        with torch.no_grad():
+            x = spec.cases[-1]
+            ref = spec.module(*x.values())
+            with swaps.exportable(spec.module, swaps.LTX) as n:
+                assert torch.equal(spec.module(*x.values()), ref), spec.name
+        assert n["ltx_rope" if spec.name == "dit" else "ltx_movedim"] >= 1
+    real = swaps.exportable
+    for drop, part, match in (("ltx_rope", "dit", "axis must be in"), ("ltx_movedim", "vae_decoder", "perm")):
+        monkeypatch.setattr(swaps, "exportable", lambda m, names, _drop=drop: real(m, [k for k in names if k != _drop]))
+        with pytest.raises(Exception, match=match):
+            export_engines(str(dirs["v090"]), tmp_path / drop, ["fp32"], [Bucket(9, 32, 32)], parts=(part,),
+                           progress=False)
+        assert not (tmp_path / drop).exists()
