@@ -130,7 +130,7 @@ def bench_runner(pipe, r: Runner, frames: int, height: int, width: int, steps: i
     c, t, h, w = pipe.cfg.latent_shape(frames, height, width)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, c, t, h, w, generator=g).to(dev, pipe.dtype)
-    sol = pipe.family.solver(pipe.family.solvers[0], 10, None)
+    sol = pipe.family.solver(pipe.family.solvers[0], 10, None, latent_shape=(c, t, h, w))
     ts = torch.full((2,), sol.model_t[5], device=dev)  # a mid-schedule timestep in the family's own units
     st, _ = timed(lambda: pipe.dit(x, ts, text, mask), warmup, runs, dev)
     res["stages"]["dit_step"] = {**st, "throughput_steps_per_s": 1000 / st["p50_ms"]}

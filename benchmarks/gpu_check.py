@@ -165,7 +165,8 @@ def check_dit_step(cfg: KitConfig, ctx: dict) -> dict:
     (L, D), arch = mc.text_shape, getattr(mc, "family", "vidrt")
     torch.manual_seed(0)
     fam = load_family(cfg.model, device="cuda", dtype=torch.bfloat16).to("cuda", torch.bfloat16)
-    dit, t_mid = fam.dit.eval(), fam.solver(fam.solvers[0], 10, None).model_t[5]  # mid-schedule, family units
+    dit = fam.dit.eval()
+    t_mid = fam.solver(fam.solvers[0], 10, None, latent_shape=(c, t, hh, ww)).model_t[5]  # mid-schedule, its units
     with torch.device("cuda"):
         lat = torch.randn(1, c, t, hh, ww, dtype=torch.bfloat16)
         text = torch.randn(2, L, D, dtype=torch.bfloat16)

@@ -94,7 +94,10 @@ def targets(model: onnx.ModelProto, recipe: QuantRecipe) -> tuple[list[Target], 
             w_axis = 1 if n.op_type == "MatMul" else 0
         if n.op_type == "Conv" and any(a.name == "group" and a.i != 1 for a in n.attribute):
             continue  # depthwise/grouped: per-channel input scaling would cross groups
-        if any(re.search(p, n.name) for p in recipe.skip):
+        # a skip pattern matches the node name ("/blocks.0/adaLN/Gemm") or its module path form
+        # ("blocks.0.adaLN.Gemm"), so a family declares its float layers once, by module path, for torch and ONNX
+        dotted = n.name.strip("/").replace("/", ".")
+        if any(re.search(p, n.name) or re.search(p, dotted) for p in recipe.skip):
             skipped.append(n.name)
             continue
         in_axis = {"MatMul": 0, "Conv": 1}.get(n.op_type, 1 - w_axis)

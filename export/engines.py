@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 # torch, onnx and the model code are imported by the functions that use them: `export-engines --help` answers at once
-from vidrt.models.config import ConfigError, ModelConfig, check_memory
+from vidrt.models.config import ConfigError, check_memory
 
 from .bundle import BundleError, BundleWriter, check_out, load_manifest
 from .tensorrt import Bucket, build_engine, build_notes, trt_unavailable_reason
@@ -95,9 +95,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
     fam = load_family(model)
     cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
-    if quant and not own:
-        raise ConfigError(f"{','.join(quant)} bundles of a {cfg.family} model are not built yet (calibration and the "
-                          "quantization recipe exist for vidrt's own DiT only); export fp32/fp16/bf16")
+    # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
+    recipe = {**({} if own else {"skip": fam.quant_skip}), **(recipe or {})}
     for b in buckets:  # clear errors before any work; validation runs onnxruntime, which materialises attention
         if own:
             check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
@@ -112,7 +111,6 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                               f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
                               "--bucket or capture a set at a bucket shape")
     specs = {sp.name: sp for sp in fam.export_parts(parts, buckets, max_batch, tile)}
-    dit = specs["dit"].module if "dit" in specs else None
     skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
                 "max_batch": max_batch, "vae_tile": tile, "exporter": "torch.onnx.export(dynamo=False)",
@@ -134,8 +132,9 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             spec = specs[part]
             ref, cases = spec.module, spec.cases
             if prec in QUANT:
-                calibrated = calibrated or _calibrate_dit(w.dir, dit, model, calib_set, recipe or {}, quality)
-                path, report, qual = _quantized_dit(calibrated, cfg, dit, calib_set, prec, recipe or {})
+                calibrated = calibrated or _calibrate_dit(w.dir, spec, model, calib_set, recipe, quality)
+                path, report, qual = _quantized_dit(calibrated, spec, calib_set, prec, recipe,
+                                                    faithfulness=own and cfg.name == "tiny")
                 manifest["validation"][name], manifest["quality"][name] = report, qual
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
                 continue
@@ -189,7 +188,7 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0) -> dict:
     return entry
 
 
-def _calibrate_dit(d: Path, dit, model: str, calib_set: dict, recipe: dict, quality: bool) -> tuple:
+def _calibrate_dit(d: Path, spec, model: str, calib_set: dict, recipe: dict, quality: bool) -> tuple:
     """Once per bundle: the fp32 DiT graph (the fp32 job's file if it ran first), the activation statistics of the
     calibration feeds (recipe-independent: every candidate layer is observed), the held-out feeds, and the fp32
     reference Pipeline of the quality report (None without it)."""
@@ -198,10 +197,12 @@ def _calibrate_dit(d: Path, dit, model: str, calib_set: dict, recipe: dict, qual
     from vidrt.calibration import quantize as Q
 
     from . import onnx_export as ox
-    cal, val = Q.split_samples(calib_set["dit"])
+    # the captured call has every DIT_CALL input; the graph takes the ones its family declares (Wan: no text mask)
+    cal, val = Q.split_samples({k: v for k, v in calib_set["dit"].items() if k in spec.io[0]})
     fp32 = d / "dit.fp32.onnx"
     if not fp32.exists():
-        ox.export_onnx(dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO, fp32)
+        with spec.swaps(spec.module):
+            ox.export_onnx(spec.module, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, fp32)
     stats = Q.collect(fp32, cal, Q.QuantRecipe(**recipe))
     ref_pipe = None
     if quality:
@@ -210,8 +211,8 @@ def _calibrate_dit(d: Path, dit, model: str, calib_set: dict, recipe: dict, qual
     return fp32, stats, val, ref_pipe
 
 
-def _quantized_dit(calibrated: tuple, cfg: ModelConfig, dit, calib_set: dict, prec: str,
-                   recipe: dict) -> tuple[Path, dict, dict | None]:
+def _quantized_dit(calibrated: tuple, spec, calib_set: dict, prec: str, recipe: dict,
+                   faithfulness: bool = False) -> tuple[Path, dict, dict | None]:
     """Quantize the fp32 DiT graph; check TensorRT's Q/DQ rules; parity on held-out captured inputs; the quality
     report (per-step error, video PSNR/SSIM, faithfulness on tiny). Returns (path, validation, quality)."""
     import onnx
@@ -233,7 +234,7 @@ def _quantized_dit(calibrated: tuple, cfg: ModelConfig, dit, calib_set: dict, pr
     cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
     # The gate: Q/DQ evaluated in float (ORT_ENABLE_BASIC), i.e. the graph's own arithmetic, which is what TensorRT
     # computes; it does not depend on this CPU's integer kernels.
-    par = ox.parity(dit, path, cases, basic_opt=True)
+    par = ox.parity(spec.module, path, cases, basic_opt=True)
     report["parity"] = [p.__dict__ for p in par]
     report["parity_reference"] = "Q/DQ in float (onnxruntime ORT_ENABLE_BASIC): the graph's semantics, as TensorRT"
     report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
@@ -244,17 +245,19 @@ def _quantized_dit(calibrated: tuple, cfg: ModelConfig, dit, calib_set: dict, pr
                           "bundle not written")
     # What the onnxruntime CPU runtime computes on this machine (int8: its integer kernels, opened as the runtime
     # opens them); reported, and flagged if this CPU cannot run the graph faithfully.
-    rt = ox.parity(dit, path, cases) if prec == "int8" else par
+    rt = ox.parity(spec.module, path, cases) if prec == "int8" else par
     report["onnxruntime_cpu"] = {**cpu_int8(), "graph_optimization": "basic" if prec == "fp8" else "all",
                                  "parity": [p.__dict__ for p in rt],
                                  "faithful": all(p.ok(TOLERANCE[prec]) for p in rt)}
     qual = None
     if ref_pipe is not None:
         from vidrt.calibration.report import quality_report
+        from vidrt.models.family import DitCall
         from vidrt.runtime.backends import OrtPart
         f, h, w = calib_set["manifest"]["video_shape"]
-        qual = quality_report(ref_pipe, OrtPart("dit", path, basic_opt=prec == "fp8"),
-                              faithfulness=cfg.name == "tiny", num_frames=f, height=h, width=w)
+        qual = quality_report(ref_pipe, DitCall(OrtPart("dit", path, basic_opt=prec == "fp8"), spec.io[0]),
+                              faithfulness=faithfulness, num_frames=f, height=h, width=w,
+                              num_inference_steps=calib_set["manifest"]["steps"])  # the calibrated trajectory's
     return path, report, qual
 
 

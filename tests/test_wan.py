@@ -157,14 +157,6 @@ def test_validation_catches_a_shape_baked_into_the_graph(dirs, tmp_path, monkeyp
     assert not (tmp_path / "b").exists()
 
 
-def test_quantized_wan_bundle_is_refused_before_any_work(dirs, tmp_path):
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
-    with pytest.raises(ConfigError, match="int8 bundles of a wan model are not built yet"):
-        export_engines(str(dirs["unipc"]), tmp_path / "b", ["int8"], [Bucket(9, 32, 32)], calib=tmp_path,
-                       progress=False)
-
-
 def test_real_size_presets_match_the_published_models():
     """Random-init presets at the real sizes (for GPU timing): DiT parameter counts on the meta device, measured vs
     the published sizes: Wan2.1-T2V-1.3B 1.419B ("1.42B"), 14B 14.29B, Wan2.2-TI2V-5B 5.00B."""
@@ -202,3 +194,24 @@ def test_random_init_materialises_on_the_device_like_diffusers_loads():
     out = m(hidden_states=torch.randn(1, 4, 2, 8, 8, dtype=torch.bfloat16), timestep=torch.tensor([500.0]),
             encoder_hidden_states=torch.randn(1, 7, 32, dtype=torch.bfloat16), return_dict=False)[0]
     assert out.shape == (1, 4, 2, 8, 8) and torch.isfinite(out).all()
+
+
+def test_int8_and_fp8_bundles_with_the_wan_recipe(dirs, tmp_path):
+    """Calibration on real sampling trajectories, then INT8 and FP8 DiT graphs quantized with Wan's float-layer
+    recipe (condition embedders, patch embedding, output projection: 7 layers of the tiny model). Measured here:
+    held-out rel L2 int8 0.0032, fp8 0.0113 (with nothing kept in float: 0.0155, 0.0554), bound 0.03 / 0.05; video
+    PSNR vs fp32 on held-out prompts, 8 steps, mean int8 51.7 dB, fp8 45.9 dB (nothing kept: 35.9, 27.6), bound 35."""
+    from vidrt.calibration.capture import capture
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    pipe = Pipeline(dirs["unipc"])
+    capture(pipe, ["a red circle moving left", "a blue square moving up slowly", "a green circle moving right"],
+            tmp_path / "cal", F, H, W, num_inference_steps=8, progress=False)
+    man = export_engines(str(dirs["unipc"]), tmp_path / "b", ["int8", "fp8"], [Bucket(F, H, W)],
+                         calib=tmp_path / "cal", progress=False, parts=("dit",))
+    for prec, bound in (("int8", 0.03), ("fp8", 0.05)):
+        rep = man["validation"][f"dit.{prec}"]
+        assert rep["passed"] and rep["tensorrt_qdq"]["per_channel_weights"] == 20, prec
+        assert rep["layers"].endswith("7 kept in float") and max(p["rel_l2"] for p in rep["parity"]) < bound
+        assert man["quality"][f"dit.{prec}"]["psnr_mean"] > 35
+    assert "dit.fp32" not in man["parts"]  # only the quantizer's input
