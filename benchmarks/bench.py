@@ -6,6 +6,7 @@ would run). Writes results.json, results.md and results.png to --out.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -112,15 +113,16 @@ def make_pipeline(model: str, bundle: str | None, r: Runner, device: str):
     return pipe
 
 
-def bench_runner(pipe, r: Runner, frames: int, height: int, width: int, steps: int, warmup: int, runs: int,
-                 e2e_runs: int) -> dict:
+def stage_calls(pipe, r: Runner, frames: int, height: int, width: int, steps: int) -> tuple[dict, dict]:
+    """(result skeleton, {stage: zero-argument call}) of one runner; inputs are made once, here."""
     dev = pipe.device
     res = {"label": r.label, "backend": r.backend, "precision": r.precision, "cuda_graphs": r.cuda_graphs,
            "stages": {}}
+    calls = {}
     try:
-        st, (text, mask) = timed(lambda: pipe.encode_prompts(["", PROMPT]), warmup, runs, dev)
-        res["stages"]["text_encoder"] = st
-    except ConfigError as e:  # e.g. the umT5 of the Wan geometry is not on this machine: time the rest without it
+        text, mask = pipe.encode_prompts(["", PROMPT])
+        calls["text_encoder"] = lambda: pipe.encode_prompts(["", PROMPT])
+    except ConfigError as e:  # e.g. a real-size preset has no text encoder: time the rest without it
         res["stages"]["text_encoder"] = {"skipped": str(e)[:200]}
         L, D = pipe.cfg.text_shape
         emb = torch.randn(2, L, D, generator=torch.Generator().manual_seed(0)).to(dev, pipe.dtype)
@@ -128,36 +130,43 @@ def bench_runner(pipe, r: Runner, frames: int, height: int, width: int, steps: i
         pipe.encode_prompts = lambda prompts: (emb[:len(prompts)], mask[:len(prompts)])
         res["text_embeddings"] = "random (text encoder unavailable)"
     c, t, h, w = pipe.cfg.latent_shape(frames, height, width)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, c, t, h, w, generator=g).to(dev, pipe.dtype)
+    x = torch.randn(2, c, t, h, w, generator=torch.Generator().manual_seed(0)).to(dev, pipe.dtype)
     sol = pipe.family.solver(pipe.family.solvers[0], 10, None, latent_shape=(c, t, h, w))
     ts = torch.full((2,), sol.model_t[5], device=dev)  # a mid-schedule timestep in the family's own units
-    st, _ = timed(lambda: pipe.dit(x, ts, text, mask), warmup, runs, dev)
-    res["stages"]["dit_step"] = {**st, "throughput_steps_per_s": 1000 / st["p50_ms"]}
-    lat = x[:1]
-    st, _ = timed(lambda: pipe.decode(lat), max(1, warmup // 2), max(3, runs // 2), dev)
-    res["stages"]["vae_decode"] = {**st, "throughput_frames_per_s": frames * 1000 / st["p50_ms"]}
-    st, _ = timed(lambda: pipe(PROMPT, num_frames=frames, height=height, width=width, num_inference_steps=steps,
-                               progress=False), 1, e2e_runs, dev)
-    res["stages"]["end_to_end"] = {**st, "throughput_frames_per_s": frames * 1000 / st["p50_ms"],
-                                   "videos_per_min": 60000 / st["p50_ms"], "steps": steps}
-    if r.cuda_graphs:
-        res["cuda_graph_fallback"] = pipe.graph_fallback
-    return res
+    calls["dit_step"] = lambda: pipe.dit(x, ts, text, mask)
+    calls["vae_decode"] = lambda: pipe.decode(x[:1])
+    calls["end_to_end"] = lambda: pipe(PROMPT, num_frames=frames, height=height, width=width,
+                                       num_inference_steps=steps, progress=False)
+    return res, calls
 
 
-def add_ratios(results: list[dict], baseline: str) -> None:
-    """speedup = baseline p50 / runner p50 per stage, from the runs in this same report."""
-    base = next((r for r in results if r["label"] == baseline and "stages" in r), None)
-    for r in results:
-        for s, st in r.get("stages", {}).items():
-            b = base["stages"].get(s) if base else None
-            ok = b is not None and "p50_ms" in b and "p50_ms" in st
-            st["speedup_vs_baseline"] = (b["p50_ms"] / st["p50_ms"]) if ok else None
+def round_robin(calls: dict, warmup: int, runs: int, device: torch.device) -> dict[str, list[float]]:
+    """Wall seconds of `runs` calls of every runner, interleaved: round i times every runner once, starting at a
+    different runner each round, so a busy spell of the machine hits all of them alike (benchmarks/RESULTS.md)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    labels = list(calls)
+    for label in labels:
+        for _ in range(warmup):
+            calls[label]()
+    sync()
+    times = {label: [] for label in labels}
+    for i in range(runs):
+        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+            t0 = time.perf_counter()
+            calls[label]()
+            sync()
+            times[label].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratios(base: list[float], other: list[float]) -> dict:
+    """Speedup of `other` over `base` from runs of the same round: median and quartiles of base_i / other_i."""
+    r = np.asarray(base) / np.asarray(other)
+    return {"speedup_vs_baseline": float(np.median(r)), "speedup_q25": float(np.percentile(r, 25)),
+            "speedup_q75": float(np.percentile(r, 75))}
 
 
 def machine(device: torch.device) -> dict:
-    import os
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     try:
@@ -175,6 +184,7 @@ def machine(device: torch.device) -> dict:
         from vidrt.runtime.ort import cpu_isa
         info["isa"] = cpu_isa()
     info["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)")
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -184,25 +194,29 @@ def to_markdown(rep: dict) -> str:
     m = rep["machine"]
     lines = [f"Model `{rep['model']}`, video {rep['shape']}, {rep['steps']} steps, CFG batch 2; device "
              f"{rep['device']} ({m.get('gpu') or m['cpu']}, ISA {m.get('isa', '?')}, {m['cpu_threads']} threads, load "
-             f"{m.get('load_avg_1m', '?')}); {rep['date']}.",
+             f"{m.get('load_avg_1m_start', '?')} at start, {m.get('load_avg_1m', '?')} at end); {rep['date']}.",
+             f"Timing: {rep.get('timing', 'sequential')}. Speedup columns: median (q25-q75) of the paired ratios.",
              (f"DiT step: {rep['dit_gflop']:.1f} GFLOP counted" if rep["dit_gflop"] else
               "DiT step: FLOPs not counted (no torch module of this model ran)")
              + f"; measured GEMM peak {rep['gemm_peak_gflops']:.0f} GFLOP/s.", "",
              "| runner | text enc p50 ms | DiT step p50 / p90 / p99 ms | DiT x | DiT GFLOP/s (% peak) | VAE p50 ms "
-             "| e2e p50 s | e2e x | frames/s | videos/min | peak RSS MiB |", "|---" * 11 + "|"]
+             "| e2e p50 s | e2e x | frames/s | videos/min | process peak RSS MiB |", "|---" * 11 + "|"]
     for r in rep["results"]:
         if "skipped" in r:
             lines.append(f"| {r['label']} | skipped: {r['skipped']} |" + " |" * 9)
             continue
         s = r["stages"]
         d, e = s["dit_step"], s["end_to_end"]
-        fmt = (lambda v: f"{v:.2f}x" if v else "-")
+        def fmt(st):
+            v = st.get("speedup_vs_baseline")
+            return "-" if not v else f"{v:.2f}x" + (f" ({st['speedup_q25']:.2f}-{st['speedup_q75']:.2f})"
+                                                    if "speedup_q25" in st and st["speedup_q25"] != v else "")
         te = f"{s['text_encoder']['p50_ms']:.1f}" if "p50_ms" in s["text_encoder"] else "n/a (random text)"
         lines.append(
             f"| {r['label']} | {te} | {d['p50_ms']:.1f} / {d['p90_ms']:.1f} / "
-            f"{d['p99_ms']:.1f} | {fmt(d['speedup_vs_baseline'])} | "
+            f"{d['p99_ms']:.1f} | {fmt(d)} | "
             + (f"{d['gflops']:.1f} ({d['peak_fraction']:.0%})" if "gflops" in d else "-") + " | "
-            f"{s['vae_decode']['p50_ms']:.1f} | {e['p50_ms'] / 1000:.2f} | {fmt(e['speedup_vs_baseline'])} | "
+            f"{s['vae_decode']['p50_ms']:.1f} | {e['p50_ms'] / 1000:.2f} | {fmt(e)} | "
             f"{e['throughput_frames_per_s']:.1f} | {e['videos_per_min']:.1f} | "
             f"{max(st.get('rss_peak_mib', 0) for st in s.values()):.0f} |")
     notes = [f"- {r['label']}: CUDA graphs fell back: {r['cuda_graph_fallback']}" for r in rep["results"]
@@ -256,8 +270,8 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
                                    torch.randn(2, L, D, dtype=next(dit.parameters()).dtype),
                                    torch.ones(2, L, dtype=torch.bool)))
     peak = gemm_peak_gflops(dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    results = []
-    for r in tqdm(runners, desc="bench", disable=not progress):
+    results, pipes, load0 = [], {}, os.getloadavg()[0]
+    for r in tqdm(runners, desc="load", disable=not progress):  # every runner loaded, then timed side by side
         try:
             pipe = make_pipeline(model, bundle, r, device)
         except Exception as e:  # a backend that cannot run here is reported, not fatal
@@ -266,8 +280,36 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
             continue
         if flops is None and isinstance(pipe.dit, torch.nn.Module):
             flops = count(pipe.dit, pipe.device)
-        results.append(bench_runner(pipe, r, frames, height, width, steps, warmup, runs, e2e_runs))
-        del pipe
+        res, calls = stage_calls(pipe, r, frames, height, width, steps)
+        pipes[r.label] = (pipe, res, calls)
+        results.append(res)
+    base = baseline or runners[0].label
+    plan = {"text_encoder": (warmup, runs), "dit_step": (warmup, runs),
+            "vae_decode": (max(1, warmup // 2), max(3, runs // 2)), "end_to_end": (1, e2e_runs)}
+    for stage in tqdm(STAGES, desc="bench", disable=not progress):
+        calls = {label: c[stage] for label, (_, _, c) in pipes.items() if stage in c}
+        _peak_reset(dev)
+        times = round_robin(calls, *plan[stage], dev)
+        mem = _peak_mib(dev)  # the process's: every runner is loaded
+        for label, ts in times.items():
+            st = {**summarize(ts), **mem}
+            if label != base and base in times:
+                st.update(paired_ratios(times[base], ts))
+            elif label == base:
+                st.update(speedup_vs_baseline=1.0, speedup_q25=1.0, speedup_q75=1.0)
+            else:
+                st["speedup_vs_baseline"] = None
+            pipes[label][1]["stages"][stage] = st
+    for label, (pipe, res, _) in pipes.items():
+        st = res["stages"]
+        st["dit_step"]["throughput_steps_per_s"] = 1000 / st["dit_step"]["p50_ms"]
+        st["vae_decode"]["throughput_frames_per_s"] = frames * 1000 / st["vae_decode"]["p50_ms"]
+        e = st["end_to_end"]
+        e.update(throughput_frames_per_s=frames * 1000 / e["p50_ms"], videos_per_min=60000 / e["p50_ms"], steps=steps)
+        if pipe.cuda_graphs:
+            res["cuda_graph_fallback"] = pipe.graph_fallback
+        res["stages"] = {k: st[k] for k in STAGES if k in st}
+    del pipes
     if flops is None and _family_name(model) is None:  # bundles only: vidrt's own DiT counts in a moment on the host
         flops = count(load_family(model).dit, "cpu")
     for res in results:
@@ -275,10 +317,12 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
         if d and flops:
             d["gflops"] = flops / (d["p50_ms"] / 1000) / 1e9
             d["peak_fraction"] = d["gflops"] / peak
-    add_ratios(results, baseline or runners[0].label)
+    mach = {**machine(dev), "load_avg_1m_start": round(load0, 2)}
     rep = {"schema": "vidrt-bench/1", "model": model, "shape": f"{frames}x{height}x{width}", "steps": steps,
-           "device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(dev),
-           "warmup": warmup, "runs": runs, "e2e_runs": e2e_runs, "baseline": baseline or runners[0].label,
+           "device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": mach,
+           "timing": "round-robin: every runner loaded, each round times each once (rotating the first); speedups "
+                     "are medians of per-round paired ratios vs the baseline",
+           "warmup": warmup, "runs": runs, "e2e_runs": e2e_runs, "baseline": base,
            "dit_gflop": flops / 1e9 if flops else None, "gemm_peak_gflops": peak, "results": results}
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
