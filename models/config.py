@@ -272,9 +272,10 @@ PRESETS = {"tiny": _tiny, "small": _small, "opensora-1.2": _opensora, "vidrt-wan
 
 
 def all_presets() -> list[str]:
-    """vidrt's presets, then the model families' real-size random-init ones (models/wan.py)."""
+    """vidrt's presets, then the model families' real-size random-init ones (models/wan.py, models/ltx.py)."""
+    from .ltx import PRESETS as LTX
     from .wan import PRESETS as WAN
-    return [*PRESETS, *WAN]
+    return [*PRESETS, *WAN, *LTX]
 
 
 def preset(name: str) -> ModelConfig:

@@ -196,9 +196,12 @@ def family_module(name: str):
 
 
 def _family_preset(model) -> str | None:
-    """The family module of a random-init preset at a real size (e.g. wan2.1-14b), or None."""
-    from . import wan
-    return "wan" if str(model) in wan.PRESETS else None
+    """The family module of a random-init preset at a real size (e.g. wan2.1-14b, ltx-video), or None: every family
+    module's PRESETS is looked up."""
+    for name in dict.fromkeys(DIFFUSERS_FAMILIES.values()):
+        if str(model) in getattr(family_module(name), "PRESETS", {}):
+            return name
+    return None
 
 
 def family_config(model: str | Path):

@@ -16,6 +16,10 @@ copied. vidrt's side of the contract in models/family.py, each rule as LTXPipeli
   one decoder call (the LTX decoder is not causal-cached). A timestep-conditioned VAE (0.9.1+) gets LTXPipeline's
   defaults decode_timestep 0, decode_noise_scale = decode_timestep (0: no noise is mixed in).
 - shape rules: frames = temporal ratio x k + 1 (8k+1), height/width multiples of lcm(32, spatial ratio x patch).
+
+PRESETS: "ltx-video", LTX-Video 0.9.x at its real size with random weights (GPU timing), built on the meta device and
+materialised on the run's device in its dtype (models/wan._random_init); it has no text encoder.
+`quant_skip`: the layers INT8/FP8 keep in float, measured on the tiny directory (see LTXFamily).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, SampleDefaults
-from .wan import _diffusers, _json, _load
+from .wan import _cast, _diffusers, _json, _load, _random_init
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_LEN = 128  # LTXPipeline's max_sequence_length default
@@ -65,10 +69,15 @@ class LTXConfig:
         if te.get("d_model") != tr.get("caption_channels", 4096):
             raise ConfigError(f"{root}: text_encoder d_model={te.get('d_model')} but transformer caption_channels="
                               f"{tr.get('caption_channels', 4096)}: the parts are from different models")
+        return cls.from_configs(root.name, tr, vae, sched)
+
+    @classmethod
+    def from_configs(cls, name: str, tr: dict, vae: dict, sched: dict) -> "LTXConfig":
+        """From the transformer's and VAE's config.json and the scheduler_config (a directory's, or a preset's)."""
         scaling = vae.get("spatio_temporal_scaling", (True, True, True, False))  # AutoencoderKLLTXVideo's ratios
         ss = vae.get("spatial_compression_ratio") or vae.get("patch_size", 4) * 2 ** sum(scaling)
         st = vae.get("temporal_compression_ratio") or vae.get("patch_size_t", 1) * 2 ** sum(scaling)
-        c = cls(name=root.name, in_channels=tr.get("in_channels", 128), text_dim=tr.get("caption_channels", 4096),
+        c = cls(name=name, in_channels=tr.get("in_channels", 128), text_dim=tr.get("caption_channels", 4096),
                 patch=(tr.get("patch_size_t", 1), tr.get("patch_size", 1)), temporal_factor=st, spatial_factor=ss,
                 scheduler=sched, timestep_conditioning=bool(vae.get("timestep_conditioning")),
                 width=tr.get("num_attention_heads", 32) * tr.get("attention_head_dim", 64),
@@ -185,9 +194,20 @@ class LTXText(nn.Module):
 class LTXFamily:
     """A loaded LTX-Video directory: see models/family.py for the contract."""
     solvers = ("default",)
-    # kept in float by FP8/INT8: the timestep and caption embedders, the patch projections (by analogy with Wan's
-    # measured list; not measured for LTX)
-    quant_skip = (r"time_embed", r"caption_projection", r"(^|\.)proj_in$", r"(^|\.)proj_out$")
+    # kept in float by FP8/INT8 (module-path regexes; calibration.quantize.targets also tries an ONNX node name's
+    # dotted form, "/transformer/proj_out/MatMul" -> "transformer.proj_out.MatMul", hence (\.|$)): the timestep
+    # (AdaLayerNormSingle) and caption embedders, the patch projection in and the output projection (7 layers of the
+    # tiny model, ~2% of the real model's parameters, none inside the 28 blocks). Measured on save_tiny, 9x32x64,
+    # 8 steps, held-out max rel L2 / mean video PSNR, int8 and fp8:
+    #   this list           0.0031 / 54.7 dB   0.0111 / 45.0 dB
+    #   nothing in float    0.0115 / 48.9 dB   0.0457 / 38.6 dB
+    #   the earlier list    0.0100 / 49.5 dB   0.0454 / 39.5 dB  (proj_in$/proj_out$ matched no ONNX node: 5 float)
+    #   proj_in/out only    0.0035 / 53.6 dB   0.0216 / 44.9 dB
+    #   + attn2 to_k/to_v   0.0025 / 57.5 dB   0.0098 / 47.0 dB  (11 float; ~12% of the real model's weights)
+    #   + all of attn2      0.0020 / 57.3 dB   0.0090 / 52.4 dB  (15 float; to_q/to_out run on every video token)
+    #   + attn1 / + ff      0.0026 / 54.4, 54.3 dB   0.0105, 0.0116 / 45.0, 45.8 dB
+    # The per-block additions gain less than the embedders did, for a large share of the blocks' weights.
+    quant_skip = (r"time_embed", r"caption_projection", r"(^|\.)proj_in(\.|$)", r"(^|\.)proj_out(\.|$)")
 
     def __init__(self, root: str | Path):
         from vidrt.models.text import _offline
@@ -229,13 +249,17 @@ class LTXFamily:
         if self.vae is None:  # a bundle: the parts live in their backend
             return self
         self.device = torch.device(device)
-        self.dit.to(self.device, dtype)
-        self.vae.to(self.device, dtype)
-        self.text_model.to(self.device)
+        for m in (self.dit.transformer, self.vae):
+            _cast(m, self.device, dtype)  # as .to(device, dtype), keeping diffusers' float32 modules (LTX has none)
+        if self.text_model is not None:  # presets have none
+            self.text_model.to(self.device)
         return self
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.cfg.name} is a random-init geometry preset without a text encoder (T5-XXL is "
+                              "not built at random): pass text embeddings, or use an LTX-Video diffusers directory")
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.cfg.text_len, truncation=True,
                              add_special_tokens=True, return_tensors="pt")
         return self.text_part(tok.input_ids.to(self.device)).float(), tok.attention_mask.bool().to(self.device)
@@ -335,6 +359,60 @@ class LTXFamily:
 
 
 Family, Config = LTXFamily, LTXConfig  # what models/family.py loads
+
+# Random-init presets at the real size (timing only: no text encoder, so bench feeds random text embeddings).
+# LTX-Video 0.9.x (Lightricks/LTX-Video, 2B): the published transformer config is LTXVideoTransformer3DModel's
+# defaults (28 layers, 32 heads x 64 = 2048 wide, cross-attention 2048, caption_channels 4096 = T5-XXL's d_model,
+# in/out channels 128, patch 1 x 1, gelu-approximate, rms_norm_across_heads); the 0.9.0 VAE is
+# AutoencoderKLLTXVideo's defaults (128 latent channels, x32 space, x8 time, decoder up to 512 channels, no timestep
+# conditioning; its latents_mean/std are 0 / 1 at random init); the scheduler is the 0.9 scheduler_config.
+LTX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
+                 "use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024,
+                 "max_image_seq_len": 4096, "shift_terminal": 0.1}
+PRESETS = {
+    "ltx-video": dict(transformer=dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1,
+                                       num_attention_heads=32, attention_head_dim=64, cross_attention_dim=2048,
+                                       num_layers=28, activation_fn="gelu-approximate",
+                                       qk_norm="rms_norm_across_heads", norm_elementwise_affine=False,
+                                       norm_eps=1e-6, caption_channels=4096, attention_bias=True,
+                                       attention_out_bias=True),
+                      vae=dict(latent_channels=128, scaling_factor=1.0, timestep_conditioning=False),
+                      scheduler=LTX_SCHEDULER),
+}
+
+
+def _vae_for_init(**kw):
+    """AutoencoderKLLTXVideo for _random_init: its only buffers (latents_mean/std) are zeros/ones whatever the size,
+    so the CPU twin _random_init copies them from is built with one channel per block instead of the full VAE."""
+    diffusers, _ = _diffusers()
+    if torch.get_default_device().type != "meta":  # the twin
+        kw = {**kw, "block_out_channels": (1,) * 4, "decoder_block_out_channels": (1,) * 4,
+              "layers_per_block": (1,) * 5, "decoder_layers_per_block": (1,) * 5}
+    return diffusers.AutoencoderKLLTXVideo(**kw)
+
+
+def preset_config(name: str) -> LTXConfig:
+    """The preset's config (no weights): the classes' full configs, built on the meta device."""
+    diffusers, _ = _diffusers()
+    p = PRESETS[name]
+    with torch.device("meta"):
+        tr = dict(diffusers.LTXVideoTransformer3DModel(**{**p["transformer"], "num_layers": 1}).config)
+        vae = dict(diffusers.AutoencoderKLLTXVideo(**p["vae"]).config)
+    return LTXConfig.from_configs(name, {**tr, "num_layers": p["transformer"]["num_layers"]}, vae, p["scheduler"])
+
+
+def from_preset(name: str, device="cpu", dtype=torch.float32, seed: int = 0) -> LTXFamily:
+    """A random-init LTX-Video at the real size (PRESETS), built on the meta device and materialised directly on
+    `device` in `dtype` (models/wan._random_init). encode() raises ConfigError: T5-XXL is not built."""
+    diffusers, _ = _diffusers()
+    p, cfg = PRESETS[name], preset_config(name)
+    self = LTXFamily.__new__(LTXFamily)
+    self.root, self.cfg, self.device = None, cfg, torch.device(device)
+    self.tokenizer = self.text_model = self.text_part = None
+    self.dit = LTXDiT(_random_init(diffusers.LTXVideoTransformer3DModel, p["transformer"], device, dtype, seed), cfg)
+    self.vae = _random_init(_vae_for_init, p["vae"], device, dtype, seed + 2)
+    self.vae_part = LTXDecode(self.vae)
+    return self
 
 
 def save_tiny(out: str | Path, seed: int = 0, timestep_conditioning: bool = False) -> Path:
