@@ -119,24 +119,27 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     # The text encoder runs once per video: it stays fp32 (HF BERT's fp16 export mixes types, and it is not the cost).
     floats = [p for p in precisions if p in FLOAT] or ["fp32"]  # quantized bundles still need a float VAE
     jobs = [(part, prec) for part in specs for prec in  # a family may export a part as several graphs
-            (["fp32"] if part == "text_encoder" else precisions if part == "dit" else floats)]
+            (["fp32"] if part == "text_encoder" else precisions if _is_dit(part) else floats)]
     if quant:
         manifest["calibration"] = {"set": str(calib), "manifest_digest": calib_set["manifest"]["digest"],
                                    "video_shape": calib_set["manifest"]["video_shape"]}
         manifest["quality"] = {}
     with BundleWriter(out, overwrite=overwrite) as w:
-        calibrated = None  # (fp32 graph, activation stats, held-out feeds, fp32 Pipeline): shared by int8 and fp8
+        # per DiT part (Wan 2.2 A14B has two experts): (fp32 graph, activation stats, held-out feeds), shared by
+        # int8 and fp8; the fp32 reference Pipeline of the quality report, one for the bundle
+        calibrated, ref_pipe, quantized = {}, [], {}  # quantized: precision -> [(spec, graph path)]
         for part, prec in tqdm(jobs, desc="export", disable=not progress):
             name = f"{part}.{prec}"
             t0 = time.time()
             spec = specs[part]
             ref, cases = spec.module, spec.cases
             if prec in QUANT:
-                calibrated = calibrated or _calibrate_dit(w.dir, spec, model, calib_set, recipe, quality)
-                path, report, qual = _quantized_dit(calibrated, spec, calib_set, prec, recipe,
-                                                    faithfulness=own and cfg.name == "tiny")
-                manifest["validation"][name], manifest["quality"][name] = report, qual
+                if part not in calibrated:
+                    calibrated[part] = _calibrate_dit(w.dir, spec, calib_set, recipe)
+                path, report = _quantized_dit(calibrated[part], spec, prec, recipe)
+                manifest["validation"][name] = report
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
+                quantized.setdefault(prec, []).append((spec, path))
                 continue
             m = ref if prec == "fp32" else _cast_class()(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
             # trace with the largest bucket input; the axes are dynamic, and the probe case proves any in-range
@@ -163,8 +166,15 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                   f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
             manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
             manifest["validation"][name] = report
-        if calibrated and "fp32" not in precisions:  # the fp32 DiT graph was only the quantizer's input
-            calibrated[0].unlink()
+        # the quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)
+        for prec, dits in quantized.items() if quality else ():
+            if not ref_pipe:
+                from vidrt.runtime.pipeline import Pipeline
+                ref_pipe.append(Pipeline(model))
+            manifest["quality"][f"dit.{prec}"] = _quality(ref_pipe[0], dits, calib_set, prec,
+                                                          faithfulness=own and cfg.name == "tiny")
+        for fp32, *_ in calibrated.values() if "fp32" not in precisions else ():
+            fp32.unlink()  # the fp32 DiT graph was only the quantizer's input
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
@@ -188,33 +198,42 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0) -> dict:
     return entry
 
 
-def _calibrate_dit(d: Path, spec, model: str, calib_set: dict, recipe: dict, quality: bool) -> tuple:
-    """Once per bundle: the fp32 DiT graph (the fp32 job's file if it ran first), the activation statistics of the
-    calibration feeds (recipe-independent: every candidate layer is observed), the held-out feeds, and the fp32
-    reference Pipeline of the quality report (None without it)."""
+def _is_dit(part: str) -> bool:
+    """A DiT part (exported at every precision, int8/fp8 included): "dit", or one of a family's several DiT graphs
+    ("dit_2": Wan 2.2 A14B's low-noise expert)."""
+    return part == "dit" or part.startswith("dit_")
+
+
+def _calibrate_dit(d: Path, spec, calib_set: dict, recipe: dict) -> tuple:
+    """Once per DiT part: its fp32 graph (the fp32 job's file if it ran first), the activation statistics of its
+    calibration feeds (recipe-independent: every candidate layer is observed) and its held-out feeds. The samples are
+    the captured DiT calls at the timesteps the part serves (spec.calib_select; all of them for a single DiT)."""
     import torch
 
     from vidrt.calibration import quantize as Q
 
     from . import onnx_export as ox
     # the captured call has every DIT_CALL input; the graph takes the ones its family declares (Wan: no text mask)
-    cal, val = Q.split_samples({k: v for k, v in calib_set["dit"].items() if k in spec.io[0]})
-    fp32 = d / "dit.fp32.onnx"
+    samples = {k: v for k, v in calib_set["dit"].items() if k in spec.io[0]}
+    if spec.calib_select is not None:
+        keep = spec.calib_select(calib_set["dit"]["timestep"])
+        if int(keep.sum()) < 8:  # split_samples holds a quarter out: too few leave nothing to calibrate or check
+            raise ConfigError(f"{spec.name}: the calibration set has {int(keep.sum())} captured DiT calls at the "
+                              f"timesteps this part serves (of {len(keep)}); capture with more steps or prompts")
+        samples = {k: v[keep] for k, v in samples.items()}
+    served = sorted({round(float(t), 3) for t in samples["timestep"]})  # the captured timesteps it is calibrated on
+    cal, val = Q.split_samples(samples)
+    fp32 = d / f"{spec.name}.fp32.onnx"
     if not fp32.exists():
         with spec.swaps(spec.module):
             ox.export_onnx(spec.module, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, fp32)
     stats = Q.collect(fp32, cal, Q.QuantRecipe(**recipe))
-    ref_pipe = None
-    if quality:
-        from vidrt.runtime.pipeline import Pipeline
-        ref_pipe = Pipeline(model)
-    return fp32, stats, val, ref_pipe
+    return fp32, stats, val, served
 
 
-def _quantized_dit(calibrated: tuple, spec, calib_set: dict, prec: str, recipe: dict,
-                   faithfulness: bool = False) -> tuple[Path, dict, dict | None]:
-    """Quantize the fp32 DiT graph; check TensorRT's Q/DQ rules; parity on held-out captured inputs; the quality
-    report (per-step error, video PSNR/SSIM, faithfulness on tiny). Returns (path, validation, quality)."""
+def _quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict) -> tuple[Path, dict]:
+    """Quantize the part's fp32 DiT graph; check TensorRT's Q/DQ rules; parity on its held-out captured inputs.
+    Returns (path, validation)."""
     import onnx
     import torch
 
@@ -223,13 +242,14 @@ def _quantized_dit(calibrated: tuple, spec, calib_set: dict, prec: str, recipe: 
     from vidrt.runtime.ort import cpu_int8
 
     from . import onnx_export as ox
-    fp32, stats, val, ref_pipe = calibrated
+    fp32, stats, val, served = calibrated
     rec = Q.QuantRecipe(precision=prec, **recipe)
     model_q = Q.quantize(fp32, stats, rec)
-    path = fp32.with_name(f"dit.{prec}.onnx")
+    path = fp32.with_name(f"{spec.name}.{prec}.onnx")
     onnx.save_model(model_q, str(path))
     report = {"graph": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path), "recipe": rec.to_dict(),
               "layers": model_q.doc_string, "calibration_samples": stats.samples * 2,
+              "validation_samples": sum(len(next(iter(f.values()))) for f in val), "timesteps": served,
               "tolerance_rel_l2": TOLERANCE[prec]}
     cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
     # The gate: Q/DQ evaluated in float (ORT_ENABLE_BASIC), i.e. the graph's own arithmetic, which is what TensorRT
@@ -240,25 +260,44 @@ def _quantized_dit(calibrated: tuple, spec, calib_set: dict, prec: str, recipe: 
     report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
     if not report["passed"]:
         worst = max(par, key=lambda p: p.rel_l2)
-        raise ExportError(f"dit.{prec}: the quantized DiT is off by rel L2 {worst.rel_l2:.3f} > {TOLERANCE[prec]} on "
-                          "held-out calibration inputs; try --observer mse or keep more layers in float; "
-                          "bundle not written")
+        raise ExportError(f"{spec.name}.{prec}: the quantized DiT is off by rel L2 {worst.rel_l2:.3f} > "
+                          f"{TOLERANCE[prec]} on held-out calibration inputs; try --observer mse or keep more layers "
+                          "in float; bundle not written")
     # What the onnxruntime CPU runtime computes on this machine (int8: its integer kernels, opened as the runtime
     # opens them); reported, and flagged if this CPU cannot run the graph faithfully.
     rt = ox.parity(spec.module, path, cases) if prec == "int8" else par
     report["onnxruntime_cpu"] = {**cpu_int8(), "graph_optimization": "basic" if prec == "fp8" else "all",
                                  "parity": [p.__dict__ for p in rt],
                                  "faithful": all(p.ok(TOLERANCE[prec]) for p in rt)}
-    qual = None
-    if ref_pipe is not None:
-        from vidrt.calibration.report import quality_report
-        from vidrt.models.family import DitCall
-        from vidrt.runtime.backends import OrtPart
-        f, h, w = calib_set["manifest"]["video_shape"]
-        qual = quality_report(ref_pipe, DitCall(OrtPart("dit", path, basic_opt=prec == "fp8"), spec.io[0]),
-                              faithfulness=faithfulness, num_frames=f, height=h, width=w,
-                              num_inference_steps=calib_set["manifest"]["steps"])  # the calibrated trajectory's
-    return path, report, qual
+    return path, report
+
+
+class _Routed:
+    """Several quantized DiT parts behind one DiT call: each step runs the part whose calib_select serves its
+    timestep (a single DiT serves every one), as the family's runtime switches them."""
+
+    def __init__(self, parts: list):
+        self.parts = parts  # [(calib_select or None, DitCall)]
+        self.backend = parts[0][1].backend
+
+    def __call__(self, latents, timestep, *rest):
+        t = timestep.reshape(-1)[:1]
+        part = next(p for sel, p in self.parts if sel is None or bool(sel(t)[0]))
+        return part(latents, timestep, *rest)
+
+
+def _quality(ref_pipe, dits: list, calib_set: dict, prec: str, faithfulness: bool = False) -> dict:
+    """The quality report of the quantized DiT parts together (per-step error, video PSNR/SSIM, faithfulness on
+    tiny) against the fp32 reference Pipeline, at the calibrated trajectory's shape and step count."""
+    from vidrt.calibration.report import quality_report
+    from vidrt.models.family import DitCall
+    from vidrt.runtime.backends import OrtPart
+    f, h, w = calib_set["manifest"]["video_shape"]
+    dit = _Routed([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=prec == "fp8"), spec.io[0]))
+                   for spec, path in dits])
+    qual = quality_report(ref_pipe, dit, faithfulness=faithfulness, num_frames=f, height=h, width=w,
+                          num_inference_steps=calib_set["manifest"]["steps"])
+    return {**qual, "parts": [f"{spec.name}.{prec}" for spec, _ in dits]}
 
 
 def summary_table(manifest: dict) -> str:

@@ -48,7 +48,9 @@ class PartSpec:
     label}}) is the one declaration export, parity, TensorRT profiles and the runtime read. `cases`: validation feeds
     (every bucket, and a probe shape unlike every bucket, so a shape baked into the graph fails the export);
     `example`: the tracing feed; `swaps`: a context manager of exact export-time module swaps; `files`: files the
-    runtime needs beside the graph (bundle name -> source path)."""
+    runtime needs beside the graph (bundle name -> source path). `calib_select`: for a DiT part that serves only some
+    timesteps (Wan 2.2 A14B's two experts), timestep (N,) -> bool (N,): the timesteps it serves, i.e. the captured
+    calibration samples that calibrate it and the steps it runs in a whole-pipeline report (None: every one)."""
     name: str
     module: torch.nn.Module
     io: tuple
@@ -57,6 +59,7 @@ class PartSpec:
     profiles: list[dict]
     swaps: Callable = lambda module: contextlib.nullcontext()  # module -> context manager
     files: dict = field(default_factory=dict)
+    calib_select: Callable | None = None
 
 
 def batch_profiles(io: tuple, feeds: list[dict]) -> list[dict]:

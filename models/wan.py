@@ -123,6 +123,11 @@ class WanConfig:
         return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
 
 
+def _boundary(cfg: WanConfig) -> float:
+    """Wan 2.2 A14B's switch timestep, as WanPipeline: boundary_ratio * the scheduler's num_train_timesteps."""
+    return cfg.boundary_ratio * cfg.scheduler.get("num_train_timesteps", 1000)
+
+
 class WanDiT(nn.Module):
     """One or two Wan transformers behind vidrt's DiT call. `timestep` is the scheduler's timestep (0..1000), one per
     batch row; `text_mask` is accepted and unused (Wan zero-pads its text instead of masking it)."""
@@ -138,11 +143,36 @@ class WanDiT(nn.Module):
         if self.transformer_2 is not None and float(timestep.reshape(-1)[0]) < self.boundary:
             model = self.transformer_2  # Wan 2.2 A14B: the low-noise expert below the boundary timestep
         dtype = model.dtype  # as WanPipeline: the dtype of the parameters not kept in float32
-        if self.expand_timesteps:  # one timestep per latent token (2x2 spatial patches), as WanPipeline does
+        if self.expand_timesteps:  # one timestep per latent token (2x2 spatial patches), as WanPipeline does;
+            # the count from the latents' shape, so an exported graph takes (B,) and stays shape-generic
             _, _, t, h, w = latents.shape
             timestep = timestep[:, None].expand(-1, t * (h // 2) * (w // 2))
         return model(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype),
                      return_dict=False)[0]
+
+
+class _Served:
+    """The timesteps one Wan 2.2 A14B expert serves, as WanPipeline switches: high-noise t >= boundary, low-noise
+    t < boundary (PartSpec.calib_select; a class, not a lambda, so specs stay picklable)."""
+
+    def __init__(self, boundary: float, high: bool):
+        self.boundary, self.high = float(boundary), high
+
+    def __call__(self, timestep: torch.Tensor) -> torch.Tensor:
+        return (timestep >= self.boundary) if self.high else (timestep < self.boundary)
+
+
+class ExpertSwitch:
+    """Wan 2.2 A14B's two experts as backend parts behind one DiT call, switched per step exactly as WanDiT (and
+    WanPipeline): the step's timestep (the scheduler's, which the DiT receives) >= boundary -> `high`, else `low`."""
+
+    def __init__(self, high, low, boundary: float):
+        self.high, self.low, self.boundary = high, low, float(boundary)
+        self.backend = getattr(high, "backend", "torch")
+
+    def __call__(self, latents, timestep, *rest):
+        part = self.low if float(timestep.reshape(-1)[0]) < self.boundary else self.high
+        return part(latents, timestep, *rest)
 
 
 def _cast(model: nn.Module, device, dtype) -> None:
@@ -196,8 +226,7 @@ class WanFamily:
             tr2 = _load(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2").eval()
         if tr2 is not None and self.cfg.boundary_ratio is None:
             raise ConfigError(f"{self.root} has transformer_2/ but model_index.json gives no boundary_ratio")
-        boundary = None if tr2 is None else self.cfg.boundary_ratio * self.cfg.scheduler.get(
-            "num_train_timesteps", 1000)
+        boundary = None if tr2 is None else _boundary(self.cfg)
         self.dit = WanDiT(tr.eval(), tr2, boundary, self.cfg.expand_timesteps)
         self.vae = _load(diffusers.AutoencoderKLWan, self.root / "vae", "VAE").eval()
         self.vae_decode = lambda z: self.vae.decode(z, return_dict=False)[0]
@@ -221,6 +250,10 @@ class WanFamily:
         self.text_model, self.vae = None, None
         self._dit_entry = pick("dit", precision)
         self.dit = DitCall(part("dit", self._dit_entry, lambda x, *_: x.shape), self._dit_entry["inputs"])
+        if self.cfg.boundary_ratio is not None:  # Wan 2.2 A14B: "dit" the high-noise expert, "dit_2" the low-noise
+            e2 = pick("dit_2", precision)
+            low = DitCall(part("dit_2", e2, lambda x, *_: x.shape), e2["inputs"])
+            self.dit = ExpertSwitch(self.dit, low, _boundary(self.cfg))
         steps = [OrtStep(self.root / pick(n, vae_precision)["runtimes"]["onnxruntime"]["graph"])
                  for n in ("vae_first", "vae_step")]
         self.vae_decode = lambda z: stream_decode(steps[0], steps[1], z.float())
@@ -289,10 +322,6 @@ class WanFamily:
     def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:
         from .family import PartSpec, batch_profiles, probe_shape
         c, specs = self.cfg, []
-        if "dit" in parts and self.dit.transformer_2 is not None:
-            raise ConfigError("exporting Wan 2.2 A14B (two experts switched at boundary_ratio) is not built yet: one "
-                              "graph would bake the expert of its tracing timestep; run it with Pipeline(DIR) on the "
-                              "torch backend")
         pf = probe_shape(buckets, c.temporal_factor, c.hw_multiple)
         g = torch.Generator().manual_seed(0)
         if "text_encoder" in parts:
@@ -314,16 +343,24 @@ class WanFamily:
                 "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
                 "text": {0: "batch", 1: "text_len"}, "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
 
-            def feed(shape, n, length):
-                return {"latents": torch.randn(n, *c.latent_shape(*shape), generator=g),
-                        "timestep": torch.rand(n, generator=g) * 1000,
-                        "text": torch.randn(n, length, c.text_dim, generator=g)}
-            per_bucket = [feed((b.frames, b.height, b.width), max_batch, c.text_len) for b in buckets]
-            cases = [feed((b.frames, b.height, b.width), 1, c.text_len) for b in buckets] + per_bucket
-            cases.append(feed(pf, max_batch + 1, max(2, c.text_len // 3)))  # probe: batch, shape, text length
             from vidrt.export.swaps import exportable
-            specs.append(PartSpec("dit", self.dit, io, cases, per_bucket[-1], batch_profiles(io, per_bucket),
-                                  swaps=exportable))
+
+            def feed(shape, n, length, lo, hi):
+                return {"latents": torch.randn(n, *c.latent_shape(*shape), generator=g),
+                        "timestep": lo + torch.rand(n, generator=g) * (hi - lo),
+                        "text": torch.randn(n, length, c.text_dim, generator=g)}
+            # Wan 2.2 A14B: one graph per expert ("dit" the high-noise one at timesteps >= boundary, "dit_2" the
+            # low-noise one below), each validated on timesteps of its own range; the runtime switches per step
+            d, b0 = self.dit, self.dit.boundary
+            experts = [("dit", d, None, 0.0, 1000.0)] if d.transformer_2 is None else [
+                ("dit", WanDiT(d.transformer, None, None, d.expand_timesteps), _Served(b0, True), b0, 1000.0),
+                ("dit_2", WanDiT(d.transformer_2, None, None, d.expand_timesteps), _Served(b0, False), 0.0, b0)]
+            for name, module, select, lo, hi in experts:
+                per_bucket = [feed((b.frames, b.height, b.width), max_batch, c.text_len, lo, hi) for b in buckets]
+                cases = [feed((b.frames, b.height, b.width), 1, c.text_len, lo, hi) for b in buckets] + per_bucket
+                cases.append(feed(pf, max_batch + 1, max(2, c.text_len // 3), lo, hi))  # probe: batch, shape, text
+                specs.append(PartSpec(name, module.eval(), io, cases, per_bucket[-1], batch_profiles(io, per_bucket),
+                                      swaps=exportable, calib_select=select))
         if "vae_decoder" in parts:  # two streaming step graphs (export/wan_vae.py): first latent frame, the rest
             from vidrt.export.wan_vae import WanDecodeStep, cache_shapes, nearest_for_export, step_io
             z = c.in_channels
@@ -440,11 +477,14 @@ TINY_WORDS = ("a red green blue yellow circle square moving left right up down o
               "under bright dark small big").split()
 
 
-def save_tiny(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_experts: bool = False) -> Path:
+def save_tiny(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_experts: bool = False,
+              ti2v: bool = False) -> Path:
     """A tiny random-init Wan text-to-video directory, as diffusers' save_pretrained writes it (tests, README demo):
     the real configs' structure with small widths, a word-level tokenizer, UMT5 text encoder. scheduler: "unipc"
     (what Wan checkpoints ship: flow prediction, flow_shift 3) or "euler" (FlowMatchEulerDiscreteScheduler, shift 5).
-    two_experts: Wan 2.2 A14B's layout (transformer_2, boundary_ratio 0.875)."""
+    two_experts: Wan 2.2 A14B's layout (transformer_2, boundary_ratio 0.875). ti2v: Wan 2.2 TI2V-5B's layout
+    (expand_timesteps in model_index.json; the 48-channel residual VAE with patch_size 2, 12 in/out channels and
+    scale_factor_spatial 16, as the 5B's vae/config.json; the transformer's in/out channels = the VAE's z_dim)."""
     diffusers, transformers = _diffusers()
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     torch.manual_seed(seed)
@@ -458,19 +498,32 @@ def save_tiny(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_expe
         vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
 
+    z = 48 if ti2v else 16
+
     def transformer():
         return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                               in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
+                                               in_channels=z, out_channels=z, text_dim=32, freq_dim=32, ffn_dim=32,
                                                num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                                rope_max_seq_len=32)
-    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True])
+    if ti2v:  # per-channel statistics away from (0, 1), so a de-normalisation with the wrong ones shows
+        g = torch.Generator().manual_seed(seed + 1)
+        mean = [round(v, 4) for v in (torch.randn(z, generator=g) * 0.3).tolist()]
+        std = [round(v, 4) for v in (0.5 + torch.rand(z, generator=g)).tolist()]
+        vae = diffusers.AutoencoderKLWan(base_dim=4, decoder_base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2],
+                                         num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True,
+                                         in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                                         latents_mean=mean, latents_std=std)
+    else:
+        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
     if scheduler == "unipc":
         sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=3.0, num_train_timesteps=1000)
     else:
         sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)
     extra = {"transformer_2": transformer(), "boundary_ratio": 0.875} if two_experts else {}
+    if ti2v:
+        extra["expand_timesteps"] = True
     pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
                                  scheduler=sched, **extra)
     pipe.save_pretrained(str(out), safe_serialization=True)
