@@ -18,7 +18,7 @@ copied. vidrt's side of the contract in models/family.py, each rule as LTXPipeli
 - shape rules: frames = temporal ratio x k + 1 (8k+1), height/width multiples of lcm(32, spatial ratio x patch).
 
 PRESETS: "ltx-video", LTX-Video 0.9.x at its real size with random weights (GPU timing), built on the meta device and
-materialised on the run's device in its dtype (models/wan._random_init); it has no text encoder.
+materialised on the run's device in its dtype (models/diffusers_io.random_init); it has no text encoder.
 `quant_skip`: the layers INT8/FP8 keep in float, measured on the tiny directory (see LTXFamily).
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, SampleDefaults
-from .wan import _cast, _diffusers, _json, _load, _random_init
+from .diffusers_io import (bundle_dit, load_pretrained, load_text, move, random_init, read_json, refuse_over_limit,
+                           require_diffusers, text_spec, tiny_tokenizer)
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_LEN = 128  # LTXPipeline's max_sequence_length default
@@ -62,10 +63,10 @@ class LTXConfig:
         if missing:
             raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: an LTX-Video "
                               f"directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
-        tr = _json(root / "transformer" / "config.json")
-        vae = _json(root / "vae" / "config.json")
-        sched = _json(root / "scheduler" / "scheduler_config.json")
-        te = _json(root / "text_encoder" / "config.json")
+        tr = read_json(root / "transformer" / "config.json")
+        vae = read_json(root / "vae" / "config.json")
+        sched = read_json(root / "scheduler" / "scheduler_config.json")
+        te = read_json(root / "text_encoder" / "config.json")
         if te.get("d_model") != tr.get("caption_channels", 4096):
             raise ConfigError(f"{root}: text_encoder d_model={te.get('d_model')} but transformer caption_channels="
                               f"{tr.get('caption_channels', 4096)}: the parts are from different models")
@@ -214,13 +215,12 @@ class LTXFamily:
         self.root = Path(root)
         self.cfg = LTXConfig.from_dir(self.root)
         _offline()
-        diffusers, transformers = _diffusers()
-        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
-        self.text_model = _load(transformers.T5EncoderModel, self.root / "text_encoder", "text encoder").eval()
+        diffusers, _ = require_diffusers()
+        self.tokenizer, self.text_model = load_text(self.root, "T5EncoderModel")
         self.text_part = LTXText(self.text_model)
-        tr = _load(diffusers.LTXVideoTransformer3DModel, self.root / "transformer", "transformer").eval()
+        tr = load_pretrained(diffusers.LTXVideoTransformer3DModel, self.root / "transformer", "transformer").eval()
         self.dit = LTXDiT(tr, self.cfg)
-        self.vae = _load(diffusers.AutoencoderKLLTXVideo, self.root / "vae", "VAE").eval()
+        self.vae = load_pretrained(diffusers.AutoencoderKLLTXVideo, self.root / "vae", "VAE").eval()
         self.vae_part = LTXDecode(self.vae)
         self.device = torch.device("cpu")
 
@@ -229,16 +229,14 @@ class LTXFamily:
                     device: str = "cpu") -> "LTXFamily":
         """An LTX export-engines bundle on onnxruntime: the bundle's tokenizer, text encoder, DiT (with its text mask
         input) and whole-video VAE decoder graphs."""
-        from .family import DitCall
-        _, transformers = _diffusers()
+        _, transformers = require_diffusers()
         self = cls.__new__(cls)
         self.root, self.cfg, self.device = Path(root), LTXConfig.from_dict(manifest["model"]), torch.device(device)
         c = self.cfg
-        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
+        self.tokenizer = load_pretrained(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
         self.text_part = part("text_encoder", pick("text_encoder", None), lambda ids: (*ids.shape, c.text_dim))
         self.text_model, self.vae = None, None
-        entry = pick("dit", precision)
-        self.dit = DitCall(part("dit", entry, lambda x, *_: x.shape), entry["inputs"])
+        self.dit = bundle_dit(pick, part, precision)
         self.vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
             z.shape[0], 3, (z.shape[2] - 1) * c.temporal_factor + 1, z.shape[3] * c.spatial_factor,
             z.shape[4] * c.spatial_factor))
@@ -246,13 +244,7 @@ class LTXFamily:
 
     def to(self, device, dtype) -> "LTXFamily":
         """The DiT and VAE in `dtype` on `device`; the text encoder stays float32."""
-        if self.vae is None:  # a bundle: the parts live in their backend
-            return self
-        self.device = torch.device(device)
-        for m in (self.dit.transformer, self.vae):
-            _cast(m, self.device, dtype)  # as .to(device, dtype), keeping diffusers' float32 modules (LTX has none)
-        if self.text_model is not None:  # presets have none
-            self.text_model.to(self.device)
+        move(self, (self.dit.transformer, self.vae) if self.vae is not None else (), device, dtype)
         return self
 
     @torch.no_grad()
@@ -293,7 +285,6 @@ class LTXFamily:
     def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
         """A coarse activation estimate (float32 bytes): the DiT's FFN (4 x width) per CFG row, the VAE decoder's
         widest feature map at full resolution over every frame (one decoder call), the video itself."""
-        from .config import memory_limit
         batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
         tokens = c.tokens(r.num_frames, r.height, r.width)
         dit = 4 * batch * tokens * 4 * c.width * 3
@@ -302,12 +293,7 @@ class LTXFamily:
         vae = 4 * len(r.prompts) * r.num_frames * r.height * r.width * max(4 * c.vae_width // 16, 48)
         video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
         peak = max(dit, vae, video)
-        limit, source = memory_limit(limit_gb, device)
-        if peak > limit:
-            raise ConfigError(f"{r.num_frames}x{r.height}x{r.width} (DiT batch {batch}) needs about "
-                              f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
-                              "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
-        return peak
+        return refuse_over_limit(r, batch, peak, limit_gb, device)
 
     # ---- export: the parts export-engines writes ----------------------------------------------------------------
     def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:
@@ -321,18 +307,7 @@ class LTXFamily:
         shapes = [(b.frames, b.height, b.width) for b in buckets]
         g = torch.Generator().manual_seed(0)
         if "text_encoder" in parts:
-            io = (["input_ids"], ["text"], {"input_ids": {0: "batch", 1: "text_len"},
-                                            "text": {0: "batch", 1: "text_len"}})
-            prompts = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
-
-            def feed(n, length):
-                return {"input_ids": self.tokenizer(prompts[:n], padding="max_length", max_length=length,
-                                                    truncation=True, return_tensors="pt").input_ids}
-            full = feed(max_batch, L)
-            cases = [feed(1, L), full, feed(min(3, max_batch + 1), max(2, L // 3))]
-            files = {f"tokenizer/{p.name}": p for p in sorted((self.root / "tokenizer").iterdir()) if p.is_file()}
-            specs.append(PartSpec("text_encoder", self.text_part, io, cases, full, batch_profiles(io, [full]),
-                                  files=files))
+            specs.append(text_spec(self.text_part, self.tokenizer, self.root, ("input_ids",), L, max_batch))
         if "dit" in parts:
             io = (["latents", "timestep", "text", "text_mask"], ["velocity"], {
                 "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
@@ -382,9 +357,9 @@ PRESETS = {
 
 
 def _vae_for_init(**kw):
-    """AutoencoderKLLTXVideo for _random_init: its only buffers (latents_mean/std) are zeros/ones whatever the size,
-    so the CPU twin _random_init copies them from is built with one channel per block instead of the full VAE."""
-    diffusers, _ = _diffusers()
+    """AutoencoderKLLTXVideo for random_init: its only buffers (latents_mean/std) are zeros/ones whatever the size,
+    so the CPU twin random_init copies them from is built with one channel per block instead of the full VAE."""
+    diffusers, _ = require_diffusers()
     if torch.get_default_device().type != "meta":  # the twin
         kw = {**kw, "block_out_channels": (1,) * 4, "decoder_block_out_channels": (1,) * 4,
               "layers_per_block": (1,) * 5, "decoder_layers_per_block": (1,) * 5}
@@ -393,7 +368,7 @@ def _vae_for_init(**kw):
 
 def preset_config(name: str) -> LTXConfig:
     """The preset's config (no weights): the classes' full configs, built on the meta device."""
-    diffusers, _ = _diffusers()
+    diffusers, _ = require_diffusers()
     p = PRESETS[name]
     with torch.device("meta"):
         tr = dict(diffusers.LTXVideoTransformer3DModel(**{**p["transformer"], "num_layers": 1}).config)
@@ -403,14 +378,14 @@ def preset_config(name: str) -> LTXConfig:
 
 def from_preset(name: str, device="cpu", dtype=torch.float32, seed: int = 0) -> LTXFamily:
     """A random-init LTX-Video at the real size (PRESETS), built on the meta device and materialised directly on
-    `device` in `dtype` (models/wan._random_init). encode() raises ConfigError: T5-XXL is not built."""
-    diffusers, _ = _diffusers()
+    `device` in `dtype` (models/diffusers_io.random_init). encode() raises ConfigError: T5-XXL is not built."""
+    diffusers, _ = require_diffusers()
     p, cfg = PRESETS[name], preset_config(name)
     self = LTXFamily.__new__(LTXFamily)
     self.root, self.cfg, self.device = None, cfg, torch.device(device)
     self.tokenizer = self.text_model = self.text_part = None
-    self.dit = LTXDiT(_random_init(diffusers.LTXVideoTransformer3DModel, p["transformer"], device, dtype, seed), cfg)
-    self.vae = _random_init(_vae_for_init, p["vae"], device, dtype, seed + 2)
+    self.dit = LTXDiT(random_init(diffusers.LTXVideoTransformer3DModel, p["transformer"], device, dtype, seed), cfg)
+    self.vae = random_init(_vae_for_init, p["vae"], device, dtype, seed + 2)
     self.vae_part = LTXDecode(self.vae)
     return self
 
@@ -420,19 +395,11 @@ def save_tiny(out: str | Path, seed: int = 0, timestep_conditioning: bool = Fals
     configs' structure (VAE x32 space, x8 time; patch 1; dynamic-shifting flow-match Euler) with small widths, a
     word-level tokenizer, a T5 encoder, and random latents_mean/std and scaling_factor 0.9 so de-normalisation is
     exercised. timestep_conditioning: a 0.9.1-style decoder."""
-    diffusers, transformers = _diffusers()
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    from .wan import TINY_WORDS
+    diffusers, transformers = require_diffusers()
     torch.manual_seed(seed)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                     unk_token="<unk>", model_max_length=TEXT_LEN)
+    tokenizer, vocab_size = tiny_tokenizer(TEXT_LEN)
     text_encoder = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
     # inner dim 2 x 8 = 16 is not a multiple of 6, like the real 2048: RoPE's padding branch runs
     transformer = diffusers.LTXVideoTransformer3DModel(

@@ -14,7 +14,6 @@ the model code is copied. What vidrt adds is the family's side of the contract i
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +22,12 @@ import torch
 from torch import nn
 
 from .config import ConfigError, SampleDefaults
+from .diffusers_io import (bundle_dit, load_pretrained, load_text, move, random_init, read_json, refuse_over_limit,
+                           require_diffusers, text_spec, tiny_tokenizer)
 
 PIPELINES = ("WanPipeline",)  # model_index.json _class_name values this family loads
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_LEN = 512  # WanPipeline's max_sequence_length default
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from e
 
 
 @dataclass
@@ -59,17 +53,17 @@ class WanConfig:
 
     @classmethod
     def from_dir(cls, root: Path) -> "WanConfig":
-        index = _json(root / "model_index.json")
+        index = read_json(root / "model_index.json")
         missing = [p for p in PARTS if not (root / p).is_dir()]
         if "transformer" in missing and (root / "transformer_2").is_dir():
             missing.remove("transformer")
         if missing:
             raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: a Wan "
                               f"text-to-video directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
-        tr = _json(root / "transformer" / "config.json")
-        vae = _json(root / "vae" / "config.json")
-        sched = _json(root / "scheduler" / "scheduler_config.json")
-        te = _json(root / "text_encoder" / "config.json")
+        tr = read_json(root / "transformer" / "config.json")
+        vae = read_json(root / "vae" / "config.json")
+        sched = read_json(root / "scheduler" / "scheduler_config.json")
+        te = read_json(root / "text_encoder" / "config.json")
         st, ss = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
         patch = tuple(tr.get("patch_size", (1, 2, 2)))
         shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
@@ -175,35 +169,6 @@ class ExpertSwitch:
         return part(latents, timestep, *rest)
 
 
-def _cast(model: nn.Module, device, dtype) -> None:
-    """model.to(device, dtype), except the parameters diffusers keeps in float32 when it loads the model in a 16-bit
-    dtype (the model's _keep_in_fp32_modules: Wan's time embedder, norms, modulation table), so vidrt computes what
-    WanPipeline.from_pretrained(torch_dtype=...) computes."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    for name, p in [*model.named_parameters(), *model.named_buffers()]:
-        want = torch.float32 if p.is_floating_point() and any(k in name.split(".") for k in keep) else dtype
-        p.data = p.data.to(device, want if p.is_floating_point() else p.dtype)
-
-
-def _diffusers():
-    try:
-        import diffusers
-        import transformers
-    except ImportError as e:
-        raise ConfigError(f"loading a diffusers directory needs diffusers and transformers ({e}); install them with "
-                          "pip install 'vidrt[diffusers]'") from e
-    return diffusers, transformers
-
-
-def _load(cls, path: Path, what: str, **kw):
-    try:
-        return cls.from_pretrained(path, use_safetensors=True, local_files_only=True, **kw)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ConfigError(f"cannot load the {what} from {path} (safetensors weights that match its config.json are "
-                          f"needed; no pickle files are read): {first}") from e
-
-
 class WanFamily:
     """A loaded Wan directory: see models/family.py for the contract."""
     solvers = ("default",)
@@ -216,19 +181,18 @@ class WanFamily:
         self.root = Path(root)
         self.cfg = WanConfig.from_dir(self.root)
         _offline()
-        diffusers, transformers = _diffusers()
-        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
-        self.text_model = _load(transformers.UMT5EncoderModel, self.root / "text_encoder", "text encoder").eval()
+        diffusers, _ = require_diffusers()
+        self.tokenizer, self.text_model = load_text(self.root, "UMT5EncoderModel")
         self.text_part = WanText(self.text_model)
-        tr = _load(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer")
+        tr = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer")
         tr2 = None
         if (self.root / "transformer_2").is_dir():
-            tr2 = _load(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2").eval()
+            tr2 = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2").eval()
         if tr2 is not None and self.cfg.boundary_ratio is None:
             raise ConfigError(f"{self.root} has transformer_2/ but model_index.json gives no boundary_ratio")
         boundary = None if tr2 is None else _boundary(self.cfg)
         self.dit = WanDiT(tr.eval(), tr2, boundary, self.cfg.expand_timesteps)
-        self.vae = _load(diffusers.AutoencoderKLWan, self.root / "vae", "VAE").eval()
+        self.vae = load_pretrained(diffusers.AutoencoderKLWan, self.root / "vae", "VAE").eval()
         self.vae_decode = lambda z: self.vae.decode(z, return_dict=False)[0]
         self.device = torch.device("cpu")
 
@@ -240,20 +204,16 @@ class WanFamily:
         float one); `part(name, entry, out_shape)` -> a backend part."""
         from vidrt.export.wan_vae import OrtStep, stream_decode
 
-        from .family import DitCall
-        _, transformers = _diffusers()
+        _, transformers = require_diffusers()
         self = cls.__new__(cls)
         self.root, self.cfg, self.device = Path(root), WanConfig.from_dict(manifest["model"]), torch.device(device)
-        self.tokenizer = _load(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
+        self.tokenizer = load_pretrained(transformers.AutoTokenizer, self.root / "tokenizer", "tokenizer")
         self.text_part = part("text_encoder", pick("text_encoder", None),
                               lambda ids, _: (*ids.shape, self.cfg.text_dim))
         self.text_model, self.vae = None, None
-        self._dit_entry = pick("dit", precision)
-        self.dit = DitCall(part("dit", self._dit_entry, lambda x, *_: x.shape), self._dit_entry["inputs"])
+        self.dit = bundle_dit(pick, part, precision)
         if self.cfg.boundary_ratio is not None:  # Wan 2.2 A14B: "dit" the high-noise expert, "dit_2" the low-noise
-            e2 = pick("dit_2", precision)
-            low = DitCall(part("dit_2", e2, lambda x, *_: x.shape), e2["inputs"])
-            self.dit = ExpertSwitch(self.dit, low, _boundary(self.cfg))
+            self.dit = ExpertSwitch(self.dit, bundle_dit(pick, part, precision, "dit_2"), _boundary(self.cfg))
         steps = [OrtStep(self.root / pick(n, vae_precision)["runtimes"]["onnxruntime"]["graph"])
                  for n in ("vae_first", "vae_step")]
         self.vae_decode = lambda z: stream_decode(steps[0], steps[1], z.float())
@@ -262,13 +222,7 @@ class WanFamily:
     def to(self, device, dtype) -> "WanFamily":
         """The DiT and VAE in `dtype` on `device`; the text encoder stays float32 (as WanPipeline's bf16 one would
         be cast back to the transformer dtype anyway)."""
-        if self.vae is None:  # a bundle: the parts live in their backend
-            return self
-        self.device = torch.device(device)
-        for m in (*self.dit.children(), self.vae):
-            _cast(m, self.device, dtype)
-        if self.text_model is not None:  # presets have none
-            self.text_model.to(self.device)
+        move(self, (*self.dit.children(), self.vae) if self.vae is not None else (), device, dtype)
         return self
 
     @torch.no_grad()
@@ -305,18 +259,12 @@ class WanFamily:
     def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
         """A coarse activation estimate (float32 bytes): the DiT's widest activation (FFN) per CFG row, and the VAE
         decoder's widest feature map at full resolution over its cached frames."""
-        from .config import memory_limit
         batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
         dit = 4 * batch * c.tokens(r.num_frames, r.height, r.width) * max(c.ffn_dim, 4 * c.width) * 3
         vae = 4 * len(r.prompts) * 6 * c.vae_base_dim * r.height * r.width * 4
         video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
         peak = max(dit, vae, video)
-        limit, source = memory_limit(limit_gb, device)
-        if peak > limit:
-            raise ConfigError(f"{r.num_frames}x{r.height}x{r.width} (DiT batch {batch}) needs about "
-                              f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
-                              "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
-        return peak
+        return refuse_over_limit(r, batch, peak, limit_gb, device)
 
     # ---- export: the parts export-engines writes ----------------------------------------------------------------
     def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:
@@ -325,19 +273,8 @@ class WanFamily:
         pf = probe_shape(buckets, c.temporal_factor, c.hw_multiple)
         g = torch.Generator().manual_seed(0)
         if "text_encoder" in parts:
-            io = (["input_ids", "attention_mask"], ["text"], {"input_ids": {0: "batch", 1: "text_len"},
-                  "attention_mask": {0: "batch", 1: "text_len"}, "text": {0: "batch", 1: "text_len"}})
-            prompts = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
-
-            def feed(n, length):
-                tok = self.tokenizer(prompts[:n], padding="max_length", max_length=length, truncation=True,
-                                     return_tensors="pt")
-                return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask}
-            full = feed(max_batch, c.text_len)
-            cases = [feed(1, c.text_len), full, feed(min(3, max_batch + 1), max(2, c.text_len // 3))]
-            files = {f"tokenizer/{p.name}": p for p in sorted((self.root / "tokenizer").iterdir()) if p.is_file()}
-            specs.append(PartSpec("text_encoder", WanText(self.text_model), io, cases, full,
-                                  batch_profiles(io, [full]), files=files))
+            specs.append(text_spec(WanText(self.text_model), self.tokenizer, self.root, ("input_ids", "attention_mask"),
+                                   c.text_len, max_batch))
         if "dit" in parts:
             io = (["latents", "timestep", "text"], ["velocity"], {
                 "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
@@ -418,29 +355,8 @@ PRESETS = {
 }
 
 
-def _random_init(cls, kw: dict, device, dtype, seed: int):
-    """cls(**kw) built on the meta device and materialised on `device` in `dtype` (a 14B model never exists in fp32
-    on the host); weights N(0, 0.02), norms 1, biases 0; buffers (RoPE tables) from a one-layer CPU twin."""
-    with torch.device("meta"):
-        m = cls(**kw)
-    _cast(m, "meta", dtype)
-    m = m.to_empty(device=device)
-    twin = cls(**{**kw, "num_layers": 1}) if "num_layers" in kw else cls(**kw)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02, generator=g)
-            else:
-                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-        for name, b in m.named_buffers():
-            b.copy_(dict(twin.named_buffers())[name])
-    _cast(m, device, dtype)  # the float32 modules back to float32, as diffusers loads them
-    return m.eval()
-
-
 def preset_config(name: str) -> WanConfig:
-    diffusers, _ = _diffusers()
+    diffusers, _ = require_diffusers()
     p = PRESETS[name]
     t, v = p["transformer"], p["vae"]
     with torch.device("meta"):
@@ -460,21 +376,17 @@ def preset_config(name: str) -> WanConfig:
 
 def from_preset(name: str, device="cpu", dtype=torch.float32, seed: int = 0) -> WanFamily:
     """A random-init Wan at a real size (PRESETS), built directly on `device` in `dtype`."""
-    diffusers, _ = _diffusers()
+    diffusers, _ = require_diffusers()
     t, v, cfg = PRESETS[name]["transformer"], PRESETS[name]["vae"], preset_config(name)
     self = WanFamily.__new__(WanFamily)
     self.root, self.cfg, self.device = None, cfg, torch.device(device)
     self.tokenizer = self.text_model = self.text_part = None
-    tr = _random_init(diffusers.WanTransformer3DModel, t, device, dtype, seed)
-    tr2 = _random_init(diffusers.WanTransformer3DModel, t, device, dtype, seed + 1) if cfg.boundary_ratio else None
+    tr = random_init(diffusers.WanTransformer3DModel, t, device, dtype, seed)
+    tr2 = random_init(diffusers.WanTransformer3DModel, t, device, dtype, seed + 1) if cfg.boundary_ratio else None
     self.dit = WanDiT(tr, tr2, None if tr2 is None else cfg.boundary_ratio * 1000, cfg.expand_timesteps)
-    self.vae = _random_init(diffusers.AutoencoderKLWan, v, device, dtype, seed + 2)
+    self.vae = random_init(diffusers.AutoencoderKLWan, v, device, dtype, seed + 2)
     self.vae_decode = lambda z: self.vae.decode(z, return_dict=False)[0]
     return self
-
-
-TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "
-              "under bright dark small big").split()
 
 
 def save_tiny(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_experts: bool = False,
@@ -485,17 +397,11 @@ def save_tiny(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_expe
     two_experts: Wan 2.2 A14B's layout (transformer_2, boundary_ratio 0.875). ti2v: Wan 2.2 TI2V-5B's layout
     (expand_timesteps in model_index.json; the 48-channel residual VAE with patch_size 2, 12 in/out channels and
     scale_factor_spatial 16, as the 5B's vae/config.json; the transformer's in/out channels = the VAE's z_dim)."""
-    diffusers, transformers = _diffusers()
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    diffusers, transformers = require_diffusers()
     torch.manual_seed(seed)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                     unk_token="<unk>")
+    tokenizer, vocab_size = tiny_tokenizer()
     text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
-        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
 
     z = 48 if ti2v else 16

@@ -184,10 +184,10 @@ def test_random_init_materialises_on_the_device_like_diffusers_loads():
     (time embedder, norms, modulation table) in float32; the forward is finite."""
     from diffusers import WanTransformer3DModel
 
-    from vidrt.models.wan import _random_init
+    from vidrt.models.diffusers_io import random_init
     kw = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
               text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
-    m = _random_init(WanTransformer3DModel, kw, "cpu", torch.bfloat16, 0)
+    m = random_init(WanTransformer3DModel, kw, "cpu", torch.bfloat16, 0)
     ref = WanTransformer3DModel(**kw)
     assert torch.equal(m.rope.freqs_cos.float(), ref.rope.freqs_cos)
     assert m.scale_shift_table.dtype == torch.float32 and m.blocks[0].ffn.net[0].proj.weight.dtype == torch.bfloat16

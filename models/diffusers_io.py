@@ -1,0 +1,142 @@
+"""What every diffusers-directory family (models/wan.py, models/ltx.py) shares: reading the directory's configs and
+safetensors weights (local files only, never a pickle), dtype casting as diffusers loads models, random-init models
+at real sizes built on the meta device, the text encoder's export declaration, the memory refusal, and the tiny
+word-level tokenizer of the tiny test directories."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, memory_limit
+
+TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "
+              "under bright dark small big").split()
+TEXT_PROMPTS = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+
+
+def require_diffusers():
+    try:
+        import diffusers
+        import transformers
+    except ImportError as e:
+        raise ConfigError(f"loading a diffusers directory needs diffusers and transformers ({e}); install them with "
+                          "pip install 'vidrt[diffusers]'") from e
+    return diffusers, transformers
+
+
+def load_pretrained(cls, path: Path, what: str, **kw):
+    """cls.from_pretrained from local safetensors only; ConfigError naming the part and the cause otherwise."""
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, local_files_only=True, **kw)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"cannot load the {what} from {path} (safetensors weights that match its config.json are "
+                          f"needed; no pickle files are read): {first}") from e
+
+
+def cast_like_diffusers(model: nn.Module, device, dtype) -> None:
+    """model.to(device, dtype), except the parameters diffusers keeps in float32 when it loads the model in a 16-bit
+    dtype (the model's _keep_in_fp32_modules: Wan's time embedder, norms, modulation table), so vidrt computes what
+    the family's pipeline computes after from_pretrained(torch_dtype=...)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        want = torch.float32 if p.is_floating_point() and any(k in name.split(".") for k in keep) else dtype
+        p.data = p.data.to(device, want if p.is_floating_point() else p.dtype)
+
+
+def random_init(cls, kw: dict, device, dtype, seed: int):
+    """cls(**kw) built on the meta device and materialised on `device` in `dtype` (a 14B model never exists in fp32
+    on the host); weights N(0, 0.02), norms 1, biases 0; buffers (RoPE tables) from a one-layer CPU twin."""
+    with torch.device("meta"):
+        m = cls(**kw)
+    cast_like_diffusers(m, "meta", dtype)
+    m = m.to_empty(device=device)
+    twin = cls(**{**kw, "num_layers": 1}) if "num_layers" in kw else cls(**kw)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        for name, b in m.named_buffers():
+            b.copy_(dict(twin.named_buffers())[name])
+    cast_like_diffusers(m, device, dtype)  # the float32 modules back to float32, as diffusers loads them
+    return m.eval()
+
+
+def text_spec(module: nn.Module, tokenizer, root: Path, inputs: tuple[str, ...], text_len: int, max_batch: int):
+    """The text encoder's PartSpec: `inputs` of the tokenizer's output (input_ids, and attention_mask where the
+    family's encoder takes it) -> text; validated at batch 1, max_batch, and a shorter text at a larger batch; the
+    tokenizer's files travel in the bundle."""
+    from .family import PartSpec, batch_profiles
+    axes = {n: {0: "batch", 1: "text_len"} for n in (*inputs, "text")}
+    io = (list(inputs), ["text"], axes)
+
+    def feed(n, length):
+        tok = tokenizer(TEXT_PROMPTS[:n], padding="max_length", max_length=length, truncation=True,
+                        return_attention_mask=True, return_tensors="pt")
+        return {k: tok[k] for k in inputs}
+    full = feed(max_batch, text_len)
+    cases = [feed(1, text_len), full, feed(min(3, max_batch + 1), max(2, text_len // 3))]
+    files = {f"tokenizer/{p.name}": p for p in sorted((root / "tokenizer").iterdir()) if p.is_file()}
+    return PartSpec("text_encoder", module, io, cases, full, batch_profiles(io, [full]), files=files)
+
+
+def refuse_over_limit(r, batch: int, peak: int, limit_gb: float | None, device: str) -> int:
+    """ConfigError, before any work, when a request's estimated peak bytes exceed the memory limit; else the peak."""
+    limit, source = memory_limit(limit_gb, device)
+    if peak > limit:
+        raise ConfigError(f"{r.num_frames}x{r.height}x{r.width} (DiT batch {batch}) needs about "
+                          f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
+                          "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
+    return peak
+
+
+def tiny_tokenizer(max_length: int | None = None):
+    """A word-level tokenizer over TINY_WORDS with T5's special tokens (<pad> 0, </s> 1, <unk> 2), built locally."""
+    _, transformers = require_diffusers()
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    kw = {} if max_length is None else {"model_max_length": max_length}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>", **kw), len(vocab)
+
+
+def load_text(root: Path, encoder: str):
+    """(tokenizer, text encoder in eval mode) of a directory; `encoder` names the transformers class."""
+    _, transformers = require_diffusers()
+    tokenizer = load_pretrained(transformers.AutoTokenizer, root / "tokenizer", "tokenizer")
+    return tokenizer, load_pretrained(getattr(transformers, encoder), root / "text_encoder", "text encoder").eval()
+
+
+def bundle_dit(pick, part, precision: str, name: str = "dit"):
+    """A bundle's DiT graph behind the runtime's DiT call, fed the inputs its manifest entry declares."""
+    from .family import DitCall
+    entry = pick(name, precision)
+    return DitCall(part(name, entry, lambda x, *_: x.shape), entry["inputs"])
+
+
+def move(fam, modules, device, dtype) -> None:
+    """A family's torch parts to `device` in `dtype` (diffusers' float32 modules stay float32); its text encoder
+    moves and stays float32. Bundles (fam.vae is None) keep their parts in their backend."""
+    if fam.vae is None:
+        return
+    fam.device = torch.device(device)
+    for m in modules:
+        cast_like_diffusers(m, fam.device, dtype)
+    if fam.text_model is not None:  # presets have none
+        fam.text_model.to(fam.device)
