@@ -31,6 +31,8 @@ def main():
 @click.option("--width", type=int)
 @click.option("--steps", "num_inference_steps", type=int)
 @click.option("--guidance", "guidance_scale", type=float)
+@click.option("--guidance-2", "guidance_scale_2", type=float,
+              help="Two-expert models (Wan 2.2 A14B): the low-noise expert's guidance (default: --guidance)")
 @click.option("--solver", help="euler or dpm++2m (vidrt models; default euler); diffusers directories use their "
               "shipped scheduler (default)")
 @click.option("--seed", type=int, default=0, show_default=True)

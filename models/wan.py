@@ -219,6 +219,11 @@ class WanFamily:
         self.vae_decode = lambda z: stream_decode(steps[0], steps[1], z.float())
         return self
 
+    @property
+    def expert_boundary(self) -> float | None:
+        """The timestep below which Wan 2.2 A14B's low-noise expert runs (None: one DiT)."""
+        return None if self.cfg.boundary_ratio is None else _boundary(self.cfg)
+
     def to(self, device, dtype) -> "WanFamily":
         """The DiT and VAE in `dtype` on `device`; the text encoder stays float32 (as WanPipeline's bf16 one would
         be cast back to the transformer dtype anyway)."""

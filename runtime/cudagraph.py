@@ -70,10 +70,13 @@ class GraphedStep:
         self.g.fill_(guidance)
         return self
 
-    def step(self, t: float, t_next: float, model_t: float | None = None) -> torch.Tensor:
+    def step(self, t: float, t_next: float, model_t: float | None = None, guidance: float | None = None):
         """One replay from noise level t to t_next, the DiT given `model_t` (default t: a family's scheduler may
-        count in other units, Wan's 0..1000); returns the static latents buffer (valid until the next step)."""
+        count in other units, Wan's 0..1000), guided by `guidance` (default: start's); returns the static latents
+        buffer (valid until the next step)."""
         self.t.fill_(t if model_t is None else model_t)
+        if guidance is not None:
+            self.g.fill_(guidance)
         self.dt.fill_(t_next - t)
         with torch.cuda.device(self.x.device):
             self.graph.replay()

@@ -41,6 +41,7 @@ class Request:
     solver: str  # one of the family's solvers ("default" for a diffusers family: its shipped scheduler)
     shift: float
     decode_tile: int | None = None  # None: the pipeline's own
+    guidance_scale_2: float | None = None  # two-expert models (Wan 2.2 A14B): the low-noise expert's; None: the same
 
 
 class Cancelled(RuntimeError):
@@ -215,14 +216,15 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, guidance_scale: float,
-                solver, progress: bool = True, callback=None) -> torch.Tensor:
+                solver, progress: bool = True, callback=None, guidance_scale_2: float | None = None) -> torch.Tensor:
         """Run the sampling loop. With CFG, text/mask hold [uncond; cond] (2B rows) and the DiT runs as one batch.
         `callback(step, num_steps, latents)` runs after every step; returning False cancels (raises Cancelled).
         NaN/inf in the inputs or after any step raises NonFiniteError naming the step and the part."""
         with self._lock:
-            return self._denoise(latents, text, mask, guidance_scale, solver, progress, callback)
+            return self._denoise(latents, text, mask, guidance_scale, solver, progress, callback, guidance_scale_2)
 
-    def _denoise(self, latents, text, mask, guidance_scale, solver, progress, callback) -> torch.Tensor:
+    def _denoise(self, latents, text, mask, guidance_scale, solver, progress, callback,
+                 guidance_scale_2=None) -> torch.Tensor:
         if not math.isfinite(guidance_scale):
             raise ConfigError(f"guidance_scale must be finite, got {guidance_scale}")
         _check_finite(latents, "initial latents")
@@ -237,10 +239,14 @@ class Pipeline:
         ts = solver.timesteps
         model_t = getattr(solver, "model_t", ts)  # the DiT's timestep per step (a family's scheduler may differ)
         steps = len(ts) - 1
+        # two experts (Wan 2.2 A14B): the low-noise one, below the family's boundary timestep, may guide differently
+        boundary = getattr(self.family, "expert_boundary", None)
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
             where = f"step {i + 1} of {steps}"
+            g = guidance_scale_2 if guidance_scale_2 is not None and boundary is not None and model_t[i] < boundary \
+                else guidance_scale
             if graphed is not None:  # the same step, replayed from a CUDA graph
-                x = graphed.step(ts[i], ts[i + 1], model_t[i])
+                x = graphed.step(ts[i], ts[i + 1], model_t[i], g)
                 _check_finite(x, f"latents after {where} (CUDA-graph replay of the DiT step)")
             else:
                 xin = torch.cat([x, x]) if cfg_on else x
@@ -248,11 +254,11 @@ class Pipeline:
                 v = raw = self.dit(xin, t, text, mask).to(torch.float32)
                 if cfg_on:
                     v_u, v_c = raw.chunk(2)
-                    v = v_u + guidance_scale * (v_c - v_u)
+                    v = v_u + g * (v_c - v_u)
                 x = solver.step(i, x, v).to(latents.dtype)
                 if not bool(torch.isfinite(x).all()):  # one check (one sync) a step; a bad DiT output reaches x too
                     _check_finite(raw, f"DiT output at {where} ({self.backend}; a NaN weight, or fp16 past 65504?)")
-                    _check_finite(x, f"latents after the solver update at {where} (guidance {guidance_scale}, "
+                    _check_finite(x, f"latents after the solver update at {where} (guidance {g}, "
                                      f"latents {latents.dtype})")
             if callback is not None:
                 go_on = callback(i + 1, steps, x)
@@ -283,7 +289,8 @@ class Pipeline:
     def request(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
-                shift: float | None = None, decode_tile: int | None = None) -> "Request":
+                shift: float | None = None, decode_tile: int | None = None,
+                guidance_scale_2: float | None = None) -> "Request":
         """Resolve defaults (None only: 0 is an error, not "default") and validate a request without running
         anything, memory included (raises ConfigError/BackendError with the fix). Servers call it before queueing."""
         s = self.cfg.sample
@@ -310,6 +317,13 @@ class Pipeline:
                               "raises the cap)")
         if not 1 <= r.guidance_scale <= MAX_GUIDANCE:
             raise ConfigError(f"guidance_scale={r.guidance_scale} must be 1 (no guidance) to {MAX_GUIDANCE:g}")
+        if guidance_scale_2 is not None:
+            r.guidance_scale_2 = _real("guidance_scale_2", guidance_scale_2)
+            if getattr(self.family, "expert_boundary", None) is None:
+                raise ConfigError(f"guidance_scale_2 is the low-noise expert's guidance of two-expert models (Wan 2.2 "
+                                  f"A14B); {self.cfg.name} has one DiT: use guidance_scale")
+            if not 1 <= r.guidance_scale_2 <= MAX_GUIDANCE:
+                raise ConfigError(f"guidance_scale_2={r.guidance_scale_2} must be 1 to {MAX_GUIDANCE:g}")
         if not SHIFT_RANGE[0] <= r.shift <= SHIFT_RANGE[1]:
             raise ConfigError(f"shift={r.shift} must be {SHIFT_RANGE[0]:g} to {SHIFT_RANGE[1]:g} (1 = no time shift)")
         if not -2 ** 63 <= r.seed < 2 ** 64:
@@ -335,10 +349,10 @@ class Pipeline:
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
                        num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
                        solver: str | None = None, shift: float | None = None, progress: bool = True,
-                       callback=None) -> torch.Tensor:
+                       callback=None, guidance_scale_2: float | None = None) -> torch.Tensor:
         """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
         r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                         seed, solver, shift)
+                         seed, solver, shift, guidance_scale_2=guidance_scale_2)
         return self._sample(r, progress, callback)
 
     def _sample(self, r: Request, progress: bool, callback) -> torch.Tensor:
@@ -351,15 +365,15 @@ class Pipeline:
             latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)
             g = r.guidance_scale
             text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)
-            return self.denoise(latents, text, mask, g, sched, progress, callback)
+            return self.denoise(latents, text, mask, g, sched, progress, callback, r.guidance_scale_2)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
                  shift: float | None = None, decode_tile: int | None = None, progress: bool = True,
-                 callback=None) -> VideoOutput:
+                 callback=None, guidance_scale_2: float | None = None) -> VideoOutput:
         r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                         seed, solver, shift, decode_tile)
+                         seed, solver, shift, decode_tile, guidance_scale_2)
         with self._lock:
             latents = self._sample(r, progress, callback)
             return VideoOutput(self.decode(latents, tile=r.decode_tile), fps=self.cfg.sample.fps)

@@ -162,3 +162,29 @@ def test_ti2v_bundle_on_onnxruntime_matches_diffusers(dirs, tmp_path):
     dmax = (_vidrt(pipe, lat, *TI2V) - want).abs().max().item()
     print(f"TI2V bundle vs WanPipeline: max abs {dmax:.2e}")
     assert dmax <= 1e-2
+
+
+def test_low_noise_expert_guidance_matches_wan_pipeline(tmp_path):
+    """guidance_scale_2 (Wan 2.2 A14B's low-noise expert) as WanPipeline applies it (measured max abs 2.4e-7, bound
+    1e-3; it moves the latents by 8.7e-3 against one guidance for both, bound > 1e-3); refused for one-DiT models."""
+    from diffusers import WanPipeline
+
+    from vidrt.models.config import ConfigError
+    root = save_tiny(tmp_path / "a14b", two_experts=True)
+    pipe = Pipeline(root)
+    f, h, w, steps = 9, 32, 32, 6
+    lat = torch.randn(1, *pipe.cfg.latent_shape(f, h, w), generator=torch.Generator().manual_seed(0))
+    want = WanPipeline.from_pretrained(root)(
+        prompt="a red circle moving left", negative_prompt="blue", num_frames=f, height=h, width=w,
+        num_inference_steps=steps, guidance_scale=5.0, guidance_scale_2=2.0, latents=lat.clone(),
+        output_type="pt").frames
+    text, mask = pipe.encode_prompts(["blue", "a red circle moving left"])
+    r = pipe.request("a red circle moving left", "blue", f, h, w, steps, 5.0, guidance_scale_2=2.0)
+    x = pipe.denoise(lat, text, mask, 5.0, pipe.family.solver(r.solver, steps, r.shift), progress=False,
+                     guidance_scale_2=r.guidance_scale_2)
+    got = (pipe.decode_video(x) / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    same_g = pipe.denoise(lat, text, mask, 5.0, pipe.family.solver(r.solver, steps, r.shift), progress=False)
+    assert (got - want).abs().max().item() <= 1e-3
+    assert (x - same_g).abs().max().item() > 1e-3  # guidance_scale_2 changed the low-noise steps
+    with pytest.raises(ConfigError, match="guidance_scale_2 is the low-noise expert's guidance"):
+        Pipeline("tiny").request("a red circle", guidance_scale_2=2.0)
