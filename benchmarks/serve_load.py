@@ -28,6 +28,7 @@ class LoadConfig:
     burst: int = 8  # requests sent at once in the throughput part
     burst_rounds: int = 3
     timeout_s: float = 120.0  # any single request taking longer fails the run
+    poll_ms: int = 5  # the client's GET interval: short polls measure latency finely but take CPU from the replicas
 
 
 def _http(method: str, url: str, body: dict | None = None):
@@ -38,14 +39,14 @@ def _http(method: str, url: str, body: dict | None = None):
         return json.loads(raw) if r.headers.get("content-type", "").startswith("application/json") else raw
 
 
-def http_video(base: str, seed: int, steps: int, timeout_s: float) -> tuple[float, bytes]:
-    """POST, poll every 5 ms until completed, GET the mp4: the latency a client sees."""
+def http_video(base: str, seed: int, steps: int, timeout_s: float, poll_ms: int = 5) -> tuple[float, bytes]:
+    """POST, poll every `poll_ms` until completed, GET the mp4: the latency a client sees."""
     t0 = time.perf_counter()
     v = _http("POST", f"{base}/v1/videos", {"prompt": PROMPT, "seed": seed, "num_inference_steps": steps})
     while v["status"] in ("queued", "in_progress"):
         if time.perf_counter() - t0 > timeout_s:
             raise TimeoutError(f"{v['id']} still {v['status']} after {timeout_s} s")
-        time.sleep(0.005)
+        time.sleep(poll_ms / 1000)
         v = _http("GET", f"{base}/v1/videos/{v['id']}")
     if v["status"] != "completed":
         raise RuntimeError(f"{v['id']}: {v['status']} {v['error']}")
@@ -82,8 +83,8 @@ def run(cfg: LoadConfig) -> dict:
         out = ray.get(actor.run.remote(0, params | {"seed": seed}), timeout=cfg.timeout_s)
         return time.perf_counter() - t0, out["data"]
 
-    modes = {"in-process": local, "ray actor": actor_call, "serve http": lambda s: http_video(base, s, cfg.steps,
-                                                                                             cfg.timeout_s)}
+    modes = {"in-process": local, "ray actor": actor_call,
+             "serve http": lambda s: http_video(base, s, cfg.steps, cfg.timeout_s, cfg.poll_ms)}
     for f in modes.values():  # warm-up: text encoder, first HTTP connection, actor start
         f(999)
     times, load0 = {m: [] for m in modes}, os.getloadavg()
@@ -118,10 +119,10 @@ def _burst(cfg: LoadConfig, base: str, port: int) -> dict:
         for n in (1, 2) if r % 2 == 0 else (2, 1):
             serve.run(app(ServeConfig(replicas=n, max_queued=cfg.burst, port=port)), name="bench", route_prefix="/")
             with ThreadPoolExecutor(cfg.burst) as ex:  # untimed: every replica's text encoder loaded
-                list(ex.map(lambda s: http_video(base, s, cfg.steps, cfg.timeout_s), range(cfg.burst)))
+                list(ex.map(lambda s: http_video(base, s, cfg.steps, cfg.timeout_s, cfg.poll_ms), range(cfg.burst)))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(cfg.burst) as ex:
-                list(ex.map(lambda s: http_video(base, s, cfg.steps, cfg.timeout_s), range(cfg.burst)))
+                list(ex.map(lambda s: http_video(base, s, cfg.steps, cfg.timeout_s, cfg.poll_ms), range(cfg.burst)))
             walls[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(w) for n, w in walls.items()}
     return {"walls_s": walls, "median_s": med, "videos_per_s": {n: cfg.burst / m for n, m in med.items()},
@@ -130,7 +131,7 @@ def _burst(cfg: LoadConfig, base: str, port: int) -> dict:
 
 def to_markdown(rep: dict) -> str:
     c, la = rep["config"], rep["loadavg_1_5_15"]
-    lines = [f"tiny, 9x32x32, {c['steps']} steps, 1 torch thread per Pipeline; {rep['machine']}, {rep['cpus']} CPUs, "
+    lines = [f"tiny, 9x32x32, {c['steps']} steps, client polls every {c.get('poll_ms', 5)} ms, 1 torch thread per Pipeline; {rep['machine']}, {rep['cpus']} CPUs, "
              f"ISA {rep['isa']}; ray {rep['ray']}, torch {rep['torch']}; {rep['date']}; load average (1/5/15 min) "
              f"{'/'.join(f'{x:.1f}' for x in la['start'])} at start, {'/'.join(f'{x:.1f}' for x in la['end'])} at end",
              "", f"Latency of one video, {c['rounds']} interleaved rounds (ratio: median of per-round ratios "
@@ -150,11 +151,11 @@ def to_markdown(rep: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True, help="Folder for results.json and results.md")
-    for f in ("rounds", "steps", "burst", "burst_rounds"):
+    for f in ("rounds", "steps", "burst", "burst_rounds", "poll_ms"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(LoadConfig, f))
     cfg = LoadConfig(**vars(ap.parse_args(argv)))
-    if min(cfg.rounds, cfg.steps, cfg.burst, cfg.burst_rounds) < 1:
-        ap.error("--rounds, --steps, --burst and --burst-rounds must be >= 1")
+    if min(cfg.rounds, cfg.steps, cfg.burst, cfg.burst_rounds, cfg.poll_ms) < 1:
+        ap.error("--rounds, --steps, --burst, --burst-rounds and --poll-ms must be >= 1")
     rep = run(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
