@@ -148,9 +148,12 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for results.json/.md/.png")
 def bench(model, bundle, runners, device, out, **kw):
     """Benchmark every backend x precision side by side: per stage and end to end, ratios vs the first runner."""
-    # as in generate: idle OpenMP workers sleep. On a busy machine spinning ones made torch eager 4x slower at the
-    # median and 29x at p99 (benchmarks/RESULTS.md, "Benchmarking on a busy machine")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # On a busy machine spinning OpenMP workers made torch eager 4x slower at the median and 29x at p99; on a quiet one
+    # sleeping workers make it 1.5x slower (benchmarks/RESULTS.md, "Benchmarking on a busy machine"). So: PASSIVE when
+    # the machine is busy as the run starts (1-min load >= 3/4 of the cores), libgomp's default otherwise; a policy
+    # the user set wins. The report records which.
+    if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     from vidrt.benchmarks.bench import parse_runners, run
     if runners is None:
         runners = ("torch:fp32,torch:bf16,torch:bf16+graphs,torch.compile:bf16,torch:fp8,torch:fp8+graphs,"
