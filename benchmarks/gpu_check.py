@@ -55,7 +55,8 @@ CHECKS = [
 
 def plan(env: dict, only: list[str] | None = None) -> list[dict]:
     """What the kit runs here: one entry per check, with the reason when it is skipped."""
-    missing = {"cuda": "no CUDA device", "diffusers": "diffusers is not installed (pip install 'vidrt[diffusers]')", "onnxruntime_cuda": "onnxruntime has no CUDAExecutionProvider "
+    missing = {"cuda": "no CUDA device", "diffusers": "diffusers is not installed (pip install 'vidrt[diffusers]')",
+               "onnxruntime_cuda": "onnxruntime has no CUDAExecutionProvider "
                "(pip install onnxruntime-gpu)", "tensorrt": "the tensorrt package is not installed"}
     out = []
     for name, what, needs in CHECKS:
@@ -327,7 +328,8 @@ def check_tensorrt(cfg: KitConfig, ctx: dict) -> dict:
     return res
 
 
-RUNNERS = {"cuda_graph_parity": check_cuda_graph_parity, "wan_parity": check_wan_parity, "gemm_peak": check_gemm_peak, "dit_step": check_dit_step,
+RUNNERS = {"cuda_graph_parity": check_cuda_graph_parity, "wan_parity": check_wan_parity, "gemm_peak": check_gemm_peak,
+           "dit_step": check_dit_step,
            "onnxruntime_cuda": check_onnxruntime_cuda, "tensorrt": check_tensorrt}
 
 
@@ -372,8 +374,8 @@ def to_markdown(rep: dict) -> str:
                 by = r["kernels"]["by_kind"]
                 cells = [by.get(k, {}).get("ms") for k, _ in KERNEL_KINDS] + \
                     [sum(v["ms"] for k, v in by.items() if k not in dict(KERNEL_KINDS))]
-                lines.append(f"| {r['label']} | {r['kernels']['total_ms']} | " + " | ".join(_fmt(c, '.1f') for c in cells)
-                             + " |")
+                lines.append(f"| {r['label']} | {r['kernels']['total_ms']} | "
+                             + " | ".join(_fmt(c, '.1f') for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -131,7 +131,9 @@ def _burst(cfg: LoadConfig, base: str, port: int) -> dict:
 
 def to_markdown(rep: dict) -> str:
     c, la = rep["config"], rep["loadavg_1_5_15"]
-    lines = [f"tiny, 9x32x32, {c['steps']} steps, client polls every {c.get('poll_ms', 5)} ms, 1 torch thread per Pipeline; {rep['machine']}, {rep['cpus']} CPUs, "
+    lines = [f"tiny, 9x32x32, {c['steps']} steps, client polls every {c.get('poll_ms', 5)} ms, "
+             "1 torch thread per Pipeline; "
+             f"{rep['machine']}, {rep['cpus']} CPUs, "
              f"ISA {rep['isa']}; ray {rep['ray']}, torch {rep['torch']}; {rep['date']}; load average (1/5/15 min) "
              f"{'/'.join(f'{x:.1f}' for x in la['start'])} at start, {'/'.join(f'{x:.1f}' for x in la['end'])} at end",
              "", f"Latency of one video, {c['rounds']} interleaved rounds (ratio: median of per-round ratios "

@@ -164,7 +164,8 @@ def test_bench_report_is_computed_from_measured_runs(bundle, tmp_path):
               progress=False)
     on_disk = json.loads((tmp_path / "b" / "results.json").read_text())
     assert on_disk["schema"] == "vidrt-bench/1" and on_disk["baseline"] == "torch fp32"
-    assert "round-robin" in on_disk["timing"] and on_disk["machine"]["isa"] and "load_avg_1m_start" in on_disk["machine"]
+    m = on_disk["machine"]
+    assert "round-robin" in on_disk["timing"] and m["isa"] and "load_avg_1m_start" in m and "omp_wait_policy" in m
     assert (tmp_path / "b" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "b" / "results.md").read_text()
     assert "onnxruntime fp32" in md and "skipped" in md

@@ -117,9 +117,10 @@ TI2V = (9, 32, 64)  # frames, height, width: sizes are multiples of 32 (VAE x16 
 def test_ti2v_torch_parity_with_diffusers(dirs):
     """save_tiny(ti2v=True) writes the 5B's layout (expand_timesteps, z_dim 48 = the transformer's channels, the
     residual VAE with patch_size 2, 12 in/out channels, scale_factor_spatial 16). Pipeline(dir) vs
-    WanPipeline(expand_timesteps): decoded frames measured max abs 1.1e-6, bound 1e-3; the
-    prompt must matter beyond that bound, or parity would prove nothing (another prompt: measured 4.7e-3). (Text-to-video gives every token the same timestep, so the
-    per-token path equals the per-row one in value; it differs only with image conditioning, which is not built.)"""
+    WanPipeline(expand_timesteps): decoded frames measured max abs 1.1e-6, bound 1e-3; the prompt must matter
+    beyond that bound, or parity would prove nothing (another prompt: measured 4.7e-3). (Text-to-video gives every
+    token the same timestep, so the per-token path equals the per-row one in value; it differs only with image
+    conditioning, which is not built.)"""
     import json
     d = dirs["ti2v"]
     idx = json.loads((d / "model_index.json").read_text())
@@ -142,7 +143,8 @@ def test_ti2v_torch_parity_with_diffusers(dirs):
 def test_ti2v_bundle_on_onnxruntime_matches_diffusers(dirs, tmp_path):
     """The TI2V DiT graph takes the runtime's (B,) timestep and expands it to one per token inside, from the latents'
     shape: validated at both buckets and a probe shape unlike both (measured rel L2 <= 7.6e-7 over every graph,
-    the VAE's 48-channel step graphs included); the bundle vs WanPipeline(expand_timesteps): measured max abs 2.3e-6, bound 1e-2."""
+    the VAE's 48-channel step graphs included); the bundle vs WanPipeline(expand_timesteps): measured max abs
+    2.3e-6, bound 1e-2."""
     d = dirs["ti2v"]
     man = _export(d, tmp_path / "b", ("9x32x64", "5x32x32"))
     val = man["validation"]
