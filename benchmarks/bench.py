@@ -140,23 +140,33 @@ def stage_calls(pipe, r: Runner, frames: int, height: int, width: int, steps: in
     return res, calls
 
 
-def round_robin(calls: dict, warmup: int, runs: int, device: torch.device) -> dict[str, list[float]]:
+def round_robin(calls: dict, warmup: int, runs: int, device: torch.device, errors: dict) -> dict[str, list[float]]:
     """Wall seconds of `runs` calls of every runner, interleaved: round i times every runner once, starting at a
-    different runner each round, so a busy spell of the machine hits all of them alike (benchmarks/RESULTS.md)."""
+    different runner each round, so a busy spell of the machine hits all of them alike (benchmarks/RESULTS.md).
+    A runner that raises is recorded in `errors` (label -> message) and leaves the run; the others go on."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    labels = list(calls)
-    for label in labels:
-        for _ in range(warmup):
-            calls[label]()
-    sync()
-    times = {label: [] for label in labels}
-    for i in range(runs):
-        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+    labels, times = [k for k in calls if k not in errors], {}
+
+    def call(label) -> float | None:
+        try:
             t0 = time.perf_counter()
             calls[label]()
             sync()
-            times[label].append(time.perf_counter() - t0)
-    return times
+            return time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - one broken runner must not lose the others' numbers
+            errors[label] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            return None
+    for label in labels:
+        for _ in range(warmup):
+            if call(label) is None:
+                break
+    for i in range(runs):
+        live = [k for k in labels if k not in errors]
+        for label in live[i % max(1, len(live)):] + live[:i % max(1, len(live))]:
+            t = call(label)
+            if t is not None:
+                times.setdefault(label, []).append(t)
+    return {k: v for k, v in times.items() if k not in errors}
 
 
 def paired_ratios(base: list[float], other: list[float]) -> dict:
@@ -202,8 +212,9 @@ def to_markdown(rep: dict) -> str:
              "| runner | text enc p50 ms | DiT step p50 / p90 / p99 ms | DiT x | DiT GFLOP/s (% peak) | VAE p50 ms "
              "| e2e p50 s | e2e x | frames/s | videos/min | process peak RSS MiB |", "|---" * 11 + "|"]
     for r in rep["results"]:
-        if "skipped" in r:
-            lines.append(f"| {r['label']} | skipped: {r['skipped']} |" + " |" * 9)
+        if "skipped" in r or "error" in r:
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"ERROR: {r['error']}"
+            lines.append(f"| {r['label']} | {why} |" + " |" * 9)
             continue
         s = r["stages"]
         d, e = s["dit_step"], s["end_to_end"]
@@ -223,14 +234,18 @@ def to_markdown(rep: dict) -> str:
              if r.get("cuda_graph_fallback")]
     notes += [f"- {r['label']}: text encoder not timed ({r['stages']['text_encoder']['skipped'][:90]}...); "
               "random text embeddings" for r in rep["results"]
-              if "stages" in r and "skipped" in r["stages"]["text_encoder"]]
+              if "error" not in r and "stages" in r and "skipped" in r["stages"].get("text_encoder", {})]
+    if rep.get("baseline_missing"):
+        notes.append(f"- {rep['baseline_missing']}")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def plot_png(rep: dict, path: Path) -> None:
     """Horizontal bars of DiT-step p50 and end-to-end p50 per runner (PIL: no plotting dependency)."""
     from PIL import Image, ImageDraw
-    rows = [r for r in rep["results"] if "stages" in r]
+    rows = [r for r in rep["results"] if "stages" in r and "error" not in r]
+    if not rows:
+        return
     W, bar, pad, left = 900, 22, 10, 260
     H = 60 + len(rows) * 2 * (bar + 4) + len(rows) * pad
     img = Image.new("RGB", (W, H), "white")
@@ -270,46 +285,62 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
                                    torch.randn(2, L, D, dtype=next(dit.parameters()).dtype),
                                    torch.ones(2, L, dtype=torch.bool)))
     peak = gemm_peak_gflops(dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    results, pipes, load0 = [], {}, os.getloadavg()[0]
-    for r in tqdm(runners, desc="load", disable=not progress):  # every runner loaded, then timed side by side
-        try:
-            pipe = make_pipeline(model, bundle, r, device)
-        except Exception as e:  # a backend that cannot run here is reported, not fatal
-            results.append({"label": r.label, "backend": r.backend, "precision": r.precision,
-                            "skipped": str(e).splitlines()[0][:200]})
-            continue
-        if flops is None and isinstance(pipe.dit, torch.nn.Module):
-            flops = count(pipe.dit, pipe.device)
-        res, calls = stage_calls(pipe, r, frames, height, width, steps)
-        pipes[r.label] = (pipe, res, calls)
-        results.append(res)
-    base = baseline or runners[0].label
+    results, load0, errors, base = [], os.getloadavg()[0], {}, baseline or runners[0].label
     plan = {"text_encoder": (warmup, runs), "dit_step": (warmup, runs),
             "vae_decode": (max(1, warmup // 2), max(3, runs // 2)), "end_to_end": (1, e2e_runs)}
-    for stage in tqdm(STAGES, desc="bench", disable=not progress):
-        calls = {label: c[stage] for label, (_, _, c) in pipes.items() if stage in c}
-        _peak_reset(dev)
-        times = round_robin(calls, *plan[stage], dev)
-        mem = _peak_mib(dev)  # the process's: every runner is loaded
-        for label, ts in times.items():
-            st = {**summarize(ts), **mem}
-            if label != base and base in times:
-                st.update(paired_ratios(times[base], ts))
-            elif label == base:
-                st.update(speedup_vs_baseline=1.0, speedup_q25=1.0, speedup_q75=1.0)
-            else:
+    # CPU: every runner resident and timed round-robin (load noise falls on all alike). GPU: one at a time, so a
+    # 14B model is never resident several times over; the GPU is not shared the way 2 CPU cores are
+    together = dev.type == "cpu"
+    for group in ([runners] if together else [[r] for r in runners]):
+        pipes = {}
+        for r in tqdm(group, desc="load", disable=not progress or not together):
+            try:
+                pipe = make_pipeline(model, bundle, r, device)
+            except Exception as e:  # a backend that cannot run here is reported, not fatal
+                results.append({"label": r.label, "backend": r.backend, "precision": r.precision,
+                                "skipped": str(e).splitlines()[0][:200]})
+                continue
+            if flops is None and isinstance(pipe.dit, torch.nn.Module):
+                flops = count(pipe.dit, pipe.device)
+            res, calls = stage_calls(pipe, r, frames, height, width, steps)
+            pipes[r.label] = (pipe, res, calls)
+            results.append(res)
+        for stage in tqdm(STAGES, desc="bench", disable=not progress):
+            calls = {label: c[stage] for label, (_, _, c) in pipes.items() if stage in c}
+            _peak_reset(dev)
+            times = round_robin(calls, *plan[stage], dev, errors)
+            mem = _peak_mib(dev)  # the process's: every runner of the group is loaded
+            for label, ts in times.items():
+                pipes[label][1]["stages"][stage] = {**summarize(ts), **mem, "_times": ts}
+        for label, (pipe, res, _) in pipes.items():
+            if label in errors:  # the stages it finished stay in the report
+                res["error"] = errors[label]
+                continue
+            st = res["stages"]
+            st["dit_step"]["throughput_steps_per_s"] = 1000 / st["dit_step"]["p50_ms"]
+            st["vae_decode"]["throughput_frames_per_s"] = frames * 1000 / st["vae_decode"]["p50_ms"]
+            e = st["end_to_end"]
+            e.update(throughput_frames_per_s=frames * 1000 / e["p50_ms"], videos_per_min=60000 / e["p50_ms"],
+                     steps=steps)
+            if pipe.cuda_graphs:
+                res["cuda_graph_fallback"] = pipe.graph_fallback
+            res["stages"] = {k: st[k] for k in STAGES if k in st}
+        del pipes
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    ref = next((r for r in results if r["label"] == base and "stages" in r and "error" not in r), None)
+    for r in results:  # paired ratios where the runs were interleaved, ratios of medians where they were not
+        for stage, st in r.get("stages", {}).items():
+            b, ts = (ref or {}).get("stages", {}).get(stage), st.get("_times")
+            if b is None or ts is None:
                 st["speedup_vs_baseline"] = None
-            pipes[label][1]["stages"][stage] = st
-    for label, (pipe, res, _) in pipes.items():
-        st = res["stages"]
-        st["dit_step"]["throughput_steps_per_s"] = 1000 / st["dit_step"]["p50_ms"]
-        st["vae_decode"]["throughput_frames_per_s"] = frames * 1000 / st["vae_decode"]["p50_ms"]
-        e = st["end_to_end"]
-        e.update(throughput_frames_per_s=frames * 1000 / e["p50_ms"], videos_per_min=60000 / e["p50_ms"], steps=steps)
-        if pipe.cuda_graphs:
-            res["cuda_graph_fallback"] = pipe.graph_fallback
-        res["stages"] = {k: st[k] for k in STAGES if k in st}
-    del pipes
+            elif together:
+                st.update(paired_ratios(b["_times"], ts))
+            else:
+                st["speedup_vs_baseline"] = b["p50_ms"] / st["p50_ms"]
+    for r in results:
+        for st in r.get("stages", {}).values():
+            st.pop("_times", None)
     if flops is None and _family_name(model) is None:  # bundles only: vidrt's own DiT counts in a moment on the host
         flops = count(load_family(model).dit, "cpu")
     for res in results:
@@ -321,7 +352,9 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     rep = {"schema": "vidrt-bench/1", "model": model, "shape": f"{frames}x{height}x{width}", "steps": steps,
            "device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": mach,
            "timing": "round-robin: every runner loaded, each round times each once (rotating the first); speedups "
-                     "are medians of per-round paired ratios vs the baseline",
+                     "are medians of per-round paired ratios vs the baseline" if together else
+                     "one runner resident at a time (GPU); speedups are ratios of medians vs the baseline",
+           "baseline_missing": None if ref else f"baseline {base!r} did not run: no speedups",
            "warmup": warmup, "runs": runs, "e2e_runs": e2e_runs, "baseline": base,
            "dit_gflop": flops / 1e9 if flops else None, "gemm_peak_gflops": peak, "results": results}
     o = Path(out)

@@ -5,6 +5,7 @@ import copy
 import functools
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -73,7 +74,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     import torch
     from tqdm import tqdm
 
-    from vidrt.models.family import VidrtFamily, load_family
+    from vidrt.models.family import VidrtFamily, _family_preset, load_family
 
     from . import onnx_export as ox
     external_threshold = ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
@@ -93,6 +94,9 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if max_batch < 1:
         raise ConfigError(f"max_batch {max_batch}: the engines must serve a batch of at least 1 (2 for guidance)")
     check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
+    if _family_preset(model):
+        raise ConfigError(f"{model} is a random-init timing preset without a text encoder; export a diffusers "
+                          "directory of the model instead (e.g. one written by save_pretrained)")
     fam = load_family(model)
     cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
     # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
@@ -100,8 +104,11 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     for b in buckets:  # clear errors before any work; validation runs onnxruntime, which materialises attention
         if own:
             check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
-        else:
-            cfg.latent_shape(b.frames, b.height, b.width)  # the family's frame/size rules, naming the fix
+        else:  # the family's frame/size rules and its memory estimate (onnxruntime's attention scores included)
+            cfg.latent_shape(b.frames, b.height, b.width)
+            fam.check_memory(SimpleNamespace(prompts=["-"] * max(1, max_batch // 2), guidance_scale=2.0,
+                                             num_frames=b.frames, height=b.height, width=b.width, decode_tile=None),
+                             "cpu", None, "onnxruntime")
     calib_set = None
     if quant:
         from vidrt.calibration.capture import load_set

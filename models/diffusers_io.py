@@ -84,7 +84,7 @@ def text_spec(module: nn.Module, tokenizer, root: Path, inputs: tuple[str, ...],
     io = (list(inputs), ["text"], axes)
 
     def feed(n, length):
-        tok = tokenizer(TEXT_PROMPTS[:n], padding="max_length", max_length=length, truncation=True,
+        tok = tokenizer((TEXT_PROMPTS * n)[:n], padding="max_length", max_length=length, truncation=True,
                         return_attention_mask=True, return_tensors="pt")
         return {k: tok[k] for k in inputs}
     full = feed(max_batch, text_len)

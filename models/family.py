@@ -200,7 +200,9 @@ def family_module(name: str):
 
 def _family_preset(model) -> str | None:
     """The family module of a random-init preset at a real size (e.g. wan2.1-14b, ltx-video), or None: every family
-    module's PRESETS is looked up."""
+    module's PRESETS is looked up. A directory of that name (a downloaded checkpoint, say) wins over the preset."""
+    if Path(str(model)).expanduser().exists():
+        return None
     for name in dict.fromkeys(DIFFUSERS_FAMILIES.values()):
         if str(model) in getattr(family_module(name), "PRESETS", {}):
             return name

@@ -54,6 +54,7 @@ class LTXConfig:
     frame_rate: int = FRAME_RATE
     width: int = 2048  # the transformer's hidden size, the VAE decoder's widest channels (memory estimate)
     vae_width: int = 512
+    heads: int = 32
     sample: SampleDefaults = field(default_factory=SampleDefaults)
     family: str = "ltx"
 
@@ -82,6 +83,7 @@ class LTXConfig:
                 patch=(tr.get("patch_size_t", 1), tr.get("patch_size", 1)), temporal_factor=st, spatial_factor=ss,
                 scheduler=sched, timestep_conditioning=bool(vae.get("timestep_conditioning")),
                 width=tr.get("num_attention_heads", 32) * tr.get("attention_head_dim", 64),
+                heads=tr.get("num_attention_heads", 32),
                 vae_width=max(vae.get("decoder_block_out_channels") or vae.get("block_out_channels") or [512]))
         m = c.hw_multiple  # LTXPipeline's defaults: 161 frames at 512x704, 50 steps, guidance 3, 25 fps
         c.sample = SampleDefaults(num_frames=st * 20 + 1, height=max(m, 512 // m * m), width=max(m, 704 // m * m),
@@ -289,7 +291,7 @@ class LTXFamily:
         tokens = c.tokens(r.num_frames, r.height, r.width)
         dit = 4 * batch * tokens * 4 * c.width * 3
         if backend == "onnxruntime":  # materialised attention scores
-            dit = max(dit, 4 * batch * tokens * tokens * 2)
+            dit = max(dit, 4 * batch * c.heads * tokens * tokens * 2)
         vae = 4 * len(r.prompts) * r.num_frames * r.height * r.width * max(4 * c.vae_width // 16, 48)
         video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
         peak = max(dit, vae, video)

@@ -48,6 +48,7 @@ class WanConfig:
     width: int = 1536  # the transformer's hidden size and FFN width, the VAE decoder's base channels (memory estimate)
     ffn_dim: int = 8960
     vae_base_dim: int = 96
+    heads: int = 12
     sample: SampleDefaults = field(default_factory=SampleDefaults)
     family: str = "wan"
 
@@ -55,8 +56,6 @@ class WanConfig:
     def from_dir(cls, root: Path) -> "WanConfig":
         index = read_json(root / "model_index.json")
         missing = [p for p in PARTS if not (root / p).is_dir()]
-        if "transformer" in missing and (root / "transformer_2").is_dir():
-            missing.remove("transformer")
         if missing:
             raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: a Wan "
                               f"text-to-video directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
@@ -64,6 +63,13 @@ class WanConfig:
         vae = read_json(root / "vae" / "config.json")
         sched = read_json(root / "scheduler" / "scheduler_config.json")
         te = read_json(root / "text_encoder" / "config.json")
+        if not {"latents_mean", "latents_std"} <= set(vae):
+            raise ConfigError(f"{root / 'vae' / 'config.json'} lacks latents_mean/latents_std: not a Wan VAE config")
+        from vidrt.runtime.schedulers import solver_from_diffusers
+        try:  # an unsupported scheduler fails here, before any request is queued
+            solver_from_diffusers(sched, 2)
+        except ValueError as e:
+            raise ConfigError(f"{root / 'scheduler'}: {e}") from e
         st, ss = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
         patch = tuple(tr.get("patch_size", (1, 2, 2)))
         shift = float(sched.get("flow_shift", sched.get("shift", 1.0)))
@@ -75,6 +81,7 @@ class WanConfig:
         h, w = max(m, 480 // m * m), max(m, 832 // m * m)
         return cls(name=root.name, in_channels=tr.get("in_channels", 16), text_dim=tr.get("text_dim", 4096),
                    width=tr.get("num_attention_heads", 12) * tr.get("attention_head_dim", 128),
+                   heads=tr.get("num_attention_heads", 12),
                    ffn_dim=tr.get("ffn_dim", 8960), vae_base_dim=vae.get("decoder_base_dim") or vae.get("base_dim", 96),
                    patch=patch, temporal_factor=st, spatial_factor=ss, latents_mean=list(vae["latents_mean"]),
                    latents_std=list(vae["latents_std"]), scheduler=sched,
@@ -263,9 +270,13 @@ class WanFamily:
 
     def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
         """A coarse activation estimate (float32 bytes): the DiT's widest activation (FFN) per CFG row, and the VAE
-        decoder's widest feature map at full resolution over its cached frames."""
+        decoder's widest feature map at full resolution over its cached frames; on onnxruntime the attention scores
+        (B, heads, N, N), which it materialises."""
         batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
-        dit = 4 * batch * c.tokens(r.num_frames, r.height, r.width) * max(c.ffn_dim, 4 * c.width) * 3
+        n = c.tokens(r.num_frames, r.height, r.width)
+        dit = 4 * batch * n * max(c.ffn_dim, 4 * c.width) * 3
+        if backend == "onnxruntime":
+            dit = max(dit, 4 * batch * c.heads * n * n * 2)
         vae = 4 * len(r.prompts) * 6 * c.vae_base_dim * r.height * r.width * 4
         video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
         peak = max(dit, vae, video)
@@ -374,6 +385,7 @@ def preset_config(name: str) -> WanConfig:
                                 "use_flow_sigmas": True, "flow_shift": p["flow_shift"], "num_train_timesteps": 1000},
                      boundary_ratio=p.get("boundary_ratio"), expand_timesteps=p.get("expand_timesteps", False),
                      width=t["num_attention_heads"] * t["attention_head_dim"], ffn_dim=t["ffn_dim"],
+                     heads=t["num_attention_heads"],
                      vae_base_dim=v.get("decoder_base_dim") or v["base_dim"],
                      sample=SampleDefaults(num_frames=f, height=h, width=w, num_inference_steps=50,
                                            guidance_scale=5.0, shift=p["flow_shift"], fps=fps))

@@ -28,6 +28,8 @@ def unsupported(pipe, latents: torch.Tensor, solver) -> str | None:
         return f"the {pipe.dit.backend} DiT part cannot be captured (onnxruntime runs its own CUDA graphs)"
     if not isinstance(solver, FlowEuler):
         return f"solver {solver.name} keeps its multistep history on the host; only euler is graphed"
+    if getattr(pipe.family, "expert_boundary", None) is not None:
+        return "two experts (Wan 2.2 A14B) are chosen per step on the host; one graph would hold one expert"
     return None
 
 

@@ -23,7 +23,9 @@ SENSITIVE_MODULES = (r"^patch_embed$", r"^t_embed\.", r"^text_embed\.", r"adaLN"
 def quantize_act(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor dynamic FP8 quantization in the activation's own dtype (no fp32 copy of the activation): the
     reciprocal scale is rounded to that dtype first, so the scale handed to _scaled_mm is exactly its inverse."""
-    inv = (FP8_MAX / x2.abs().amax().float().clamp(min=1e-12)).to(x2.dtype)
+    # computed in float32 and capped at the dtype's largest value: in float16 448 / amax overflows to inf once amax is
+    # below ~0.007 (a zero scale, then zeros or NaN); a capped one under-uses the FP8 range but stays exact
+    inv = (FP8_MAX / x2.abs().amax().float().clamp(min=1e-12)).clamp(max=torch.finfo(x2.dtype).max).to(x2.dtype)
     return (x2 * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8), inv.float().reciprocal()
 
 

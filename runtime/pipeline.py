@@ -164,8 +164,11 @@ class Pipeline:
                              out_shape=out_shape, reuse_output=reuse)
 
         if m["model"].get("family"):  # a diffusers family (models/<family>.py) builds itself from its parts
-            from vidrt.models.family import family_module
+            from vidrt.models.family import DIFFUSERS_FAMILIES, family_module
             fam = m["model"]["family"]
+            if fam not in DIFFUSERS_FAMILIES.values():
+                raise BackendError(f"bundle {root} is of model family {fam!r}, which this vidrt does not know "
+                                   f"({', '.join(sorted(set(DIFFUSERS_FAMILIES.values())))}); re-export it")
             if backend != "onnxruntime":
                 raise BackendError(f"{fam} bundles run on backend='onnxruntime' (their TensorRT path is not built)")
             self.family = family_module(fam).Family.from_bundle(root, m, pick, part, precision, vae_precision,

@@ -215,3 +215,16 @@ def test_int8_and_fp8_bundles_with_the_wan_recipe(dirs, tmp_path):
         assert rep["layers"].endswith("7 kept in float") and max(p["rel_l2"] for p in rep["parity"]) < bound
         assert man["quality"][f"dit.{prec}"]["psnr_mean"] > 35
     assert "dit.fp32" not in man["parts"]  # only the quantizer's input
+
+
+def test_a_directory_wins_over_the_preset_of_its_name(dirs, tmp_path, monkeypatch):
+    """`--model wan2.1-1.3b` with a downloaded ./wan2.1-1.3b directory loads the directory, not random weights; a
+    preset is refused by export-engines (no text encoder) before any work."""
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    shutil.copytree(dirs["unipc"], tmp_path / "wan2.1-1.3b")
+    monkeypatch.chdir(tmp_path)
+    assert Pipeline("wan2.1-1.3b").cfg.text_dim == 32  # the tiny directory's, not the preset's 4096
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(ConfigError, match="random-init timing preset"):
+        export_engines("wan2.1-14b", tmp_path / "b", ["fp32"], [Bucket(9, 32, 32)], progress=False)
