@@ -91,7 +91,7 @@ class VideoRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     model: str | None = None
-    seconds: float | str | None = None  # rounded to the nearest 4k+1 frames
+    seconds: float | str | None = None  # rounded to the nearest k * (the VAE's time factor) + 1 frames
     size: str | None = None  # "WIDTHxHEIGHT"
     negative_prompt: str = ""
     seed: int = 0
@@ -100,6 +100,7 @@ class VideoRequest(BaseModel):
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None  # two-expert models (Wan 2.2 A14B): the low-noise expert's
 
 
 @dataclass
@@ -152,6 +153,8 @@ class Api:
         # Requests are validated here, before queueing, on a CPU copy of the engine (the replica checks again)
         pipe = Engine(engine.model, engine.bundle, "onnxruntime", engine.precision).load()
         self.check, self.fps = pipe.request, pipe.cfg.sample.fps
+        # frames are k * (the VAE's time factor) + 1: 4 for vidrt and Wan, 8 for LTX
+        self.tf = getattr(pipe.cfg, "temporal_factor", None) or pipe.cfg.vae.temporal_factor
         self.generator, self.model = generator.options(method_name="generate", stream=True), model_name
         self.max_queued, self.ttl_s, self.queue_timeout_s = max_queued, ttl_s, queue_timeout_s
         self.jobs, self.sweeper, self.retries = {}, None, retries
@@ -253,7 +256,7 @@ class Api:
                 w, h = (int(x) for x in body.size.lower().split("x"))
                 kw |= {"width": w, "height": h}
             if body.seconds is not None:
-                kw["num_frames"] = 4 * round(float(body.seconds) * self.fps / 4) + 1
+                kw["num_frames"] = self.tf * round(float(body.seconds) * self.fps / self.tf) + 1
             r = self.check(**{k: v for k, v in kw.items() if v is not None})
         except ValueError as e:  # ConfigError, and a malformed size/seconds
             return error(422, str(e) if isinstance(e, ConfigError) else f"size must be WIDTHxHEIGHT, seconds a "
@@ -266,7 +269,8 @@ class Api:
                          "queue_full", headers={"Retry-After": "1"})
         params = {"prompt": r.prompts[0], "negative_prompt": r.negative_prompts[0], "seed": r.seed,
                   "num_frames": r.num_frames, "height": r.height, "width": r.width,
-                  "num_inference_steps": r.num_inference_steps, "guidance_scale": r.guidance_scale}
+                  "num_inference_steps": r.num_inference_steps, "guidance_scale": r.guidance_scale,
+                  **({} if r.guidance_scale_2 is None else {"guidance_scale_2": r.guidance_scale_2})}
         j = Job(f"video_{uuid.uuid4().hex}", params)
         self.jobs[j.id] = j
         asyncio.get_running_loop().create_task(self._run(j))

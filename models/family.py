@@ -227,7 +227,7 @@ def load_family(model: str | Path = "tiny", seed: int = 0, device="cpu", dtype=t
         return family_module(_family_preset(model)).from_preset(str(model), device, dtype, seed)
     p = Path(str(model)).expanduser()
     if _diffusers_dir(model) is not None:
-        return family_module(diffusers_family(p)).Family(p)
+        return family_module(diffusers_family(p)).Family(p, dtype=dtype)
     if p.is_dir() and not any((p / f).is_file() for f in FILES) and str(model) not in PRESETS:
         raise ConfigError(f"{p} is neither a vidrt checkpoint ({', '.join(FILES)}) nor a diffusers pipeline "
                           f"directory (model_index.json with transformer/, vae/, text_encoder/, tokenizer/, "

@@ -155,7 +155,7 @@ class LTXDiT(nn.Module):
 
     def forward(self, latents, timestep, text, text_mask):
         tr, pt, p = self.transformer, self.pt, self.p
-        dtype = next(tr.parameters()).dtype
+        dtype = tr.dtype  # as LTXPipeline: the dtype of the parameters not kept in float32
         b, c, t, h, w = latents.shape
         x = latents.reshape(b, c, t // pt, pt, h // p, p, w // p, p)  # LTXPipeline._pack_latents
         x = x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
@@ -197,6 +197,7 @@ class LTXText(nn.Module):
 class LTXFamily:
     """A loaded LTX-Video directory: see models/family.py for the contract."""
     solvers = ("default",)
+    latent_dtype = torch.float32  # as the family's diffusers pipeline: latents and solver in float32
     # kept in float by FP8/INT8 (module-path regexes; calibration.quantize.targets also tries an ONNX node name's
     # dotted form, "/transformer/proj_out/MatMul" -> "transformer.proj_out.MatMul", hence (\.|$)): the timestep
     # (AdaLayerNormSingle) and caption embedders, the patch projection in and the output projection (7 layers of the
@@ -212,7 +213,8 @@ class LTXFamily:
     # The per-block additions gain less than the embedders did, for a large share of the blocks' weights.
     quant_skip = (r"time_embed", r"caption_projection", r"(^|\.)proj_in(\.|$)", r"(^|\.)proj_out(\.|$)")
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float32):
+        """Loads the transformer and VAE in `dtype` (as models/wan.py); the text encoder loads as saved."""
         from vidrt.models.text import _offline
         self.root = Path(root)
         self.cfg = LTXConfig.from_dir(self.root)
@@ -220,9 +222,11 @@ class LTXFamily:
         diffusers, _ = require_diffusers()
         self.tokenizer, self.text_model = load_text(self.root, "T5EncoderModel")
         self.text_part = LTXText(self.text_model)
-        tr = load_pretrained(diffusers.LTXVideoTransformer3DModel, self.root / "transformer", "transformer").eval()
+        tr = load_pretrained(diffusers.LTXVideoTransformer3DModel, self.root / "transformer", "transformer",
+                             torch_dtype=dtype).eval()
         self.dit = LTXDiT(tr, self.cfg)
-        self.vae = load_pretrained(diffusers.AutoencoderKLLTXVideo, self.root / "vae", "VAE").eval()
+        self.vae = load_pretrained(diffusers.AutoencoderKLLTXVideo, self.root / "vae", "VAE",
+                                   torch_dtype=dtype).eval()
         self.vae_part = LTXDecode(self.vae)
         self.device = torch.device("cpu")
 

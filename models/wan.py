@@ -179,11 +179,14 @@ class ExpertSwitch:
 class WanFamily:
     """A loaded Wan directory: see models/family.py for the contract."""
     solvers = ("default",)
+    latent_dtype = torch.float32  # as the family's diffusers pipeline: latents and solver in float32
     # kept in float by FP8/INT8 (module-name regexes): the time/text condition embedders, the patch embedding and the
     # output projection (a colleague measured Wan INT8 rel L2 0.087 with nothing skipped, 0.040 with these skipped)
     quant_skip = (r"condition_embedder", r"patch_embedding", r"(^|\.)proj_out(\.|$)")
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float32):
+        """Loads the directory's weights in `dtype` (diffusers keeps its float32 modules), so a 14B model never
+        exists in float32 on the host when the run is bf16; the text encoder loads as saved."""
         from vidrt.models.text import _offline
         self.root = Path(root)
         self.cfg = WanConfig.from_dir(self.root)
@@ -191,15 +194,17 @@ class WanFamily:
         diffusers, _ = require_diffusers()
         self.tokenizer, self.text_model = load_text(self.root, "UMT5EncoderModel")
         self.text_part = WanText(self.text_model)
-        tr = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer")
+        tr = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer",
+                             torch_dtype=dtype)
         tr2 = None
         if (self.root / "transformer_2").is_dir():
-            tr2 = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2").eval()
+            tr2 = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2",
+                                  torch_dtype=dtype).eval()
         if tr2 is not None and self.cfg.boundary_ratio is None:
             raise ConfigError(f"{self.root} has transformer_2/ but model_index.json gives no boundary_ratio")
         boundary = None if tr2 is None else _boundary(self.cfg)
         self.dit = WanDiT(tr.eval(), tr2, boundary, self.cfg.expand_timesteps)
-        self.vae = load_pretrained(diffusers.AutoencoderKLWan, self.root / "vae", "VAE").eval()
+        self.vae = load_pretrained(diffusers.AutoencoderKLWan, self.root / "vae", "VAE", torch_dtype=dtype).eval()
         self.vae_decode = lambda z: self.vae.decode(z, return_dict=False)[0]
         self.device = torch.device("cpu")
 

@@ -365,7 +365,10 @@ class Pipeline:
         sched = self.family.solver(r.solver, r.num_inference_steps, r.shift, latent_shape=shape)
         gen = torch.Generator().manual_seed(r.seed)  # noise drawn on CPU: same video on every device
         with self._lock:  # one request at a time: parts reuse bound buffers (see the class docstring)
-            latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, self.dtype)
+            # diffusers families keep latents (and the solver's arithmetic) in float32 whatever the model's dtype, as
+            # their pipelines do; vidrt's own DiT runs them in its dtype
+            dtype = getattr(self.family, "latent_dtype", None) or self.dtype
+            latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, dtype)
             g = r.guidance_scale
             text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)
             return self.denoise(latents, text, mask, g, sched, progress, callback, r.guidance_scale_2)
