@@ -101,6 +101,9 @@ class Pipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.family.to(self.device, dtype)
         if text_encoder is not None:
+            if not isinstance(self.family, VidrtFamily):
+                raise ConfigError(f"text_encoder= replaces vidrt's own text encoder; {self.cfg.name} encodes prompts "
+                                  "with its directory's own (text_encoder/ and tokenizer/)")
             self.family._text_encoder = text_encoder
         self.backend = "torch"
         self.cuda_graphs, self.graph_fallback = False, None  # see runtime/cudagraph.py
