@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from vidrt.export.bundle import BundleWriter
 from vidrt.models.config import ModelConfig
+from vidrt.models.family import DIT_CALL
 from vidrt.models.synthetic import split_scenes
 from vidrt.runtime.pipeline import NonFiniteError
 
@@ -113,8 +114,7 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
                     raise CalibrationError(f"{prompt!r}, seed {seed}: {e}; NaN/inf: the model or its inputs are "
                                            "broken (check the checkpoint and the guidance scale) and cannot be "
                                            "calibrated on") from e
-                dit = {k: torch.stack([inputs[j] for inputs, _ in rec.calls]) for j, k in
-                       enumerate(("latents", "timestep", "text", "text_mask"))}
+                dit = {k: torch.stack([inputs[j] for inputs, _ in rec.calls]) for j, k in enumerate(DIT_CALL)}
                 name = f"shard_{len(shards):04d}"
                 _check_finite(f"{name} ({prompt!r}, seed {seed})", {**dit, "vae_latents": lat})
                 save_file({**{f"dit.{k}": v.contiguous() for k, v in dit.items()}, "vae.latents": lat.contiguous()},
@@ -154,7 +154,7 @@ def _read_shard(path, name: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors raises its own error type for truncated or garbled headers
         raise CalibrationError(f"calibration set {path}: {name} is not a readable safetensors file ({e}); re-run "
                                "`vidrt calibrate`") from e
-    want = {"dit.latents", "dit.timestep", "dit.text", "dit.text_mask", "vae.latents"}
+    want = {*(f"dit.{k}" for k in DIT_CALL), "vae.latents"}
     if not want <= set(t):
         raise CalibrationError(f"calibration set {path}: {name} lacks {', '.join(sorted(want - set(t)))}; it was "
                                "not written by `vidrt calibrate`, re-run it")
@@ -185,8 +185,8 @@ def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, in
                 if k.startswith("dit."):
                     dit.setdefault(k[4:], []).append(v.flatten(0, 1))  # (steps * cfg_batch, ...)
             vae.append(t["vae.latents"])
-        order = ("latents", "timestep", "text", "text_mask")  # the DiT's argument order (shards store keys sorted)
-        return {"dit": {k: torch.cat(dit[k]) for k in order}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
+        # the DiT call's argument order (shards store keys sorted)
+        return {"dit": {k: torch.cat(dit[k]) for k in DIT_CALL}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
     except (RuntimeError, IndexError) as e:  # shards whose tensors do not stack: not one capture
         raise CalibrationError(f"calibration set {path}: its shards do not fit together ({e}); re-run "
                                "`vidrt calibrate`") from e

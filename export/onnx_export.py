@@ -18,17 +18,27 @@ import torch
 from torch import nn
 
 from vidrt.models.config import ModelConfig
+from vidrt.models.family import DIT_CALL
 from vidrt.models.vae import CausalVAE
 from vidrt.runtime.ort import ort_session
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, with headroom
 
+_DIT_AXES = {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
+             "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
+             "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}}
+
+
+def dit_io(inputs: tuple[str, ...] = DIT_CALL) -> tuple:
+    """The DiT graph's (input names, output names, dynamic axes) for the runtime's DiT call, or the subset of its
+    inputs a family's graph takes (Wan: no text_mask), in the call's order."""
+    names = [n for n in DIT_CALL if n in inputs]
+    return names, ["velocity"], {k: v for k, v in _DIT_AXES.items() if k in names or k == "velocity"}
+
+
 # (input names, output names, dynamic axes) per part
-DIT_IO = (["latents", "timestep", "text", "text_mask"], ["velocity"], {
-    "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
-    "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
-    "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
+DIT_IO = dit_io()
 VAE_IO = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
                                    "video": {0: "batch", 2: "video_frames", 3: "video_height", 4: "video_width"}})
 TEXT_IO = (["input_ids", "attention_mask"], ["text"], {

@@ -14,6 +14,7 @@ from .config import ConfigError, memory_limit
 
 TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "
               "under bright dark small big").split()
+PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")  # a text-to-video pipeline directory's
 TEXT_PROMPTS = ["a red circle moving left on a blue background", "a green square moving up", "", "blue"]
 
 
@@ -22,6 +23,31 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from e
+
+
+def read_configs(root: Path, what: str) -> tuple[dict, dict, dict, dict]:
+    """The transformer, VAE, scheduler and text-encoder configs of a pipeline directory; ConfigError naming every
+    missing subfolder first. `what`: the directory's kind for the message, e.g. "a Wan text-to-video"."""
+    missing = [p for p in PARTS if not (root / p).is_dir()]
+    if missing:
+        raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: {what} "
+                          f"directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
+    return tuple(read_json(root / p / f) for p, f in (("transformer", "config.json"), ("vae", "config.json"),
+                                                      ("scheduler", "scheduler_config.json"),
+                                                      ("text_encoder", "config.json")))
+
+
+class DirConfig:
+    """to_dict / from_dict of a family's config dataclass (as stored in a bundle's manifest)."""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        from .config import SampleDefaults
+        return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
 
 
 def require_diffusers():

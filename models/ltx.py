@@ -31,16 +31,15 @@ import torch
 from torch import nn
 
 from .config import ConfigError, SampleDefaults
-from .diffusers_io import (bundle_dit, load_pretrained, load_text, move, random_init, read_json, refuse_over_limit,
-                           require_diffusers, text_spec, tiny_tokenizer)
+from .diffusers_io import (DirConfig, bundle_dit, load_pretrained, load_text, move, random_init, read_configs,
+                           refuse_over_limit, require_diffusers, text_spec, tiny_tokenizer)
 
-PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_LEN = 128  # LTXPipeline's max_sequence_length default
 FRAME_RATE = 25  # LTXPipeline's frame_rate default (RoPE's temporal interpolation scale)
 
 
 @dataclass
-class LTXConfig:
+class LTXConfig(DirConfig):
     """The geometry and rules the runtime reads, from the directory's configs (no weights needed)."""
     name: str
     in_channels: int
@@ -60,14 +59,7 @@ class LTXConfig:
 
     @classmethod
     def from_dir(cls, root: Path) -> "LTXConfig":
-        missing = [p for p in PARTS if not (root / p).is_dir()]
-        if missing:
-            raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: an LTX-Video "
-                              f"directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
-        tr = read_json(root / "transformer" / "config.json")
-        vae = read_json(root / "vae" / "config.json")
-        sched = read_json(root / "scheduler" / "scheduler_config.json")
-        te = read_json(root / "text_encoder" / "config.json")
+        tr, vae, sched, te = read_configs(root, "an LTX-Video")
         if te.get("d_model") != tr.get("caption_channels", 4096):
             raise ConfigError(f"{root}: text_encoder d_model={te.get('d_model')} but transformer caption_channels="
                               f"{tr.get('caption_channels', 4096)}: the parts are from different models")
@@ -125,14 +117,6 @@ class LTXConfig:
         b_s, m_s = s.get("base_shift", 0.5), s.get("max_shift", 1.15)
         m = (m_s - b_s) / (m_len - b_len)
         return t * h * w * m + (b_s - m * b_len)
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LTXConfig":
-        return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
 
 
 class LTXDiT(nn.Module):
@@ -315,10 +299,8 @@ class LTXFamily:
         if "text_encoder" in parts:
             specs.append(text_spec(self.text_part, self.tokenizer, self.root, ("input_ids",), L, max_batch))
         if "dit" in parts:
-            io = (["latents", "timestep", "text", "text_mask"], ["velocity"], {
-                "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
-                "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
-                "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
+            from vidrt.export.onnx_export import dit_io
+            io = dit_io()  # every input of the runtime's DiT call: LTX masks its text
 
             def feed(shape, n, length):
                 mask = torch.arange(length)[None] < torch.randint(1, length + 1, (n, 1), generator=g)

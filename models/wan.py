@@ -22,16 +22,15 @@ import torch
 from torch import nn
 
 from .config import ConfigError, SampleDefaults
-from .diffusers_io import (bundle_dit, load_pretrained, load_text, move, random_init, read_json, refuse_over_limit,
-                           require_diffusers, text_spec, tiny_tokenizer)
+from .diffusers_io import (DirConfig, bundle_dit, load_pretrained, load_text, move, random_init, read_configs,
+                           read_json, refuse_over_limit, require_diffusers, text_spec, tiny_tokenizer)
 
 PIPELINES = ("WanPipeline",)  # model_index.json _class_name values this family loads
-PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 TEXT_LEN = 512  # WanPipeline's max_sequence_length default
 
 
 @dataclass
-class WanConfig:
+class WanConfig(DirConfig):
     """The geometry and rules the runtime reads, from the directory's configs (no weights needed)."""
     name: str
     in_channels: int
@@ -55,14 +54,7 @@ class WanConfig:
     @classmethod
     def from_dir(cls, root: Path) -> "WanConfig":
         index = read_json(root / "model_index.json")
-        missing = [p for p in PARTS if not (root / p).is_dir()]
-        if missing:
-            raise ConfigError(f"diffusers directory {root} lacks {', '.join(p + '/' for p in missing)}: a Wan "
-                              f"text-to-video directory has {', '.join(p + '/' for p in PARTS)} and model_index.json")
-        tr = read_json(root / "transformer" / "config.json")
-        vae = read_json(root / "vae" / "config.json")
-        sched = read_json(root / "scheduler" / "scheduler_config.json")
-        te = read_json(root / "text_encoder" / "config.json")
+        tr, vae, sched, te = read_configs(root, "a Wan text-to-video")
         if not {"latents_mean", "latents_std"} <= set(vae):
             raise ConfigError(f"{root / 'vae' / 'config.json'} lacks latents_mean/latents_std: not a Wan VAE config")
         from vidrt.runtime.schedulers import solver_from_diffusers
@@ -114,14 +106,6 @@ class WanConfig:
         _, t, h, w = self.latent_shape(num_frames, height, width)
         pt, ph, pw = self.patch
         return math.ceil(t / pt) * (h // ph) * (w // pw)
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanConfig":
-        return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
 
 
 def _boundary(cfg: WanConfig) -> float:
@@ -297,11 +281,9 @@ class WanFamily:
             specs.append(text_spec(WanText(self.text_model), self.tokenizer, self.root, ("input_ids", "attention_mask"),
                                    c.text_len, max_batch))
         if "dit" in parts:
-            io = (["latents", "timestep", "text"], ["velocity"], {
-                "latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
-                "text": {0: "batch", 1: "text_len"}, "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}})
-
+            from vidrt.export.onnx_export import dit_io
             from vidrt.export.swaps import exportable
+            io = dit_io(("latents", "timestep", "text"))  # Wan has no text mask
 
             def feed(shape, n, length, lo, hi):
                 return {"latents": torch.randn(n, *c.latent_shape(*shape), generator=g),

@@ -18,8 +18,6 @@ from torch import nn
 
 from .ort import ort_session
 
-INPUTS = {"text_encoder": ("input_ids", "attention_mask"), "dit": ("latents", "timestep", "text", "text_mask"),
-          "vae_decoder": ("latents",)}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 

@@ -11,7 +11,7 @@ import torch
 from vidrt.benchmarks.bench import Runner, parse_runners, run
 from vidrt.export.engines import export_engines
 from vidrt.export.tensorrt import Bucket
-from vidrt.runtime.backends import INPUTS, BackendError, OrtPart, TrtPart, make_part, pick_profile
+from vidrt.runtime.backends import BackendError, OrtPart, TrtPart, make_part, pick_profile
 from vidrt.runtime.pipeline import Cancelled, Pipeline
 
 PROMPT = "a green square moving up on a black background"
@@ -86,7 +86,7 @@ def test_pipeline_calls_fit_the_bundle_profiles(bundle):
     for name, shape_sets in seen.items():
         entry = man["parts"][f"{name}.fp32"]
         for shapes in shape_sets:
-            assert pick_profile(name, entry["profiles"], dict(zip(INPUTS[name], shapes))) == 0
+            assert pick_profile(name, entry["profiles"], dict(zip(entry["inputs"], shapes))) == 0
     dit_profiles = man["parts"]["dit.fp32"]["profiles"]
     bad = {"latents": (2, 8, 4, 4, 4), "timestep": (2,), "text": (2, 32, 384), "text_mask": (2, 32)}
     with pytest.raises(BackendError, match="outside every optimization profile.*--bucket"):
