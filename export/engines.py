@@ -279,28 +279,14 @@ def _quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict) -> tuple[Pa
     return path, report
 
 
-class _Routed:
-    """Several quantized DiT parts behind one DiT call: each step runs the part whose calib_select serves its
-    timestep (a single DiT serves every one), as the family's runtime switches them."""
-
-    def __init__(self, parts: list):
-        self.parts = parts  # [(calib_select or None, DitCall)]
-        self.backend = parts[0][1].backend
-
-    def __call__(self, latents, timestep, *rest):
-        t = timestep.reshape(-1)[:1]
-        part = next(p for sel, p in self.parts if sel is None or bool(sel(t)[0]))
-        return part(latents, timestep, *rest)
-
-
 def _quality(ref_pipe, dits: list, calib_set: dict, prec: str, faithfulness: bool = False) -> dict:
     """The quality report of the quantized DiT parts together (per-step error, video PSNR/SSIM, faithfulness on
     tiny) against the fp32 reference Pipeline, at the calibrated trajectory's shape and step count."""
     from vidrt.calibration.report import quality_report
-    from vidrt.models.family import DitCall
+    from vidrt.models.family import DitCall, RoutedDit
     from vidrt.runtime.backends import OrtPart
     f, h, w = calib_set["manifest"]["video_shape"]
-    dit = _Routed([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=prec == "fp8"), spec.io[0]))
+    dit = RoutedDit([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=prec == "fp8"), spec.io[0]))
                    for spec, path in dits])
     qual = quality_report(ref_pipe, dit, faithfulness=faithfulness, num_frames=f, height=h, width=w,
                           num_inference_steps=calib_set["manifest"]["steps"])

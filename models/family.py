@@ -85,6 +85,20 @@ def probe_shape(buckets, frames_step: int, hw_multiple: int) -> tuple[int, int, 
     return f, h, w
 
 
+class RoutedDit:
+    """Several DiT parts behind one DiT call (Wan 2.2 A14B's experts): each step runs the first part whose timestep
+    predicate (a PartSpec's calib_select) accepts the step's timestep; None accepts every one."""
+
+    def __init__(self, parts: list):
+        self.parts = parts  # [(predicate on a (1,) timestep tensor, or None; DiT call)]
+        self.backend = getattr(parts[0][1], "backend", "torch")
+
+    def __call__(self, latents, timestep, *rest):
+        t = timestep.reshape(-1)[:1]
+        part = next(p for sel, p in self.parts if sel is None or bool(sel(t)[0]))
+        return part(latents, timestep, *rest)
+
+
 class DitCall:
     """The runtime's DiT call (DIT_CALL order) on a graph that declares fewer inputs (Wan has no text mask)."""
 

@@ -147,19 +147,6 @@ class _Served:
         return (timestep >= self.boundary) if self.high else (timestep < self.boundary)
 
 
-class ExpertSwitch:
-    """Wan 2.2 A14B's two experts as backend parts behind one DiT call, switched per step exactly as WanDiT (and
-    WanPipeline): the step's timestep (the scheduler's, which the DiT receives) >= boundary -> `high`, else `low`."""
-
-    def __init__(self, high, low, boundary: float):
-        self.high, self.low, self.boundary = high, low, float(boundary)
-        self.backend = getattr(high, "backend", "torch")
-
-    def __call__(self, latents, timestep, *rest):
-        part = self.low if float(timestep.reshape(-1)[0]) < self.boundary else self.high
-        return part(latents, timestep, *rest)
-
-
 class WanFamily:
     """A loaded Wan directory: see models/family.py for the contract."""
     solvers = ("default",)
@@ -200,6 +187,7 @@ class WanFamily:
         float one); `part(name, entry, out_shape)` -> a backend part."""
         from vidrt.export.wan_vae import OrtStep, stream_decode
 
+        from .family import RoutedDit
         _, transformers = require_diffusers()
         self = cls.__new__(cls)
         self.root, self.cfg, self.device = Path(root), WanConfig.from_dict(manifest["model"]), torch.device(device)
@@ -209,7 +197,8 @@ class WanFamily:
         self.text_model, self.vae = None, None
         self.dit = bundle_dit(pick, part, precision)
         if self.cfg.boundary_ratio is not None:  # Wan 2.2 A14B: "dit" the high-noise expert, "dit_2" the low-noise
-            self.dit = ExpertSwitch(self.dit, bundle_dit(pick, part, precision, "dit_2"), _boundary(self.cfg))
+            low = bundle_dit(pick, part, precision, "dit_2")  # switched as WanDiT and WanPipeline: t < boundary
+            self.dit = RoutedDit([(_Served(_boundary(self.cfg), high=False), low), (None, self.dit)])
         steps = [OrtStep(self.root / pick(n, vae_precision)["runtimes"]["onnxruntime"]["graph"])
                  for n in ("vae_first", "vae_step")]
         self.vae_decode = lambda z: stream_decode(steps[0], steps[1], z.float())

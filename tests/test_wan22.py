@@ -53,7 +53,7 @@ def test_two_expert_bundle_on_onnxruntime_matches_diffusers(dirs, tmp_path):
     rel L2 <= 2.5e-7); the bundle switches them at boundary_ratio x 1000 = 875 (steps at 999, 900 on "dit", 750,
     500 on "dit_2"): measured max abs 3.6e-7 vs WanPipeline's frames, bound 1e-2. Discriminative: with the
     high-noise graph in every step the frames are off by 0.46."""
-    from vidrt.models.wan import ExpertSwitch
+    from vidrt.models.family import RoutedDit
     f, h, w = 9, 32, 32
     man = _export(dirs["experts"], tmp_path / "b", ("9x32x32", "5x32x48"))
     val = man["validation"]
@@ -66,14 +66,14 @@ def test_two_expert_bundle_on_onnxruntime_matches_diffusers(dirs, tmp_path):
         assert val[name]["parity"][-1]["shape"] == "3x16x4x6x10", name  # the probe: 13x48x80 at batch 3
         assert man["parts"][name]["inputs"] == ["latents", "timestep", "text"]
     pipe = Pipeline.from_bundle(tmp_path / "b")
-    assert isinstance(pipe.dit, ExpertSwitch) and pipe.dit.boundary == 875.0
+    assert isinstance(pipe.dit, RoutedDit) and pipe.dit.parts[0][0].boundary == 875.0  # low-noise expert below
     lat = _latents(pipe, f, h, w)
     want = _diffusers(dirs["experts"], lat, f, h, w)
     got = _vidrt(pipe, lat, f, h, w)
     d = (got - want).abs().max().item()
     print(f"two-expert bundle vs WanPipeline: max abs {d:.2e}")
     assert got.shape == want.shape and d <= 1e-2
-    pipe.dit.low = pipe.dit.high  # one expert for every step: must not match
+    pipe.dit.parts = pipe.dit.parts[1:]  # the high-noise expert for every step: must not match
     assert (_vidrt(pipe, lat, f, h, w) - want).abs().max().item() > 1e-2
 
 
