@@ -23,11 +23,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from vidrt.runtime.fp8 import SENSITIVE_MODULES
+
 QMAX = {"int8": 127.0, "fp8": 448.0}
 QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
 # Layers that see the raw conditioning or produce the output, which quantization hurts most (measured in
-# docs/quantization.md): the patch embedding, timestep and caption embedders, adaLN modulation, final projection.
-SENSITIVE = (r"/patch_embed/", r"/t_embed/", r"/text_embed/", r"adaLN", r"^/final/")
+# benchmarks/QUANTIZATION.md): the patch embedding, timestep and caption embedders, adaLN modulation, final projection.
+SENSITIVE = SENSITIVE_MODULES  # one list for the torch FP8 path and these graphs (it matches the dotted node names)
 
 
 @dataclass

@@ -100,7 +100,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     fam = load_family(model)
     cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
     # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
-    recipe = {**({} if own else {"skip": fam.quant_skip}), **(recipe or {})}
+    recipe = {"skip": fam.quant_skip, **(recipe or {})}
     for b in buckets:  # clear errors before any work; validation runs onnxruntime, which materialises attention
         if own:
             check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)

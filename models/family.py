@@ -114,7 +114,7 @@ class VidrtFamily:
     """The project's own DiT and causal VAE (ModelConfig). `vae_part`: a backend part decoding normalised latent
     tiles (bundles); None decodes with `vae`."""
     solvers = ("euler", "dpm++2m")
-    quant_skip = SENSITIVE_MODULES  # kept in float by FP8 (the ONNX recipe's calibration.quantize.SENSITIVE)
+    quant_skip = SENSITIVE_MODULES  # kept in float by FP8 and the INT8/FP8 ONNX recipe
 
     def __init__(self, cfg: ModelConfig, dit, vae, text_encoder=None, vae_part=None, decode_tile: int = 4):
         self.cfg, self.dit, self.vae, self.vae_part, self.decode_tile = cfg, dit, vae, vae_part, decode_tile

@@ -1,6 +1,6 @@
 """FP8 (E4M3) linear layers for the torch backend via torch._scaled_mm: weights quantized once (per tensor),
 activations scaled per call from their absolute max (dynamic, so no calibration set is needed and CUDA graphs can
-capture it). The same layers as the ONNX recipe stay in float (calibration.quantize.SENSITIVE).
+capture it). The same layers as the ONNX recipe stay in float (SENSITIVE_MODULES, the vidrt family's quant_skip).
 
     to_fp8(pipe.dit)   # in place; returns the names of the converted layers
 
@@ -16,8 +16,10 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-# module-name form of calibration.quantize.SENSITIVE (ONNX node names are "/blocks.0/adaLN/..." there)
-SENSITIVE_MODULES = (r"^patch_embed$", r"^t_embed\.", r"^text_embed\.", r"adaLN", r"^final$")
+# vidrt's DiT layers kept in float by FP8 here and by the INT8/FP8 ONNX recipe (calibration/quantize.py): the patch
+# embedding, timestep and caption embedders, adaLN modulation, final projection. Matched against module paths
+# ("t_embed.mlp.0") and against ONNX node names in the same dotted form ("/t_embed/mlp.0/Gemm" -> "t_embed.mlp.0.Gemm")
+SENSITIVE_MODULES = (r"^patch_embed(\.|$)", r"^t_embed\.", r"^text_embed\.", r"adaLN", r"^final(\.|$)")
 
 
 def quantize_act(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
