@@ -225,8 +225,8 @@ def _family_preset(model) -> str | None:
 
 def family_config(model: str | Path):
     """The model's config (defaults, shape rules) without loading weights."""
-    if _family_preset(model):
-        return family_module(_family_preset(model)).preset_config(str(model))
+    if name := _family_preset(model):
+        return family_module(name).preset_config(str(model))
     p = _diffusers_dir(model)
     if p is not None:
         return family_module(diffusers_family(p)).Config.from_dir(p)
@@ -237,8 +237,8 @@ def family_config(model: str | Path):
 def load_family(model: str | Path = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):
     """A preset name, `tiny`, a vidrt checkpoint directory or a diffusers pipeline directory -> a loaded family on
     CPU in float32 (eval mode); a family's real-size random-init preset is built directly on `device` in `dtype`."""
-    if _family_preset(model):
-        return family_module(_family_preset(model)).from_preset(str(model), device, dtype, seed)
+    if name := _family_preset(model):
+        return family_module(name).from_preset(str(model), device, dtype, seed)
     p = Path(str(model)).expanduser()
     if _diffusers_dir(model) is not None:
         return family_module(diffusers_family(p)).Family(p, dtype=dtype)
