@@ -79,3 +79,37 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
         raise ValueError(f"{len(errors)} TensorRT Q/DQ rule violations:\n  " + "\n  ".join(errors[:20]))
     summary["dtypes"] = sorted(summary["dtypes"])
     return summary
+
+
+SHAPE_OPS = {"Shape", "Constant", "ConstantOfShape", "Range", "Gather", "Unsqueeze", "Squeeze", "Concat", "Equal",
+             "Where", "Mod", "Div", "Slice", "Expand", "Cast", "Reshape", "Transpose", "Split", "Identity"}
+
+
+def layer_precisions(path_or_model: str | Path | onnx.ModelProto) -> dict:
+    """What a strongly typed TensorRT build computes each layer of this graph in: the type of the tensors it
+    produces (from ONNX shape inference). Returns {"quantized": {dtype: [layers]}, "float_layers": {dtype: [layers]}
+    (weight layers outside any Q/DQ pair), "ops": {dtype: {op_type: count}} (every other compute node; shape and
+    layout ops left out)}."""
+    model = (path_or_model if isinstance(path_or_model, onnx.ModelProto)
+             else onnx.load(str(path_or_model), load_external_data=False))
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    name = lambda t: onnx.TensorProto.DataType.Name(t).lower() if t else "unknown"
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name for t in g.initializer}
+    out = {"quantized": {}, "float_layers": {}, "ops": {}}
+    for n in g.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or not n.output:
+            continue
+        dtype = name(types.get(n.output[0], 0))
+        w = producer.get(n.input[1]) if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 else None
+        if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits:
+            out["quantized"].setdefault(name(types.get(w.input[0], 0)), []).append(n.name)
+        elif n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in inits:
+            out["float_layers"].setdefault(dtype, []).append(n.name)
+        elif n.op_type not in SHAPE_OPS and dtype.startswith(("float", "bfloat")):  # not shape arithmetic
+            ops = out["ops"].setdefault(dtype, {})
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return out

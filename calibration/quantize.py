@@ -2,11 +2,16 @@
 
     stats = collect(fp32_onnx, samples, recipe)          # run onnxruntime on calibration inputs, observe activations
     model = quantize(fp32_onnx, stats, recipe)           # insert Q/DQ, return an onnx.ModelProto
+    model16 = quantize(fp16_onnx, stats, recipe)         # the same layers and scales on a 16-bit export (TensorRT)
 
 Rules (checked by qdq_check.check_tensorrt_qdq): symmetric, zero point 0, int8 or float8e4m3fn, constant scales,
 per-tensor activations, per-channel weights on the output-channel axis (MatMul [K, N]: 1; Gemm transB [N, K]: 0;
 Conv [Cout, ...]: 0). Weights are stored quantized (int8 / fp8 initializers behind a DequantizeLinear), which is
 also what lets onnxruntime's CPU fuse each INT8 layer into one MatMulIntegerToFloat kernel.
+
+The graph quantized may be typed in float16/bfloat16 (an export of the same module in that dtype, whose node names
+match the fp32 graph the statistics were observed on): the scales and the activations' Q/DQ are then in that dtype
+(opset 19), so a strongly typed TensorRT build runs every layer outside a Q/DQ pair in 16 bit, not fp32.
 
 Why by hand and not onnxruntime.quantization / ModelOpt (measured, docs/quantization.md): ORT's calibrators give only
 per-tensor (min, max), so no SmoothQuant statistics; its FP8 path needs the Distribution calibrator and lost accuracy
@@ -71,10 +76,12 @@ class Target:
 
 @dataclass
 class Stats:
-    """Per activation tensor: per-channel abs max (channel = last axis, Conv: axis 1) and a row sample."""
+    """Per activation tensor: per-channel abs max (channel = last axis, Conv: axis 1) and a row sample; `act_of`:
+    layer (node name) -> its activation tensor, so a graph with other tensor names but the same layers reuses them."""
     chan_max: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, list[np.ndarray]] = field(default_factory=dict)
     samples: int = 0
+    act_of: dict[str, str] = field(default_factory=dict)
 
 
 def targets(model: onnx.ModelProto, recipe: QuantRecipe) -> tuple[list[Target], list[str]]:
@@ -132,7 +139,7 @@ def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> 
     if not samples:
         raise ValueError("no calibration samples")
     rng = np.random.default_rng(0)
-    st = Stats(samples=len(samples))
+    st = Stats(samples=len(samples), act_of={t.node: t.act for t in tg})
     order = list(acts)
     for feed in tqdm(samples, desc="observe", disable=not progress):
         outs = dict(zip(order, sess.run(order, feed)))
@@ -170,11 +177,32 @@ def observe(rows: np.ndarray, chan_max: np.ndarray, recipe: QuantRecipe) -> floa
     return float(cands[int(np.argmin(errs))])
 
 
+_TORCH = {TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, TensorProto.FLOAT16: torch.float16,
+          TensorProto.BFLOAT16: torch.bfloat16}
+
+
 def _const(name: str, arr: np.ndarray, dtype: int | None = None) -> TensorProto:
-    if dtype == TensorProto.FLOAT8E4M3FN:
-        q = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.float8_e4m3fn)
-        return helper.make_tensor(name, dtype, list(arr.shape), q.view(torch.uint8).numpy().tobytes(), raw=True)
+    """A constant from float32/int values, stored as `dtype` (fp8 and 16-bit floats via torch's rounding)."""
+    if dtype in _TORCH:
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(_TORCH[dtype])
+        raw = t.view(torch.uint8 if t.element_size() == 1 else torch.int16).numpy().tobytes()
+        return helper.make_tensor(name, dtype, list(arr.shape), raw, raw=True)
     return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+
+
+def _float32(t: TensorProto) -> np.ndarray:
+    """An initializer's values as float32 (bfloat16 read through torch: numpy has no bfloat16)."""
+    if t.data_type != TensorProto.BFLOAT16:
+        return numpy_helper.to_array(t).astype(np.float32)
+    bits = np.frombuffer(t.raw_data, np.int16) if t.raw_data else np.array(t.int32_data, np.int32).astype(np.int16)
+    return torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy().reshape(tuple(t.dims))
+
+
+def _scale(values: np.ndarray, dtype: int) -> np.ndarray:
+    """Scales representable in the graph's float type: a 16-bit scale that would round to zero (or fp16's subnormal
+    range) is raised to the smallest normal value, so Q never divides by zero and DQ never flushes a channel."""
+    tiny = {TensorProto.FLOAT16: 2.0 ** -14, TensorProto.BFLOAT16: 2.0 ** -126}.get(dtype, 1e-30)
+    return np.maximum(values, tiny).astype(np.float32)
 
 
 def _zero(name: str, precision: str, shape=()) -> TensorProto:
@@ -184,7 +212,8 @@ def _zero(name: str, precision: str, shape=()) -> TensorProto:
 
 
 def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
-    """A copy of the fp32 graph with Q/DQ around every target layer's activation and quantized weights."""
+    """A copy of the float graph with Q/DQ around every target layer's activation and quantized weights. The graph
+    may be a float16/bfloat16 export of the module the statistics were observed on (see the module docstring)."""
     model = onnx.load(str(fp32_path))
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -193,10 +222,19 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
     tg, skipped = targets(model, recipe)
     new_nodes: dict[str, list] = {}  # node name -> nodes to insert before it
     used_w = {}
+    missing = [t.node for t in tg if stats.act_of.get(t.node, t.act) not in stats.chan_max]
+    if missing:
+        raise ValueError(f"no calibration statistics for {len(missing)} layers of {fp32_path} (first: {missing[0]}): "
+                         "quantize the graph the statistics were collected on, or an export with the same node names")
+    ftypes = {inits[t.weight].data_type for t in tg}
+    if len(ftypes) > 1:
+        raise ValueError(f"{fp32_path}: the quantized layers' weights mix float types {sorted(ftypes)}")
+    ft = ftypes.pop() if ftypes else TensorProto.FLOAT  # scales and the smoothing factors in the graph's float type
     for i, t in enumerate(tg):
-        n, w = nodes[t.node], numpy_helper.to_array(inits[t.weight]).astype(np.float32)
-        rows = np.concatenate(stats.rows[t.act])
-        chan = stats.chan_max[t.act]
+        n, w = nodes[t.node], _float32(inits[t.weight])
+        act = stats.act_of.get(t.node, t.act)
+        rows = np.concatenate(stats.rows[act])
+        chan = stats.chan_max[act]
         pre, act_in = [], t.act
         if recipe.smoothquant is not None and t.op != "Conv":  # s_j = max|X_j|^a / max|W_j|^(1-a)
             wmax = np.abs(w).max(axis=t.w_axis)
@@ -204,26 +242,28 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
             s = np.clip(s, 1e-2, 1e2).astype(np.float32)
             w = w * (s[:, None] if t.in_axis == 0 else s[None, :])
             rows, chan = rows / s, chan / s
-            g.initializer.append(_const(f"{t.node}/smooth_inv", (1.0 / s).astype(np.float32)))
+            g.initializer.append(_const(f"{t.node}/smooth_inv", (1.0 / s).astype(np.float32), ft))
             act_in = f"{t.node}/smoothed"
             pre.append(helper.make_node("Mul", [t.act, f"{t.node}/smooth_inv"], [act_in], name=f"{t.node}/smooth"))
         amax = observe(rows, chan, recipe)
         a_scale, zp = f"{t.node}/act_scale", f"{t.node}/act_zp"
-        g.initializer.extend([_const(a_scale, np.array(amax / qmax, np.float32)), _zero(zp, p)])
+        g.initializer.extend([_const(a_scale, _scale(np.array(amax / qmax), ft), ft), _zero(zp, p)])
         pre += [helper.make_node("QuantizeLinear", [act_in, a_scale, zp], [f"{t.node}/act_q"], name=f"{t.node}/act_Q"),
                 helper.make_node("DequantizeLinear", [f"{t.node}/act_q", a_scale, zp], [f"{t.node}/act_dq"],
                                  name=f"{t.node}/act_DQ")]
         # weights: per output channel, amax/qmax, stored quantized
         red = tuple(a for a in range(w.ndim) if a != t.w_axis)
         wmax = recipe.weight_qmax if p == "int8" else qmax
-        w_scale = np.maximum(np.abs(w).max(axis=red), 1e-8) / wmax
+        w_scale = _scale(np.maximum(np.abs(w).max(axis=red), 1e-8) / wmax, ft)
+        if ft != TensorProto.FLOAT:  # quantize with the scale the graph stores (rounded to 16 bit)
+            w_scale = _float32(_const("s", w_scale, ft))
         bshape = [1] * w.ndim
         bshape[t.w_axis] = -1
         wq = w / w_scale.reshape(bshape)
         wq = np.clip(np.rint(wq), -wmax, wmax).astype(np.int8) if p == "int8" else wq
         used_w[t.weight] = used_w.get(t.weight, 0) + 1
         wname = f"{t.node}/w_q"
-        g.initializer.extend([_const(wname, wq, qtype), _const(f"{t.node}/w_scale", w_scale.astype(np.float32)),
+        g.initializer.extend([_const(wname, wq, qtype), _const(f"{t.node}/w_scale", w_scale, ft),
                               _zero(f"{t.node}/w_zp", p, (w_scale.size,))])
         pre.append(helper.make_node("DequantizeLinear", [wname, f"{t.node}/w_scale", f"{t.node}/w_zp"],
                                     [f"{t.node}/w_dq"], name=f"{t.node}/w_DQ", axis=t.w_axis))
@@ -238,7 +278,7 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
     for name in used_w:  # the float weights are now unused
         if name not in still_used:
             g.initializer.remove(inits[name])
-    if p == "fp8":  # FLOAT8 Q/DQ needs opset 19; 18 -> 19 changes no op we emit
+    if p == "fp8" or ft != TensorProto.FLOAT:  # FLOAT8 or 16-bit Q/DQ: opset 19 (18 -> 19 changes no op we emit)
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx") and o.version < 19:
                 o.version = 19

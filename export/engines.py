@@ -66,10 +66,12 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                    max_batch: int = 2, build: bool = True, overwrite: bool = False, opt_level: int = 3,
                    external_threshold: int | None = None, progress: bool = True,
                    parts: tuple[str, ...] = PARTS, calib: str | Path | None = None, recipe=None,
-                   quality: bool = True) -> dict:
+                   quality: bool = True, qdq_float: str = "fp16") -> dict:
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
     is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
-    (recipe: calibration.quantize.QuantRecipe fields; the VAE decoder and text encoder stay float).
+    (recipe: calibration.quantize.QuantRecipe fields; the VAE decoder and text encoder stay float). onnxruntime runs
+    the Q/DQ graph quantized from the fp32 export; TensorRT gets the same layers and scales quantized from a
+    `qdq_float` (fp16/bf16) export, so its layers outside Q/DQ build in 16 bit (fp32: one graph for both).
     external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's)."""
     import torch
     from tqdm import tqdm
@@ -88,6 +90,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if calib is not None and not quant:  # it would be silently ignored
         raise ConfigError(f"--calib is only used by int8/fp8 and --precision {','.join(precisions)} has neither: add "
                           "int8 or fp8 to --precision, or drop --calib")
+    if qdq_float not in FLOAT:
+        raise ConfigError(f"--qdq-float {qdq_float}: the float type of the TensorRT Q/DQ graph is fp16, bf16 or fp32")
     if tile < 1:  # a tile of 0 latent frames decodes nothing: every generate would fail
         raise ConfigError(f"--vae-tile {tile}: the VAE decoder tile is a number of latent frames >= 1; use the "
                           "default 4, or 1 for the least memory")
@@ -144,8 +148,13 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 if part not in calibrated:
                     calibrated[part] = _calibrate_dit(w.dir, spec, calib_set, recipe)
                 path, report = _quantized_dit(calibrated[part], spec, prec, recipe)
+                trt_graph = path
+                if qdq_float != "fp32":  # the TensorRT graph: the same layers and scales on a 16-bit export
+                    trt_graph, report["tensorrt_graph"] = _quantized_16bit(w.dir, calibrated[part], spec, prec,
+                                                                           recipe, qdq_float)
                 manifest["validation"][name] = report
-                manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
+                manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
+                                                 trt_graph=trt_graph, qdq_float=qdq_float)
                 quantized.setdefault(prec, []).append((spec, path))
                 continue
             m = ref if prec == "fp32" else _cast_class()(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
@@ -182,24 +191,31 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                                           faithfulness=own and cfg.name == "tiny")
         for fp32, *_ in calibrated.values() if "fp32" not in precisions else ():
             fp32.unlink()  # the fp32 DiT graph was only the quantizer's input
+        for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
+            base.unlink()
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
-def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0) -> dict:
+def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None, qdq_float="fp32") -> dict:
     part = spec.name
     entry = {"part": part, "precision": prec, "onnx": path.name, "inputs": list(spec.io[0]),
              "external_data": sorted(p.name for p in w.dir.glob(path.name + ".data")),
              "profiles": [{k: [list(s) for s in v] for k, v in pr.items()} for pr in spec.profiles],
              "engine": None, "seconds": round(time.time() - t0, 2)}
-    # which graph each runtime uses, and how it opens it (one graph serves both today)
-    # tensorrt: what the strongly typed engine computes in (fp32 without TF32; Q/DQ graphs keep fp32 float layers)
-    entry["runtimes"] = {"tensorrt": {"graph": path.name, **build_notes(prec)},
+    # which graph each runtime uses, and how it opens it: one graph serves both, except int8/fp8, where TensorRT
+    # builds the 16-bit-typed Q/DQ graph. tensorrt: what the strongly typed engine computes each layer in
+    trt_graph = trt_graph or path
+    trt = {"graph": trt_graph.name, **build_notes(prec, qdq_float if prec in QUANT else "fp32")}
+    if prec in QUANT:
+        from vidrt.calibration.qdq_check import layer_precisions
+        trt["layers"] = layer_precisions(trt_graph)
+    entry["runtimes"] = {"tensorrt": trt,
                          "onnxruntime": {"graph": path.name, "graph_optimization": "basic" if prec == "fp8" else "all",
                                          "int8_kernels": "exact: session.x64quantprecision=1 where the CPU's "
                                          "default int8 GEMM saturates (probed at load)" if prec == "int8" else None}}
     if skip_reason is None:
-        entry["engine"] = build_engine(path, w.dir / f"{part}.{prec}.plan", [
+        entry["engine"] = build_engine(trt_graph, w.dir / f"{part}.{prec}.plan", [
             {k: tuple(map(tuple, v)) for k, v in pr.items()} for pr in entry["profiles"]],
             timing_cache=Path(out).parent / "timing.cache", opt_level=opt_level).name
     return entry
@@ -279,6 +295,50 @@ def _quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict) -> tuple[Pa
     return path, report
 
 
+def _quantized_16bit(d: Path, calibrated: tuple, spec, prec: str, recipe: dict, qdq_float: str) -> tuple[Path, dict]:
+    """The TensorRT Q/DQ graph: the part exported in `qdq_float` (float32 IO, typed in 16 bit inside; once per part,
+    shared by int8 and fp8), quantized with the fp32 graph's statistics (same layers, same scales rounded to 16 bit).
+    Validated like the fp32 Q/DQ graph (Q/DQ in float on onnxruntime CPU, held-out captured inputs); bf16, which
+    onnxruntime's CPU cannot run, is reported unvalidated. Returns (path, validation)."""
+    import onnx
+    import torch
+
+    from vidrt.calibration import quantize as Q
+    from vidrt.calibration.qdq_check import check_tensorrt_qdq
+
+    from . import onnx_export as ox
+    _, stats, val, _ = calibrated
+    base = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
+    if not base.exists():
+        m = _cast_class()(copy.deepcopy(spec.module), getattr(torch, FLOAT[qdq_float]))
+        with spec.swaps(m):
+            ox.export_onnx(m, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, base)
+        g = onnx.load(str(base))
+        for n in g.graph.node:  # the wrapper's scope off: node names as in the fp32 graph the statistics name
+            n.name = n.name[len("/module"):] if n.name.startswith("/module/") else "/io" + n.name
+        onnx.save_model(g, str(base))
+    model_q = Q.quantize(base, stats, Q.QuantRecipe(precision=prec, **recipe))
+    path = d / f"{spec.name}.{prec}.{qdq_float}.onnx"
+    onnx.save_model(model_q, str(path))
+    report = {"graph": path.name, "checker": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path),
+              "layers": model_q.doc_string, "float_type": qdq_float, "tolerance_rel_l2": TOLERANCE[prec]}
+    cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
+    try:
+        par = ox.parity(spec.module, path, cases, basic_opt=True)
+    except Exception as e:  # onnxruntime's CPU has no bf16 kernels for these ops
+        if qdq_float != "bf16":
+            raise ExportError(f"{path.name}: {e}; bundle not written") from e
+        return path, {**report, "passed": None, "skipped": "onnxruntime CPU cannot run a bf16 graph ("
+                      + str(e).split(":")[-1].strip()[:120] + "); validate it with TensorRT"}
+    report["parity"] = [p.__dict__ for p in par]
+    report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
+    if not report["passed"]:
+        worst = max(par, key=lambda p: p.rel_l2)
+        raise ExportError(f"{path.name}: the {qdq_float} Q/DQ graph for TensorRT is off by rel L2 {worst.rel_l2:.3f} > "
+                          f"{TOLERANCE[prec]} on held-out calibration inputs; try --qdq-float fp32; bundle not written")
+    return path, report
+
+
 def _quality(ref_pipe, dits: list, calib_set: dict, prec: str, faithfulness: bool = False) -> dict:
     """The quality report of the quantized DiT parts together (per-step error, video PSNR/SSIM, faithfulness on
     tiny) against the fp32 reference Pipeline, at the calibrated trajectory's shape and step count."""
@@ -333,8 +393,10 @@ def summary_table(manifest: dict) -> str:
 @click.option("--smoothquant", type=float, help="SmoothQuant alpha in (0, 1) (off by default; see docs)")
 @click.option("--quantize-all", is_flag=True, help="Also quantize the sensitive layers (embedders, adaLN, final)")
 @click.option("--no-quality", is_flag=True, help="Skip the quantized-video quality report")
+@click.option("--qdq-float", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="int8/fp8: the float type of TensorRT's Q/DQ graph, i.e. what its unquantized layers build in")
 def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
-         smoothquant, quantize_all, no_quality):
+         smoothquant, quantize_all, no_quality, qdq_float):
     """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
     from vidrt.models.family import family_config
     try:
@@ -346,7 +408,7 @@ def main(model, out, precision, frames, height, width, buckets, vae_tile, no_bui
         recipe = {"observer": observer, "smoothquant": smoothquant, **({"skip": ()} if quantize_all else {})}
         man = export_engines(model, out, [p.strip() for p in precision.split(",") if p.strip()], bks, tile=vae_tile,
                              build=not no_build, overwrite=overwrite, calib=calib, recipe=recipe,
-                             quality=not no_quality)
+                             quality=not no_quality, qdq_float=qdq_float)
     except (ConfigError, ExportError, BundleError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(summary_table(man))

@@ -161,17 +161,22 @@ def check_profile_inputs(profiles: list[Profile], inputs: list[str]) -> None:
                                  f"{list(mn)}, {list(opt)}, {list(mx)}")
 
 
-def build_notes(precision: str) -> dict:
+def build_notes(precision: str, qdq_float: str = "fp32") -> dict:
     """What a strongly typed engine of this bundle precision computes in (recorded per part in the manifest).
     fp32: TF32 is off (TensorRT enables it by default; vidrt's fp32 means the fp32 the ONNX graph was validated in).
-    int8/fp8: the Q/DQ graph is quantized from the fp32 graph, so every layer outside a Q/DQ pair builds in fp32."""
+    int8/fp8: the layers outside a Q/DQ pair build in the float type of the Q/DQ graph TensorRT gets, `qdq_float`:
+    fp16/bf16 when it was quantized from a 16-bit export (export-engines' default), fp32 from the fp32 graph."""
     if precision == "fp32":
         return {"tf32": False, "float_layers": "fp32"}
     if precision in ("fp16", "bf16"):
         return {"tf32": False, "float_layers": precision}
     if precision in ("int8", "fp8"):
-        return {"tf32": False, "quantized_layers": precision, "float_layers": "fp32",
-                "float_layers_why": "quantized from the fp32 ONNX graph; strong typing keeps its types"}
+        if qdq_float not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"unknown Q/DQ float type {qdq_float!r}")
+        why = ("quantized from the fp32 ONNX graph; strong typing keeps its types" if qdq_float == "fp32" else
+               f"quantized from the {qdq_float} export; strong typing keeps its types (fp32 where the model computes "
+               "in fp32 on purpose, e.g. norms)")
+        return {"tf32": False, "quantized_layers": precision, "float_layers": qdq_float, "float_layers_why": why}
     raise ValueError(f"unknown precision {precision!r}")
 
 

@@ -208,6 +208,9 @@ def test_int8_and_fp8_bundles_with_the_ltx_recipe(dirs, tmp_path):
         assert rep["passed"] and rep["tensorrt_qdq"]["per_channel_weights"] == 20, prec
         assert rep["layers"].endswith("20 layers quantized, 7 kept in float"), rep["layers"]
         assert max(p["rel_l2"] for p in rep["parity"]) < bound and q["psnr_mean"] > psnr, prec
+        trt = rep["tensorrt_graph"]  # the same quantization on the fp16 export: what TensorRT builds from
+        print(prec, "fp16 Q/DQ graph rel L2", max(p["rel_l2"] for p in trt["parity"]))
+        assert trt["passed"] and trt["layers"] == rep["layers"] and max(p["rel_l2"] for p in trt["parity"]) < bound
     assert "dit.fp32" not in man["parts"] and man["parts"]["dit.int8"]["inputs"] == list(
         ("latents", "timestep", "text", "text_mask"))
 

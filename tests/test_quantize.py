@@ -48,7 +48,7 @@ def test_quantized_bundle_meets_quality_goals(bundle):
         assert q["psnr_mean"] < 80  # a real quantized graph, not the fp32 one
     for prec, opt in (("int8", "all"), ("fp8", "basic")):
         rt = man["parts"][f"dit.{prec}"]["runtimes"]
-        assert rt["tensorrt"]["graph"] == rt["onnxruntime"]["graph"] == f"dit.{prec}.onnx"
+        assert rt["onnxruntime"]["graph"] == f"dit.{prec}.onnx" and rt["tensorrt"]["graph"] == f"dit.{prec}.fp16.onnx"
         assert rt["onnxruntime"]["graph_optimization"] == opt
         cpu = man["validation"][f"dit.{prec}"]["onnxruntime_cpu"]
         assert cpu["faithful"] and cpu["isa"] and cpu["session_options"] == (
@@ -82,6 +82,41 @@ def test_qdq_graph_form(bundle):
         assert err.max() <= (0.5 / 127 + 1e-6 if prec == "int8" else 1 / 16 + 1e-6)
         names = {n.name for n in m.graph.node if n.op_type == "DequantizeLinear"}
         assert not any(("patch_embed" in n or "adaLN" in n or n.startswith("/final/")) for n in names)
+
+
+def test_tensorrt_qdq_graph_builds_float_layers_in_fp16(bundle):
+    """TensorRT's Q/DQ graph is the same quantization on the fp16 export: the same layers with the same int8/fp8
+    weights (up to the fp16 rounding of weights and scales), fp16 scales (opset 19), every unquantized weight layer in
+    fp16, validated on onnxruntime CPU like the fp32 one; the manifest says what each layer builds in."""
+    out, man = bundle
+    for prec in ("int8", "fp8"):
+        rt = man["parts"][f"dit.{prec}"]["runtimes"]["tensorrt"]
+        v = man["validation"][f"dit.{prec}"]["tensorrt_graph"]
+        path = out / rt["graph"]
+        onnx.checker.check_model(str(path))
+        assert check_tensorrt_qdq(path)["dtypes"] == [{"int8": "int8", "fp8": "float8e4m3fn"}[prec]]
+        m16, m32 = onnx.load(str(path)), onnx.load(str(out / f"dit.{prec}.onnx"))
+        assert m16.opset_import[0].version == 19 and m16.doc_string == m32.doc_string
+        i16 = {t.name: t for t in m16.graph.initializer}
+        i32 = {t.name: t for t in m32.graph.initializer}
+        scales = [n for n in i16 if n.endswith(("/act_scale", "/w_scale"))]
+        assert scales and all(i16[n].data_type == onnx.TensorProto.FLOAT16 for n in scales)
+        assert sorted(n for n in i16 if n.endswith("/w_q")) == sorted(n for n in i32 if n.endswith("/w_q"))
+        if prec == "int8":  # weights and scales rounded to fp16 first: a few int8 codes move by one
+            d = np.concatenate([(numpy_helper.to_array(i16[n]).astype(int) - numpy_helper.to_array(i32[n])).ravel()
+                                for n in i16 if n.endswith("/w_q")])
+            assert np.abs(d).max() <= 1 and np.mean(d != 0) < 0.02
+        lay = rt["layers"]
+        assert rt["float_layers"] == "fp16" and set(lay["float_layers"]) == {"float16"}
+        assert len(lay["quantized"][{"int8": "int8", "fp8": "float8e4m3fn"}[prec]]) == len(scales) // 2
+        assert len(lay["float_layers"]["float16"]) == 13  # vidrt's sensitive layers (quantize's skip list)
+        assert "Softmax" in lay["ops"]["float16"]  # attention runs in fp16; fp32 islands are the model's own casts
+        tol = man["validation"][f"dit.{prec}"]["tolerance_rel_l2"]
+        assert v["passed"] and all(p["rel_l2"] < tol for p in v["parity"])
+        # no worse than the fp32-typed Q/DQ graph by more than fp16 rounding
+        worst = lambda ps: max(p["rel_l2"] for p in ps)
+        assert worst(v["parity"]) < worst(man["validation"][f"dit.{prec}"]["parity"]) * 1.2 + 1e-3
+    assert not list(out.glob("*qdq-base*"))  # the 16-bit export was only the quantizer's input
 
 
 def test_observers_and_smoothquant(calib):
@@ -124,7 +159,47 @@ def test_bad_quantization_input(calib, tmp_path):
         Q.QuantRecipe(observer="minmax")
     with pytest.raises(ValueError, match="int8 or fp8"):
         Q.QuantRecipe(precision="int4")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="qdq-float"):
+        export_engines("tiny", tmp_path / "c", ["int8"], [Bucket(9, 32, 32)], calib=calib, progress=False,
+                       qdq_float="fp8")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_16bit_graphs_take_the_fp32_graphs_statistics(tmp_path):
+    """quantize() on a bf16/fp16 graph: statistics found by layer name (its tensors are named differently), scales
+    stored in the graph's float type and rounded before the weights are quantized; a graph whose layers the
+    statistics never saw is refused."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    w[:, 3] *= 1e-9  # a channel whose fp16 scale would underflow
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    st = Q.Stats(chan_max={"x_fp32": np.abs(x).max(0)}, rows={"x_fp32": [np.abs(x)]}, samples=1,
+                 act_of={"/lin/MatMul": "x_fp32"})
+    for dt in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        g = helper.make_graph(
+            [helper.make_node("Cast", ["x"], ["x16"], to=dt, name="/io/Cast"),
+             helper.make_node("MatMul", ["x16", "w"], ["y16"], name="/lin/MatMul"),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT, name="/io/Cast_1")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])], [Q._const("w", w, dt)])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "g.onnx"))
+        m = Q.quantize(tmp_path / "g.onnx", st, Q.QuantRecipe("int8", skip=()))
+        onnx.checker.check_model(m)
+        init = {t.name: t for t in m.graph.initializer}
+        assert m.opset_import[0].version == 19 and init["/lin/MatMul/w_scale"].data_type == dt
+        assert init["/lin/MatMul/act_scale"].data_type == dt
+        scale = Q._float32(init["/lin/MatMul/w_scale"])
+        assert scale.min() > 0  # the tiny channel got the smallest normal scale, not zero
+        assert np.isclose(Q._float32(init["/lin/MatMul/act_scale"]), np.abs(x).max() / 127, rtol=1e-2)
+        wq = numpy_helper.to_array(init["/lin/MatMul/w_q"]).astype(np.float32)
+        big = [c for c in range(8) if c != 3]  # dequantized weights: within half a step of the 16-bit weights
+        w16 = Q._float32(Q._const("w", w, dt))
+        assert (np.abs(wq[:, big] * scale[big] - w16[:, big]) / scale[big]).max() <= 0.5 + 1e-3
+    st.act_of.clear()
+    st.act_of["/other/MatMul"] = "x_fp32"
+    with pytest.raises(ValueError, match="no calibration statistics for 1 layers"):
+        Q.quantize(tmp_path / "g.onnx", st, Q.QuantRecipe("int8", skip=()))
 
 
 def test_conv_layers_quantize_per_output_channel(calib, tmp_path):

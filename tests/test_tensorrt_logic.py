@@ -173,6 +173,10 @@ def test_build_notes_say_what_each_precision_computes_in():
     assert build_notes("fp32") == {"tf32": False, "float_layers": "fp32"}
     assert build_notes("bf16")["float_layers"] == "bf16"
     assert build_notes("fp8")["float_layers"] == "fp32" and build_notes("int8")["quantized_layers"] == "int8"
+    assert build_notes("int8", "fp16")["float_layers"] == "fp16" and "fp16 export" in build_notes("fp8", "fp16")[
+        "float_layers_why"]
+    with pytest.raises(ValueError, match="Q/DQ float type"):
+        build_notes("int8", "fp64")
     with pytest.raises(ValueError):
         build_notes("fp64")
 

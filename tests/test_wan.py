@@ -201,7 +201,8 @@ def test_int8_and_fp8_bundles_with_the_wan_recipe(dirs, tmp_path):
     """Calibration on real sampling trajectories, then INT8 and FP8 DiT graphs quantized with Wan's float-layer
     recipe (condition embedders, patch embedding, output projection: 7 layers of the tiny model). Measured here:
     held-out rel L2 int8 0.0032, fp8 0.0113 (with nothing kept in float: 0.0155, 0.0554), bound 0.03 / 0.05; video
-    PSNR vs fp32 on held-out prompts, 8 steps, mean int8 51.7 dB, fp8 45.9 dB (nothing kept: 35.9, 27.6), bound 35."""
+    PSNR vs fp32 on held-out prompts, 8 steps, mean int8 51.7 dB, fp8 45.9 dB (nothing kept: 35.9, 27.6), bound 35.
+    TensorRT's graph (the same quantization on the fp16 export): int8 0.0032, fp8 0.0117, same bounds."""
     from vidrt.calibration.capture import capture
     from vidrt.export.engines import export_engines
     from vidrt.export.tensorrt import Bucket
@@ -214,6 +215,8 @@ def test_int8_and_fp8_bundles_with_the_wan_recipe(dirs, tmp_path):
         rep = man["validation"][f"dit.{prec}"]
         assert rep["passed"] and rep["tensorrt_qdq"]["per_channel_weights"] == 20, prec
         assert rep["layers"].endswith("7 kept in float") and max(p["rel_l2"] for p in rep["parity"]) < bound
+        trt = rep["tensorrt_graph"]  # the same quantization on the fp16 export: what TensorRT builds from
+        assert trt["passed"] and trt["layers"] == rep["layers"] and max(p["rel_l2"] for p in trt["parity"]) < bound
         assert man["quality"][f"dit.{prec}"]["psnr_mean"] > 35
     assert "dit.fp32" not in man["parts"]  # only the quantizer's input
 
