@@ -139,12 +139,12 @@ def check_gemm_peak(cfg: KitConfig, ctx: dict) -> dict:
 def check_wan_parity(cfg: KitConfig, ctx: dict) -> dict:
     from diffusers import WanPipeline
 
-    from vidrt.models.wan import save_tiny
+    from vidrt.models.tiny_dirs import save_wan
     from vidrt.runtime.pipeline import Pipeline
     prompt, neg, (f, h, w), steps, g = "a red circle moving left", "blue", (9, 32, 32), 4, 5.0
     res = {}
     with tempfile.TemporaryDirectory() as d:
-        root = save_tiny(Path(d) / "wan")
+        root = save_wan(Path(d) / "wan")
         pipe = Pipeline(root, device="cuda")
         lat = torch.randn(1, *pipe.cfg.latent_shape(f, h, w), generator=torch.Generator().manual_seed(0))
         want = WanPipeline.from_pretrained(root).to("cuda")(

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from vidrt.models.config import ConfigError  # noqa: E402
-from vidrt.models.ltx import save_tiny  # noqa: E402
+from vidrt.models.tiny_dirs import save_ltx  # noqa: E402
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT, NEG = "a red circle moving left", "blue"
@@ -18,7 +18,7 @@ F, H, W, STEPS, G = 9, 32, 64, 3, 3.0
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ltx")
-    return {"v090": save_tiny(root / "v090"), "tconf": save_tiny(root / "tconf", timestep_conditioning=True)}
+    return {"v090": save_ltx(root / "v090"), "tconf": save_ltx(root / "tconf", timestep_conditioning=True)}
 
 
 def _reference(d, lat, f=F, h=H, w=W):

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from vidrt.models.config import ConfigError  # noqa: E402
-from vidrt.models.wan import save_tiny  # noqa: E402
+from vidrt.models.tiny_dirs import save_wan  # noqa: E402
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT, NEG = "a red circle moving left", "blue"
@@ -19,7 +19,7 @@ F, H, W, STEPS, G = 9, 32, 32, 4, 5.0
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
-    return {k: save_tiny(root / k, scheduler=s, two_experts=k == "experts")
+    return {k: save_wan(root / k, scheduler=s, two_experts=k == "experts")
             for k, s in (("unipc", "unipc"), ("euler", "euler"), ("experts", "unipc"))}
 
 

@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
 from vidrt.export.tensorrt import Bucket  # noqa: E402
-from vidrt.models.wan import save_tiny  # noqa: E402
+from vidrt.models.tiny_dirs import save_wan  # noqa: E402
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT, NEG, STEPS, G = "a red circle moving left", "blue", 4, 5.0
@@ -18,7 +18,7 @@ PROMPT, NEG, STEPS, G = "a red circle moving left", "blue", 4, 5.0
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan22")
-    return {"experts": save_tiny(root / "experts", two_experts=True), "ti2v": save_tiny(root / "ti2v", ti2v=True)}
+    return {"experts": save_wan(root / "experts", two_experts=True), "ti2v": save_wan(root / "ti2v", ti2v=True)}
 
 
 def _diffusers(d, lat, f, h, w):
@@ -115,7 +115,7 @@ TI2V = (9, 32, 64)  # frames, height, width: sizes are multiples of 32 (VAE x16 
 
 
 def test_ti2v_torch_parity_with_diffusers(dirs):
-    """save_tiny(ti2v=True) writes the 5B's layout (expand_timesteps, z_dim 48 = the transformer's channels, the
+    """save_wan(ti2v=True) writes the 5B's layout (expand_timesteps, z_dim 48 = the transformer's channels, the
     residual VAE with patch_size 2, 12 in/out channels, scale_factor_spatial 16). Pipeline(dir) vs
     WanPipeline(expand_timesteps): decoded frames measured max abs 1.1e-6, bound 1e-3; the prompt must matter
     beyond that bound, or parity would prove nothing (another prompt: measured 4.7e-3). (Text-to-video gives every
@@ -172,7 +172,7 @@ def test_low_noise_expert_guidance_matches_wan_pipeline(tmp_path):
     from diffusers import WanPipeline
 
     from vidrt.models.config import ConfigError
-    root = save_tiny(tmp_path / "a14b", two_experts=True)
+    root = save_wan(tmp_path / "a14b", two_experts=True)
     pipe = Pipeline(root)
     f, h, w, steps = 9, 32, 32, 6
     lat = torch.randn(1, *pipe.cfg.latent_shape(f, h, w), generator=torch.Generator().manual_seed(0))

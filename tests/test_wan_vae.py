@@ -9,14 +9,15 @@ import torch.nn.functional as F  # noqa: E402
 
 from vidrt.export.wan_vae import (OrtStep, WanDecodeStep, cache_shapes, export_decode_step,  # noqa: E402
                                   nearest_for_export, stream_decode)
-from vidrt.models.wan import WanFamily, save_tiny  # noqa: E402
+from vidrt.models.tiny_dirs import save_wan  # noqa: E402
+from vidrt.models.wan import WanFamily  # noqa: E402
 
 H, W = 4, 6  # export latent shape
 
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    root = save_tiny(tmp_path_factory.mktemp("wan") / "tiny")
+    root = save_wan(tmp_path_factory.mktemp("wan") / "tiny")
     return WanFamily(root).vae.float().eval()
 
 
