@@ -3,6 +3,7 @@
 Causality: every temporal conv pads only the past (replicating frame 0), so output frame i depends on inputs <= i.
 All norms are per position (RMS over channels), so decoding is local in time and temporal tiles with enough past
 context reproduce the full decode exactly (see `decode_tiled`).
+`Decoder.forward_2d` is the same decoder run on frames (B*T, C, H, W) with 2-D convolutions only (see `conv_frames`).
 """
 from __future__ import annotations
 
@@ -21,8 +22,32 @@ class ChannelRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(ch, 1, 1, 1))
 
-    def forward(self, x):  # (B, C, T, H, W)
-        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x):  # (B, C, T, H, W); frames (N, C, H, W) in forward_2d
+        w = self.weight if x.dim() == 5 else self.weight[..., 0]
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * w
+
+
+def time_taps(frames: int, kt: int, device=None) -> torch.Tensor:
+    """(frames, kt) frame indices a causal kt-tap time kernel reads for each output frame: t - kt + 1 + i, clamped
+    at 0 (the padding that replicates frame 0)."""
+    t = torch.arange(frames, device=device)[:, None] + torch.arange(kt, device=device) - (kt - 1)
+    return t.clamp(min=0)
+
+
+def conv_frames(conv: nn.Conv3d, x: torch.Tensor, frames: int, taps: torch.Tensor | None = None) -> torch.Tensor:
+    """A causal stride-1 Conv3d (kernel kt x kh x kw, frame 0 replicated kt - 1 times before the video) on frames
+    x (B*frames, C, H, W), as ONE Conv2d: the kt input frames of each output frame are gathered onto the channel
+    axis (kt*C channels; `taps` (T_out, kt) indexes them, default time_taps) and the weight is reshaped to match.
+    The same sums as the Conv3d in another order. Why: onnxruntime's CPU Conv runs 2-D kernels in its blocked
+    layout (and 2-D QLinearConv with its NHWC VNNI kernels), 3-D ones through a generic im2col."""
+    kt = conv.kernel_size[0]
+    if conv.stride != (1, 1, 1) or conv.padding[0] != 0:
+        raise ValueError(f"conv_frames takes stride-1 convs without time padding, got {conv}")
+    if kt > 1 or taps is not None:
+        taps = time_taps(frames, kt, x.device) if taps is None else taps
+        x = x.unflatten(0, (-1, frames))[:, taps].flatten(0, 1).flatten(1, 2)  # one Gather: (B*T, kt*C, H, W)
+    w = conv.weight.transpose(1, 2).flatten(1, 2)  # (Cout, kt*Cin, kh, kw), tap-major like the gathered frames
+    return F.conv2d(x, w, conv.bias, padding=conv.padding[1:])
 
 
 class CausalConv3d(nn.Module):
@@ -39,6 +64,9 @@ class CausalConv3d(nn.Module):
             x = torch.cat([x[:, :, :1]] * self.time_pad + [x], dim=2)
         return self.conv(x)
 
+    def frames(self, x, T):
+        return conv_frames(self.conv, x, T)
+
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout):
@@ -51,6 +79,11 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
+
+    def frames(self, x, T):  # forward on frames (B*T, C, H, W)
+        h = self.conv1.frames(F.silu(self.norm1(x)), T)
+        h = self.conv2.frames(F.silu(self.norm2(h)), T)
+        return (x if isinstance(self.skip, nn.Identity) else conv_frames(self.skip, x, T)) + h, T
 
 
 class Downsample(nn.Module):
@@ -78,6 +111,12 @@ class Upsample(nn.Module):
         x = F.interpolate(x.transpose(1, 2).reshape(B * T, C, H, W), scale_factor=2.0, mode="nearest")
         x = x.reshape(B, T, C, 2 * H, 2 * W).transpose(1, 2)
         return self.spatial(x)
+
+    def frames(self, x, T):  # forward on frames (B*T, C, H, W); returns the frames and their new T
+        if self.temporal is not None:  # time x2 (repeat_interleave(2)[1:]) and the time conv in one gather
+            taps = (time_taps(2 * T - 1, self.temporal.time_pad + 1, x.device) + 1) // 2
+            x, T = conv_frames(self.temporal.conv, x, T, taps), 2 * T - 1
+        return conv_frames(self.spatial, F.interpolate(x, scale_factor=2.0, mode="nearest"), T), T
 
 
 class Encoder(nn.Module):
@@ -123,6 +162,16 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.up(self.mid(self.conv_in(z)))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward_2d(self, z):
+        """forward(z) on frames (B*T, C, H, W) with 2-D convolutions only: same weights, same function (max abs
+        ~1e-6 in float32), and what the exported decoder runs (onnxruntime CPU: Conv2d in its NCHWc layout)."""
+        T = z.shape[2]
+        x, T = self.mid.frames(self.conv_in.frames(z.transpose(1, 2).flatten(0, 1), T), T)
+        for m in self.up:
+            x, T = m.frames(x, T)
+        x = self.conv_out.frames(F.silu(self.norm_out(x)), T)
+        return x.unflatten(0, (-1, T)).transpose(1, 2)
 
     def temporal_receptive_field(self) -> int:
         """Latent frames of past context that can influence an output frame (an upper bound)."""
