@@ -1,0 +1,281 @@
+"""Where the DiT step's time goes on onnxruntime CPU, per kind of node, for a bundle's dit.fp32 and dit.int8 graphs.
+
+    flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle b_small --calib cal_small
+
+Sessions are opened like the runtime's OrtPart (runtime/ort.py: same options), on one captured DiT input (a
+validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, summed over
+--runs calls, are bucketed on the session's optimized graph: weight GEMM (a GEMM whose B input is constant),
+attention (activation x activation MatMul, Softmax, fused attention), quantize, norm, elementwise, layout, other;
+"between nodes" is the step's wall time the kernels do not cover. The two graphs are also timed round-robin without
+the profiler (int8 vs fp32: median of paired ratios), and the fp32 step's GFLOP/s is set against an fp32 GEMM peak
+measured in the same process. ISA and load average stand beside every number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+BUCKETS = ("weight GEMM", "attention", "quantize", "norm", "elementwise", "layout", "other", "between nodes")
+GEMM_OPS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
+            "MatMulInteger", "QLinearMatMul", "Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMulNBits"}
+ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention"}
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization",
+            "SkipSimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "ReduceSumSquare"}
+LAYOUT_OPS = {"Transpose", "Reshape", "Split", "Concat", "Slice", "Gather", "Unsqueeze", "Squeeze", "Expand",
+              "Flatten", "Identity", "Tile", "GatherElements", "Shape", "Size"}
+ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Cast", "Where", "Gelu", "FastGelu", "BiasGelu", "QuickGelu",
+                   "Sigmoid", "Tanh", "Erf", "Exp", "Sin", "Cos", "Relu", "Max", "Min", "Clip", "Abs", "BiasAdd",
+                   "BiasSplitGelu", "Equal", "Not", "And", "Or", "Less", "Greater", "Silu"}
+
+
+def isa() -> dict:
+    """ISA as torch sees it, avx512_vnni in lscpu's flags, and vidrt's own reading (runtime/ort.cpu_isa)."""
+    import torch
+
+    from vidrt.runtime.ort import cpu_isa
+    try:
+        flags = next(ln for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                     if ln.startswith("Flags:")).split()
+    except (OSError, StopIteration):
+        flags = []
+    return {"torch_capability": torch.backends.cpu.get_cpu_capability(), "lscpu_avx512_vnni": "avx512_vnni" in flags,
+            "vidrt_isa": cpu_isa()}
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def session_options(profile_prefix: str | None = None, optimized_path: str | None = None):
+    """runtime/ort.ort_session's options (no spinning, quiet, exact int8 where the CPU needs it) plus profiling."""
+    import onnxruntime as ort
+
+    from vidrt.runtime.ort import EXACT_INT8, int8_saturates, no_spinning
+    so = ort.SessionOptions()
+    no_spinning(so)
+    if int8_saturates():
+        for k, v in EXACT_INT8.items():
+            so.add_session_config_entry(k, v)
+    so.log_severity_level = 3
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return so
+
+
+def const_tensors(model) -> set[str]:
+    """Tensors of the graph that do not depend on its inputs: initializers and what is computed only from them."""
+    const = {t.name for t in model.graph.initializer} | {""}
+    for n in model.graph.node:  # nodes are topologically sorted
+        if n.op_type == "Constant" or (n.input and all(i in const for i in n.input)):
+            const.update(n.output)
+    return const
+
+
+def classify(node, const: set[str]) -> str:
+    op = node.op_type
+    if op in GEMM_OPS:
+        return "weight GEMM" if len(node.input) > 1 and node.input[1] in const else "attention"
+    if op in ATTENTION_OPS:
+        return "attention"
+    if op in QUANT_OPS:
+        return "quantize"
+    # an unfused norm's arithmetic (its Mul/Add/Div) lives in a *norm* module scope: "/blocks.0/attn/q_norm/Mul"
+    if op in NORM_OPS or re.search(r"(^|/)[\w.]*norm\d*(/|$)", node.name):
+        return "norm"
+    if op in LAYOUT_OPS:
+        return "layout"
+    if op in ELEMENTWISE_OPS:
+        return "elementwise"
+    return "other"
+
+
+def optimized_graph(path: Path) -> dict[str, tuple[str, str]]:
+    """{node name: (op type, bucket)} of the graph onnxruntime runs (after its session-time fusions)."""
+    import onnx
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as d:
+        out = str(Path(d) / "opt.onnx")
+        ort.InferenceSession(str(path), session_options(optimized_path=out), providers=["CPUExecutionProvider"])
+        model = onnx.load(out, load_external_data=False)
+    const = const_tensors(model)
+    return {n.name: (n.op_type, classify(n, const)) for n in model.graph.node}
+
+
+def profile(paths: dict[str, Path], feed: dict, runs: int, warmup: int = 3) -> dict[str, dict]:
+    """Per-run ms per bucket and per op type from onnxruntime's profiler, `runs` calls of every graph, interleaved
+    (call i of every graph, then call i + 1) so that a busy spell of the shared machine hits all graphs alike."""
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as d:
+        sess = {g: ort.InferenceSession(str(p), session_options(str(Path(d) / f"prof{i}")),
+                                        providers=["CPUExecutionProvider"]) for i, (g, p) in enumerate(paths.items())}
+        for _ in range(warmup):
+            for s in sess.values():
+                s.run(None, feed)
+        for _ in range(runs):
+            for s in sess.values():
+                s.run(None, feed)
+        events = {g: json.loads(Path(s.end_profiling()).read_text()) for g, s in sess.items()}
+    return {g: _buckets(events[g], optimized_graph(paths[g]), runs, warmup) for g in paths}
+
+
+def _buckets(events: list, nodes: dict, runs: int, warmup: int) -> dict:
+    # the warm-up calls (allocations, prepacking) are profiled too: keep what comes after them
+    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                        key=lambda e: e["ts"])
+    start = model_runs[warmup - 1]["ts"] + model_runs[warmup - 1]["dur"]
+    runs_ms = [e["dur"] / 1000 for e in model_runs[warmup:]]
+    buckets, ops, counts, unknown = defaultdict(float), defaultdict(float), defaultdict(int), set()
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < start:
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        op, bucket = nodes.get(name, (e["args"].get("op_name", "?"), None))
+        if bucket is None:
+            unknown.add(name)
+            bucket = "other"
+        buckets[bucket] += e["dur"] / 1000 / runs
+        ops[f"{op} ({bucket})"] += e["dur"] / 1000 / runs
+    for _, bucket in nodes.values():
+        counts[bucket] += 1
+    step = statistics.median(runs_ms)
+    buckets["between nodes"] = max(0.0, step - sum(buckets.values()))
+    return {"step_ms_profiled": step, "buckets_ms": {b: buckets.get(b, 0.0) for b in BUCKETS},
+            "nodes": dict(counts), "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:15]),
+            "unmatched_nodes": sorted(unknown)[:5], "load": load()}
+
+
+def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
+    """Unprofiled sessions as the runtime opens them (runtime/ort.ort_session), one call each per round, the first
+    graph of a round rotating. Median ms per graph, and medians of paired ratios (same round): int8 vs fp32 of a
+    bundle, and every later bundle's graph vs the first bundle's."""
+    from vidrt.runtime.ort import ort_session
+    sess = {k: ort_session(p) for k, p in paths.items()}
+    for s in sess.values():
+        for _ in range(3):
+            s.run(None, feed)
+    ts = {k: [] for k in sess}
+    names = list(sess)
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            sess[k].run(None, feed)
+            ts[k].append(time.perf_counter() - t0)
+    out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "speedups": {}}
+
+    def ratio(base: str, other: str) -> None:
+        r = sorted(a / b for a, b in zip(ts[base], ts[other]))
+        out["speedups"][f"{other} vs {base}"] = (statistics.median(r), r[len(r) // 4], r[3 * len(r) // 4])
+    for k in names:
+        if k.endswith("int8") and k[:-4] + "fp32" in ts:
+            ratio(k[:-4] + "fp32", k)
+    first = names[0].rsplit(":", 1)[0] if ":" in names[0] else None
+    for k in names:
+        if first and not k.startswith(first + ":") and f"{first}:{k.rsplit(':', 1)[1]}" in ts:
+            ratio(f"{first}:{k.rsplit(':', 1)[1]}", k)
+    return out
+
+
+def feed_and_flops(bundle: Path, calib: str) -> tuple[dict, int, str]:
+    """A captured DiT input (a validation sample, CFG batch 2) as numpy, the FLOPs of one call counted like
+    benchmarks/bench.py (torch's FlopCounterMode on the module), and the model name."""
+    import torch
+
+    from vidrt.benchmarks.bench import dit_flops
+    from vidrt.calibration import quantize as Q
+    from vidrt.calibration.capture import load_set
+    from vidrt.export.bundle import load_manifest
+    from vidrt.models.checkpoint import load_model
+    man = load_manifest(bundle)
+    cfg, dit, _ = load_model(man["model_source"])
+    feed = Q.split_samples(load_set(calib, cfg)["dit"])[1][0]
+    feed = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in feed.items()}
+    flops = dit_flops(dit, tuple(torch.from_numpy(feed[k]) for k in ("latents", "timestep", "text", "text_mask")))
+    return feed, flops, cfg.name
+
+
+def table(res: dict) -> str:
+    """Markdown: a row per bucket, a column per graph, ms per call (% of the profiled step)."""
+    graphs = res["graphs"]
+    lines = ["| bucket | " + " | ".join(f"{g} ms (%)" for g in graphs) + " |", "|---" * (1 + len(graphs)) + "|"]
+    for b in BUCKETS + ("elementwise + layout + norm",):
+        row = []
+        for p in graphs.values():
+            ms = p["buckets_ms"].get(b, sum(p["buckets_ms"][x] for x in ("elementwise", "layout", "norm")))
+            row.append(f"{ms:.1f} ({100 * ms / p['step_ms_profiled']:.0f}%)")
+        lines.append(f"| {b} | " + " | ".join(row) + " |")
+    lines.append("| step, profiled | " + " | ".join(f"{p['step_ms_profiled']:.1f}" for p in graphs.values()) + " |")
+    lines.append("| step, round robin (no profiler) | " + " | ".join(
+        f"{res['round_robin']['median_ms'][g]:.1f}" for g in graphs) + " |")
+    lines.append("| nodes (optimized graph) | " + " | ".join(str(sum(p["nodes"].values())) for p in graphs.values())
+                 + " |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--bundle", "bundles", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="export-engines bundle with dit.fp32.onnx (and dit.int8.onnx); repeat to compare bundles in one run "
+                   "(the first is the baseline)")
+@click.option("--calib", required=True, type=click.Path(exists=True, file_okay=False),
+              help="the calibration set the bundle was quantized from (its validation sample is the input)")
+@click.option("--runs", type=int, default=20, show_default=True, help="Profiled calls per graph")
+@click.option("--rounds", type=int, default=40, show_default=True, help="Round-robin timing rounds")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Write the full result as JSON here")
+def main(bundles, calib, runs, rounds, json_out):
+    import torch
+
+    from vidrt.benchmarks.bench import gemm_peak_gflops
+    paths = {}
+    for b in bundles:
+        for g in ("fp32", "int8"):
+            if (Path(b) / f"dit.{g}.onnx").is_file():
+                paths[g if len(bundles) == 1 else f"{Path(b).name}:{g}"] = Path(b) / f"dit.{g}.onnx"
+    feed, flops, model = feed_and_flops(Path(bundles[0]), calib)
+    res = {"model": model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "isa": isa(),
+           "threads": torch.get_num_threads(), "gflop_per_step": flops / 1e9, "bundles": list(bundles)}
+    cpu = torch.device("cpu")
+    peak0 = (gemm_peak_gflops(cpu, torch.float32), load())
+    res["round_robin"] = {**round_robin(paths, feed, rounds), "rounds": rounds, "load": load()}
+    res["graphs"] = profile(paths, feed, runs)
+    peak1 = (gemm_peak_gflops(cpu, torch.float32), load())
+    res["gemm_peak_gflops"] = {"before": peak0, "after": peak1, "peak": max(peak0[0], peak1[0])}
+    res["fp32_pct_of_gemm_peak"] = {
+        g: {"gflops": flops / ms * 1e-6, "pct": 100 * flops / ms * 1e-6 / res["gemm_peak_gflops"]["peak"]}
+        for g, ms in res["round_robin"]["median_ms"].items() if g.endswith("fp32")}
+    i = res["isa"]
+    print(f"model {model}, {res['date']}, ISA {i['vidrt_isa']} (torch {i['torch_capability']}, lscpu avx512_vnni "
+          f"{i['lscpu_avx512_vnni']}), torch threads {res['threads']}, {res['gflop_per_step']:.2f} GFLOP/step")
+    print(table(res))
+    for g, p in res["graphs"].items():
+        print(f"{g}: load {p['load']}; nodes per bucket {p['nodes']}; top ops (ms/run):",
+              ", ".join(f"{k} {v:.1f}" for k, v in p["top_ops_ms"].items()))
+        if p["unmatched_nodes"]:
+            print(f"  profiler nodes not in the optimized graph (bucket 'other'): {p['unmatched_nodes']}")
+    rr = res["round_robin"]
+    print(f"round robin ({rounds} rounds, load {rr['load']}): median ms " +
+          ", ".join(f"{k} {v:.1f}" for k, v in rr["median_ms"].items()))
+    for k, (m, q1, q3) in rr["speedups"].items():
+        print(f"  speedup {k}: {m:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+    pk = res["gemm_peak_gflops"]
+    print(f"fp32 GEMM peak (torch, 2048^3): {pk['before'][0]:.1f} GFLOP/s (load {pk['before'][1]}), "
+          f"{pk['after'][0]:.1f} (load {pk['after'][1]}); fp32 step: " + ", ".join(
+              f"{g} {v['gflops']:.1f} GFLOP/s = {v['pct']:.0f}% of the peak"
+              for g, v in res["fp32_pct_of_gemm_peak"].items()))
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
