@@ -61,7 +61,7 @@ class DecoderPart(nn.Module):
 
 
 def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | Path,
-                         keep_float: tuple[str, ...] = (), ops: tuple[str, ...] = ("Conv",)) -> Path:
+                         keep_float: tuple[str, ...] = ()) -> Path:
     """INT8 VAE decoder graph for onnxruntime's CPU, calibrated on `latents` (N, z, T, H, W: normalised latents, e.g.
     a calibration set's "vae" latents). Q/DQ around every Conv, input and output (u8 asymmetric per-tensor activations,
     max calibration; s8 per-channel weights), the form onnxruntime fuses into QLinearConv with its VNNI kernels.
@@ -74,55 +74,10 @@ def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | 
 
         def get_next(self):
             return next(self.it, None)
-    quantize_static(str(fp32_path), str(out), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ops),
+    quantize_static(str(fp32_path), str(out), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(keep_float))
-    model = onnx.load(str(out))
-    quantize_before_moves(model)
-    onnx.save_model(model, str(out))
     return Path(out)
-
-
-MOVES = ("Reshape", "Gather", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Resize")  # move elements, compute none
-
-
-def quantize_before_moves(model: onnx.ModelProto) -> int:
-    """Move each QuantizeLinear above the chain of element-moving ops that feeds it (the time-tap Gather and its
-    Reshapes, a nearest Resize), so they move u8 instead of float32: Q(move(x)) == move(Q(x)) exactly, as Q is
-    per element with a per-tensor scale. Only chains whose tensors have no other consumer; returns how many moved."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    outputs = {o.name for o in g.output}
-    moved = 0
-    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
-        chain, t = [], q.input[0]
-        while (t in producer and producer[t].op_type in MOVES and consumers.get(t) == 1 and t not in outputs
-               and (producer[t].op_type != "Resize" or _attr(producer[t], "mode", b"nearest") == b"nearest")):
-            chain.append(producer[t])
-            t = producer[t].input[0]
-        if not chain:
-            continue
-        first, last = chain[-1], chain[0]
-        q_out = q.output[0]
-        q.input[0], q.output[0] = t, q_out + "/early"  # Q now reads the chain's float input
-        first.input[0] = q.output[0]
-        last.output[0] = q_out  # the chain ends in the tensor the Q used to write
-        g.node.remove(q)
-        g.node.insert(list(g.node).index(first), q)
-        chain_outs = {n.output[0] for n in chain}
-        keep = [v for v in g.value_info if v.name not in chain_outs]  # their dtype is u8 now: let it be inferred
-        del g.value_info[:]
-        g.value_info.extend(keep)
-        moved += 1
-    return moved
-
-
-def _attr(node, name, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def dit_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int], text_len: int | None = None,
