@@ -6,7 +6,7 @@ Sessions are opened like the runtime's OrtPart (runtime/ort.py: same options), o
 validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, summed over
 --runs calls, are bucketed on the session's optimized graph: weight GEMM (a GEMM whose B input is constant),
 attention (activation x activation MatMul, Softmax, fused attention), quantize, norm, elementwise, layout, other;
-"between nodes" is the step's wall time the kernels do not cover. The two graphs are also timed round-robin without
+"between nodes" is the step's wall time (mean) the kernels do not cover. The two graphs are also timed round-robin without
 the profiler (int8 vs fp32: median of paired ratios), and the fp32 step's GFLOP/s is set against an fp32 GEMM peak
 measured in the same process. ISA and load average stand beside every number.
 """
@@ -150,8 +150,8 @@ def _buckets(events: list, nodes: dict, runs: int, warmup: int) -> dict:
         ops[f"{op} ({bucket})"] += e["dur"] / 1000 / runs
     for _, bucket in nodes.values():
         counts[bucket] += 1
-    step = statistics.median(runs_ms)
-    buckets["between nodes"] = max(0.0, step - sum(buckets.values()))
+    step = statistics.mean(runs_ms)  # a mean, like the node times: the buckets add up to it
+    buckets["between nodes"] = step - sum(buckets.values())
     return {"step_ms_profiled": step, "buckets_ms": {b: buckets.get(b, 0.0) for b in BUCKETS},
             "nodes": dict(counts), "top_ops_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:15]),
             "unmatched_nodes": sorted(unknown)[:5], "load": load()}
