@@ -1,14 +1,14 @@
 """Where the DiT step's time goes on onnxruntime CPU, per kind of node, for a bundle's dit.fp32 and dit.int8 graphs.
 
-    flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle b_small --calib cal_small
+    flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle before --bundle after --calib cal
 
 Sessions are opened like the runtime's OrtPart (runtime/ort.py: same options), on one captured DiT input (a
-validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, summed over
---runs calls, are bucketed on the session's optimized graph: weight GEMM (a GEMM whose B input is constant),
-attention (activation x activation MatMul, Softmax, fused attention), quantize, norm, elementwise, layout, other;
-"between nodes" is the step's wall time (mean) the kernels do not cover. The two graphs are also timed round-robin without
-the profiler (int8 vs fp32: median of paired ratios), and the fp32 step's GFLOP/s is set against an fp32 GEMM peak
-measured in the same process. ISA and load average stand beside every number.
+validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, means over
+--runs calls (all graphs interleaved call by call), are bucketed on the session's optimized graph: weight GEMM (a GEMM
+whose B input is constant), attention (activation x activation MatMul, Softmax, fused attention), quantize, norm,
+elementwise, layout, other; "between nodes" is the mean step the kernels do not cover. The graphs are also timed
+round-robin without the profiler (medians of paired ratios: int8 vs fp32, each bundle vs the first), and the fp32
+step's GFLOP/s is set against an fp32 GEMM peak measured in the same process. ISA and load average beside every number.
 """
 from __future__ import annotations
 
