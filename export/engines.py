@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,24 +23,6 @@ PARTS = ("text_encoder", "dit", "vae_decoder")
 
 class ExportError(RuntimeError):
     pass
-
-
-@functools.cache
-def _cast_class():
-    from torch import nn
-
-    class _Cast(nn.Module):
-        """Runs `module` in `dtype` with float32 inputs/outputs, so the ONNX graph is typed in `dtype` inside (what a
-        strongly typed TensorRT network builds in) while callers always feed and read float32."""
-
-        def __init__(self, module: nn.Module, dtype):
-            super().__init__()
-            self.module, self.dtype = module.to(dtype), dtype
-
-        def forward(self, *args):
-            out = self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
-            return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
-    return _Cast
 
 
 def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
@@ -79,6 +60,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     from vidrt.models.family import VidrtFamily, _family_preset, load_family
 
     from . import onnx_export as ox
+    from . import quantized as Qx
     external_threshold = ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     bad = [p for p in precisions if p not in FLOAT and p not in QUANT]
     if bad or not precisions:
@@ -146,18 +128,18 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             ref, cases = spec.module, spec.cases
             if prec in QUANT:
                 if part not in calibrated:
-                    calibrated[part] = _calibrate_dit(w.dir, spec, calib_set, recipe)
-                path, report = _quantized_dit(calibrated[part], spec, prec, recipe)
+                    calibrated[part] = Qx.calibrate_dit(w.dir, spec, calib_set, recipe)
+                path, report = Qx.quantized_dit(calibrated[part], spec, prec, recipe)
                 trt_graph = path
                 if qdq_float != "fp32":  # the TensorRT graph: the same layers and scales on a 16-bit export
-                    trt_graph, report["tensorrt_graph"] = _quantized_16bit(w.dir, calibrated[part], spec, prec,
+                    trt_graph, report["tensorrt_graph"] = Qx.quantized_16bit(w.dir, calibrated[part], spec, prec,
                                                                            recipe, qdq_float)
                 manifest["validation"][name] = report
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
                                                  trt_graph=trt_graph, qdq_float=qdq_float)
                 quantized.setdefault(prec, []).append((spec, path))
                 continue
-            m = ref if prec == "fp32" else _cast_class()(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
+            m = ref if prec == "fp32" else ox.CastIO(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
             # trace with the largest bucket input; the axes are dynamic, and the probe case proves any in-range
             # shape serves (a shape baked into the graph fails parity there)
             with spec.swaps(m):
@@ -182,12 +164,14 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                   f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
             manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
             manifest["validation"][name] = report
+        if "int8" in quant and own and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
+            _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
         # the quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)
         for prec, dits in quantized.items() if quality else ():
             if not ref_pipe:
                 from vidrt.runtime.pipeline import Pipeline
                 ref_pipe.append(Pipeline(model))
-            manifest["quality"][f"dit.{prec}"] = _quality(ref_pipe[0], dits, calib_set, prec,
+            manifest["quality"][f"dit.{prec}"] = Qx.quality(ref_pipe[0], dits, calib_set, prec,
                                                           faithfulness=own and cfg.name == "tiny")
         for fp32, *_ in calibrated.values() if "fp32" not in precisions else ():
             fp32.unlink()  # the fp32 DiT graph was only the quantizer's input
@@ -221,141 +205,46 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
     return entry
 
 
+def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int) -> None:
+    """vae_decoder.int8: onnxruntime CPU's INT8 VAE decoder, quantized from the fp32 VAE graph (exported for it if
+    the bundle has none) and checked by decoded-video PSNR (export/quantized.int8_vae). No TensorRT engine: its
+    asymmetric u8 form is onnxruntime's; TensorRT builds the float VAE."""
+    from . import onnx_export as ox
+    from . import quantized as Qx
+    t0 = time.time()
+    fp32 = w.dir / f"{spec.name}.fp32.onnx"
+    temp = not fp32.exists()
+    if temp:
+        with spec.swaps(spec.module):
+            ox.export_onnx(spec.module, spec.example, spec.io, fp32, external_threshold)
+    path, report = Qx.int8_vae(w.dir, fp32, calib_set)
+    if temp:
+        for f in w.dir.glob(fp32.name + "*"):
+            f.unlink()
+    manifest["validation"]["vae_decoder.int8"] = report
+    if path is not None:
+        manifest["parts"]["vae_decoder.int8"] = {
+            "part": spec.name, "precision": "int8", "onnx": path.name, "inputs": list(spec.io[0]),
+            "external_data": [], "profiles": [{k: [list(s) for s in v] for k, v in pr.items()} for pr in spec.profiles],
+            "engine": None, "seconds": round(time.time() - t0, 2),
+            "runtimes": {"onnxruntime": {"graph": path.name, "graph_optimization": "all",
+                                         "int8_kernels": "QLinearConv with 7-bit weights: exact on every x86 ISA"}}}
+
+
 def _is_dit(part: str) -> bool:
     """A DiT part (exported at every precision, int8/fp8 included): "dit", or one of a family's several DiT graphs
     ("dit_2": Wan 2.2 A14B's low-noise expert)."""
     return part == "dit" or part.startswith("dit_")
 
 
-def _calibrate_dit(d: Path, spec, calib_set: dict, recipe: dict) -> tuple:
-    """Once per DiT part: its fp32 graph (the fp32 job's file if it ran first), the activation statistics of its
-    calibration feeds (recipe-independent: every candidate layer is observed) and its held-out feeds. The samples are
-    the captured DiT calls at the timesteps the part serves (spec.calib_select; all of them for a single DiT)."""
-    import torch
-
-    from vidrt.calibration import quantize as Q
-
-    from . import onnx_export as ox
-    # the captured call has every DIT_CALL input; the graph takes the ones its family declares (Wan: no text mask)
-    samples = {k: v for k, v in calib_set["dit"].items() if k in spec.io[0]}
-    if spec.calib_select is not None:
-        keep = spec.calib_select(calib_set["dit"]["timestep"])
-        if int(keep.sum()) < 8:  # split_samples holds a quarter out: too few leave nothing to calibrate or check
-            raise ConfigError(f"{spec.name}: the calibration set has {int(keep.sum())} captured DiT calls at the "
-                              f"timesteps this part serves (of {len(keep)}); capture with more steps or prompts")
-        samples = {k: v[keep] for k, v in samples.items()}
-    served = sorted({round(float(t), 3) for t in samples["timestep"]})  # the captured timesteps it is calibrated on
-    cal, val = Q.split_samples(samples)
-    fp32 = d / f"{spec.name}.fp32.onnx"
-    if not fp32.exists():
-        with spec.swaps(spec.module):
-            ox.export_onnx(spec.module, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, fp32)
-    stats = Q.collect(fp32, cal, Q.QuantRecipe(**recipe))
-    return fp32, stats, val, served
-
-
-def _quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict) -> tuple[Path, dict]:
-    """Quantize the part's fp32 DiT graph; check TensorRT's Q/DQ rules; parity on its held-out captured inputs.
-    Returns (path, validation)."""
-    import onnx
-    import torch
-
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.qdq_check import check_tensorrt_qdq
-    from vidrt.runtime.ort import cpu_int8
-
-    from . import onnx_export as ox
-    fp32, stats, val, served = calibrated
-    rec = Q.QuantRecipe(precision=prec, **recipe)
-    model_q = Q.quantize(fp32, stats, rec)
-    path = fp32.with_name(f"{spec.name}.{prec}.onnx")
-    onnx.save_model(model_q, str(path))
-    report = {"graph": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path), "recipe": rec.to_dict(),
-              "layers": model_q.doc_string, "calibration_samples": stats.samples * 2,
-              "validation_samples": sum(len(next(iter(f.values()))) for f in val), "timesteps": served,
-              "tolerance_rel_l2": TOLERANCE[prec]}
-    cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
-    # The gate: Q/DQ evaluated in float (ORT_ENABLE_BASIC), i.e. the graph's own arithmetic, which is what TensorRT
-    # computes; it does not depend on this CPU's integer kernels.
-    par = ox.parity(spec.module, path, cases, basic_opt=True)
-    report["parity"] = [p.__dict__ for p in par]
-    report["parity_reference"] = "Q/DQ in float (onnxruntime ORT_ENABLE_BASIC): the graph's semantics, as TensorRT"
-    report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
-    if not report["passed"]:
-        worst = max(par, key=lambda p: p.rel_l2)
-        raise ExportError(f"{spec.name}.{prec}: the quantized DiT is off by rel L2 {worst.rel_l2:.3f} > "
-                          f"{TOLERANCE[prec]} on held-out calibration inputs; try --observer mse or keep more layers "
-                          "in float; bundle not written")
-    # What the onnxruntime CPU runtime computes on this machine (int8: its integer kernels, opened as the runtime
-    # opens them); reported, and flagged if this CPU cannot run the graph faithfully.
-    rt = ox.parity(spec.module, path, cases) if prec == "int8" else par
-    report["onnxruntime_cpu"] = {**cpu_int8(), "graph_optimization": "basic" if prec == "fp8" else "all",
-                                 "parity": [p.__dict__ for p in rt],
-                                 "faithful": all(p.ok(TOLERANCE[prec]) for p in rt)}
-    return path, report
-
-
-def _quantized_16bit(d: Path, calibrated: tuple, spec, prec: str, recipe: dict, qdq_float: str) -> tuple[Path, dict]:
-    """The TensorRT Q/DQ graph: the part exported in `qdq_float` (float32 IO, typed in 16 bit inside; once per part,
-    shared by int8 and fp8), quantized with the fp32 graph's statistics (same layers, same scales rounded to 16 bit).
-    Validated like the fp32 Q/DQ graph (Q/DQ in float on onnxruntime CPU, held-out captured inputs); bf16, which
-    onnxruntime's CPU cannot run, is reported unvalidated. Returns (path, validation)."""
-    import onnx
-    import torch
-
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.qdq_check import check_tensorrt_qdq
-
-    from . import onnx_export as ox
-    _, stats, val, _ = calibrated
-    base = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
-    if not base.exists():
-        m = _cast_class()(copy.deepcopy(spec.module), getattr(torch, FLOAT[qdq_float]))
-        with spec.swaps(m):
-            ox.export_onnx(m, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, base)
-        g = onnx.load(str(base))
-        for n in g.graph.node:  # the wrapper's scope off: node names as in the fp32 graph the statistics name
-            n.name = n.name[len("/module"):] if n.name.startswith("/module/") else "/io" + n.name
-        onnx.save_model(g, str(base))
-    model_q = Q.quantize(base, stats, Q.QuantRecipe(precision=prec, **recipe))
-    path = d / f"{spec.name}.{prec}.{qdq_float}.onnx"
-    onnx.save_model(model_q, str(path))
-    report = {"graph": path.name, "checker": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path),
-              "layers": model_q.doc_string, "float_type": qdq_float, "tolerance_rel_l2": TOLERANCE[prec]}
-    cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
-    try:
-        par = ox.parity(spec.module, path, cases, basic_opt=True)
-    except Exception as e:  # onnxruntime's CPU has no bf16 kernels for these ops
-        if qdq_float != "bf16":
-            raise ExportError(f"{path.name}: {e}; bundle not written") from e
-        return path, {**report, "passed": None, "skipped": "onnxruntime CPU cannot run a bf16 graph ("
-                      + str(e).split(":")[-1].strip()[:120] + "); validate it with TensorRT"}
-    report["parity"] = [p.__dict__ for p in par]
-    report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
-    if not report["passed"]:
-        worst = max(par, key=lambda p: p.rel_l2)
-        raise ExportError(f"{path.name}: the {qdq_float} Q/DQ graph for TensorRT is off by rel L2 {worst.rel_l2:.3f} > "
-                          f"{TOLERANCE[prec]} on held-out calibration inputs; try --qdq-float fp32; bundle not written")
-    return path, report
-
-
-def _quality(ref_pipe, dits: list, calib_set: dict, prec: str, faithfulness: bool = False) -> dict:
-    """The quality report of the quantized DiT parts together (per-step error, video PSNR/SSIM, faithfulness on
-    tiny) against the fp32 reference Pipeline, at the calibrated trajectory's shape and step count."""
-    from vidrt.calibration.report import quality_report
-    from vidrt.models.family import DitCall, RoutedDit
-    from vidrt.runtime.backends import OrtPart
-    f, h, w = calib_set["manifest"]["video_shape"]
-    dit = RoutedDit([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=prec == "fp8"), spec.io[0]))
-                   for spec, path in dits])
-    qual = quality_report(ref_pipe, dit, faithfulness=faithfulness, num_frames=f, height=h, width=w,
-                          num_inference_steps=calib_set["manifest"]["steps"])
-    return {**qual, "parts": [f"{spec.name}.{prec}" for spec, _ in dits]}
-
-
 def summary_table(manifest: dict) -> str:
     rows = [f"{'part':<26}{'max abs':>11}{'rel L2':>11}{'cosine':>11}  status"]
     for name, rep in manifest["validation"].items():
+        if "psnr_min_required" in rep:  # the INT8 VAE: checked by decoded-video PSNR
+            rows.append(f"{name:<26}{'-':>11}{'-':>11}{'-':>11}  " + (
+                f"ok on {rep['validation_latents']} held-out latents, video PSNR >= {rep['psnr_min']:.1f} dB "
+                "(onnxruntime only)" if rep["written"] else f"not written: {rep['why']}"))
+            continue
         if rep.get("passed") is None:
             rows.append(f"{name:<26}{'-':>11}{'-':>11}{'-':>11}  not validated: {rep['skipped'][:60]}")
             continue

@@ -8,6 +8,7 @@ same ops here but needs onnxscript and is slower on the big geometries.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,28 @@ TEXT_IO = (["input_ids", "attention_mask"], ["text"], {
 IO = {"text_encoder": TEXT_IO, "dit": DIT_IO, "vae_decoder": VAE_IO}
 
 
+class CastIO(nn.Module):
+    """Runs `module` in `dtype` with float32 inputs/outputs, so the ONNX graph is typed in `dtype` inside (what a
+    strongly typed TensorRT network builds in) while callers always feed and read float32. Its export's node names
+    carry a "/module" scope (unwrap_scope takes it off)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module.to(dtype), dtype
+
+    def forward(self, *args):
+        out = self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
+        return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
+
+def unwrap_scope(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Node names of a CastIO export as in the plain module's export ("/module/blocks.0/..." -> "/blocks.0/..."),
+    the wrapper's own casts renamed "/io/..." so no name repeats; in place."""
+    for n in model.graph.node:
+        n.name = n.name[len("/module"):] if n.name.startswith("/module/") else "/io" + n.name
+    return model
+
+
 class DecoderPart(nn.Module):
     """The VAE decoder as exported: de-normalised DiT latents in, video in [-1, 1] out (one temporal tile). It runs
     the decoder's 2-D form (Decoder.forward_2d: the same function, only Conv2d), which onnxruntime's CPU runs in its
@@ -61,11 +84,14 @@ class DecoderPart(nn.Module):
 
 
 def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | Path,
-                         keep_float: tuple[str, ...] = ()) -> Path:
+                         keep_float: tuple[str, ...] = (), weight_7bit: bool = True) -> Path:
     """INT8 VAE decoder graph for onnxruntime's CPU, calibrated on `latents` (N, z, T, H, W: normalised latents, e.g.
     a calibration set's "vae" latents). Q/DQ around every Conv, input and output (u8 asymmetric per-tensor activations,
     max calibration; s8 per-channel weights), the form onnxruntime fuses into QLinearConv with its VNNI kernels.
-    Not TensorRT's form (TensorRT takes symmetric int8 only); `keep_float`: Conv node names left in float."""
+    Not TensorRT's form (TensorRT takes symmetric int8 only); `keep_float`: Conv node names left in float.
+    weight_7bit: weights in [-63, 63], so onnxruntime's u8 x s8 kernels on CPUs without VNNI (AVX2), which add pairs
+    of products in a saturating int16, cannot overflow (255 * 63 * 2 < 32767); the same graph is then exact on
+    every x86 ISA (the DiT's int8 graphs need a runtime probe instead: runtime/ort.py)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Feeds(CalibrationDataReader):
@@ -74,9 +100,14 @@ def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | 
 
         def get_next(self):
             return next(self.it, None)
-    quantize_static(str(fp32_path), str(out), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(keep_float))
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process is a root-logger warning per call
+    try:
+        quantize_static(str(fp32_path), str(out), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(keep_float), reduce_range=weight_7bit)
+    finally:
+        root.level = level
     return Path(out)
 
 

@@ -122,8 +122,9 @@ class Pipeline:
                     device: str = "cpu", vae_precision: str | None = None,
                     max_memory_gb: float | None = None) -> "Pipeline":
         """Load a verified export-engines bundle. backend: onnxruntime (ONNX parts) or tensorrt (engines);
-        precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision` or the bundle's first
-        float one. The Pipeline API is unchanged."""
+        precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision`, else, for an int8 DiT
+        on onnxruntime, the bundle's validated INT8 VAE where it has one, else its first float one. The Pipeline API
+        is unchanged."""
         from vidrt.export.bundle import load_manifest
         from vidrt.models.vae import CausalVAE
 
@@ -138,6 +139,8 @@ class Pipeline:
                 raise BackendError(f"backend tensorrt cannot run here: {reason}; use backend='onnxruntime'")
         m = load_manifest(bundle)
         root, parts = Path(bundle), m["parts"]
+        if vae_precision is None and precision == "int8" and backend == "onnxruntime" and "vae_decoder.int8" in parts:
+            vae_precision = "int8"  # export-engines wrote it only after its PSNR check (export/quantized.int8_vae)
 
         def pick(part: str, prec: str | None) -> dict:
             names = [n for n in parts if parts[n]["part"] == part]
@@ -147,6 +150,9 @@ class Pipeline:
                 raise BackendError(f"bundle {root} has no {part} at {prec or 'a float precision'} (it has "
                                    f"{', '.join(names) or 'none'}); export it with export-engines --precision")
             e = parts[name]
+            if backend == "tensorrt" and "tensorrt" not in e.get("runtimes", {"tensorrt": {}}):
+                raise BackendError(f"{name} in bundle {root} is an onnxruntime-only graph; pick a float precision for "
+                                   "it on backend='tensorrt'")
             if backend == "tensorrt" and not e.get("engine"):
                 raise BackendError(f"bundle {root} has no TensorRT engine for {name} ({m['engines']['skipped_reason']})"
                                    "; use backend='onnxruntime' or rebuild on a TensorRT machine")
