@@ -251,8 +251,11 @@ def summary_table(manifest: dict) -> str:
         worst = max(rep["parity"], key=lambda p: p["rel_l2"])
         if "tensorrt_qdq" in rep:
             q = manifest.get("quality", {}).get(name)
+            trt = rep.get("tensorrt_graph")
             status = (f"ok on {len(rep['parity'])} held-out inputs, TensorRT Q/DQ rules ok"
-                      + (f", video PSNR {q['psnr_mean']:.1f} dB" if q else ""))
+                      + (f", video PSNR {q['psnr_mean']:.1f} dB" if q else "")
+                      + (f"; {trt['float_type']} TensorRT graph rel L2 {max(p['rel_l2'] for p in trt['parity']):.2e}"
+                         if trt and trt.get("passed") else ""))
         else:
             poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
             status = f"ok on {len(rep['parity'])} shapes, {poly}"

@@ -231,8 +231,9 @@ def test_16bit_graphs_take_the_fp32_graphs_statistics(tmp_path):
 
 
 def test_conv_layers_quantize_per_output_channel(calib, tmp_path):
-    """The VAE decoder's Conv3d layers (not quantized in bundles, which keep the VAE float): per-channel weights on
-    axis 0, TensorRT rules hold, output near fp32 on held-out captured latents."""
+    """The VAE decoder's conv layers in TensorRT's Q/DQ form (bundles hold onnxruntime's own INT8 VAE instead:
+    test_int8_vae_decoder_in_int8_bundles): per-channel weights on axis 0, TensorRT rules hold, output near fp32 on
+    held-out captured latents."""
     from vidrt.models.checkpoint import load_model
     cfg, _, vae = load_model("tiny")
     part = ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
