@@ -256,14 +256,15 @@ def to_markdown(rep: dict) -> str:
         lines += ["", f"DiT step, {step['model']} at {step['video']} (latent {step['latent']}, CFG batch "
                   f"{step['cfg_batch']}): {step['dit_tflop']} TFLOP counted; bf16 GEMM peak measured in this run: "
                   f"{_fmt(step['peak_tflops'], '.0f')} TFLOP/s (FP8 MFU is against the bf16 peak).", "",
-                  "| runner | p50 ms | min ms | TFLOP/s | MFU vs bf16 peak |", "|---|---|---|---|---|"]
+                  "| runner | p50 ms | min ms | TFLOP/s | MFU vs bf16 peak | DiT output rel L2 vs bf16 eager |",
+                  "|---|---|---|---|---|---|"]
         for r in step["results"]:
             if r.get("skipped") or r.get("error"):
                 why = f"skipped: {r['skipped']}" if r.get("skipped") else f"ERROR: {r['error']}"
-                lines.append(f"| {r['label']} | {why} | | | |")
+                lines.append(f"| {r['label']} | {why} | | | | |")
             else:
                 lines.append(f"| {r['label']} | {r['p50_ms']:.1f} | {r['min_ms']:.1f} | {r['tflops']} | "
-                             f"{_fmt(r['mfu_vs_bf16_peak'], '.1%')} |")
+                             f"{_fmt(r['mfu_vs_bf16_peak'], '.1%')} | {_fmt(r.get('rel_l2_vs_bf16'))} |")
         kern = [r for r in step["results"] if r.get("kernels")]
         if kern:
             lines += ["", "GPU time of one step by kernel kind (torch.profiler):", "",

@@ -48,6 +48,9 @@ def check_dit_step(cfg, ctx: dict) -> dict:
         mask = torch.ones(2, L, dtype=torch.bool)
     flops = dit_flops(dit, (torch.cat([lat, lat]), torch.full((2,), t_mid, device="cuda"), text, mask))
     peak = ctx.get("peak_tflops")
+    call = (torch.cat([lat, lat]), torch.full((2,), t_mid, device="cuda"), text, mask)
+    with torch.no_grad():
+        ref = dit(*call).float()  # eager bf16: what every runner's velocity is compared with
     rows = []
     for label in ("torch bf16", "torch bf16, compiled blocks", "torch fp8 (_scaled_mm)",
                   "torch fp8 (_scaled_mm, compiled act quant)", "torch fp8 (_scaled_mm), compiled blocks"):
@@ -64,6 +67,9 @@ def check_dit_step(cfg, ctx: dict) -> dict:
                         m.quantize = quant
             if "compiled blocks" in label:
                 blocks = compile_blocks(dit)
+            with torch.no_grad():  # the same call as the reference: rel L2 of this runner's DiT output
+                out = dit(*call).float()
+            vs_eager = round(float((out - ref).norm() / ref.norm()), 5)
             step = GraphedStep(TorchPart("dit", dit), lat, text, mask, warmup=1).start(lat, text, mask, 5.0)
             step.t.fill_(t_mid)
             step.dt.fill_(-0.02)
@@ -71,7 +77,7 @@ def check_dit_step(cfg, ctx: dict) -> dict:
                 for graphs in (False, True):
                     st = p50_ms(step.graph.replay if graphs else step._step, cfg.warmup, cfg.runs)
                     mfu = flops / (st["p50_ms"] / 1e3) / (peak * 1e12) if peak else None
-                    rows.append({"label": label + (" + CUDA graph" if graphs else ""), **st,
+                    rows.append({"label": label + (" + CUDA graph" if graphs else ""), **st, "rel_l2_vs_bf16": vs_eager,
                                  "tflops": round(flops / (st["p50_ms"] / 1e3) / 1e12, 1),
                                  "mfu_vs_bf16_peak": None if mfu is None else round(mfu, 3)})
                 rows[-1]["kernels"] = kernel_breakdown(step._step)  # eager: the same kernels the graph replays
