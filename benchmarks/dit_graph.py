@@ -1,6 +1,7 @@
 """Where the DiT step's time goes on onnxruntime CPU, per kind of node, for a bundle's dit.fp32 and dit.int8 graphs.
 
     flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle before --bundle after --calib cal
+    python -m vidrt.benchmarks.dit_graph --bundle b --calib cal --gemm-only      # the step vs its GEMMs alone
 
 Sessions are opened like the runtime's OrtPart (runtime/ort.py: same options), on one captured DiT input (a
 validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, means over
@@ -188,6 +189,79 @@ def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
     return out
 
 
+def gemm_only(path: Path, feed: dict) -> tuple[bytes, dict]:
+    """The graph's weight GEMMs alone, each with its own activation as a graph input (fed the values the whole graph
+    computes on `feed`) and everything between that activation and the GEMM (Q/DQ) and behind its weight (DQ of the
+    stored int8 weight): the same kernels after onnxruntime's fusions, minus every other node. Timing it against the
+    whole graph gives the GEMMs' share of an unprofiled step. Returns (model bytes, feed)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vidrt.runtime.ort import ort_session
+    model = onnx.load(str(path))
+    g, const = model.graph, const_tensors(model)
+    producer = {o: n for n in g.node for o in n.output}
+    nodes, acts, outs = {}, [], []
+
+    def const_side(t):  # the constant subgraph computing t (a weight's DequantizeLinear)
+        n = producer.get(t)
+        if n is not None and t in const and n.name not in nodes:
+            for i in n.input:
+                const_side(i)
+            nodes[n.name] = n
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in const:
+            continue
+        a, chain = n.input[0], []
+        while a in producer and producer[a].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            chain.append(producer[a])
+            a = producer[a].input[0]
+        for i in [*n.input[1:], *(j for c in chain for j in c.input[1:])]:
+            const_side(i)
+        for c in [*reversed(chain), n]:
+            nodes[c.name] = c
+        acts.append(a)
+        outs.append(n.output[0])
+    acts = list(dict.fromkeys(acts))
+    full = onnx.load(str(path))
+    full.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts)
+    values = dict(zip(acts, ort_session(full.SerializeToString()).run(acts, feed)))
+    order = [n for n in g.node if n.name in nodes]  # the original topological order
+    used = {i for n in order for i in n.input}
+    sub = helper.make_graph(order, "gemm_only", [helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts],
+                            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                            [t for t in g.initializer if t.name in used])
+    m = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+    return m.SerializeToString(), values
+
+
+def gemm_share(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
+    """Per graph: the whole step and its weight GEMMs alone (gemm_only), unprofiled, timed round-robin with the
+    first rotating; the GEMMs' share = median of per-round (GEMMs alone / step)."""
+    from vidrt.runtime.ort import ort_session
+    runs = {}
+    for k, p in paths.items():
+        blob, values = gemm_only(p, feed)
+        runs[k] = (ort_session(p), feed)
+        runs[f"{k} GEMMs only"] = (ort_session(blob), values)
+    for s, f in runs.values():
+        for _ in range(3):
+            s.run(None, f)
+    ts = {k: [] for k in runs}
+    names = list(runs)
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            s, f = runs[k]
+            t0 = time.perf_counter()
+            s.run(None, f)
+            ts[k].append(time.perf_counter() - t0)
+    out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "gemm_share": {}}
+    for k in paths:
+        r = sorted(a / b for a, b in zip(ts[f"{k} GEMMs only"], ts[k]))
+        out["gemm_share"][k] = (statistics.median(r), r[len(r) // 4], r[3 * len(r) // 4])
+    return out
+
+
 def feed_and_flops(bundle: Path, calib: str) -> tuple[dict, int, str]:
     """A captured DiT input (a validation sample, CFG batch 2) as numpy, the FLOPs of one call counted like
     benchmarks/bench.py (torch's FlopCounterMode on the module), and the model name."""
@@ -233,7 +307,8 @@ def table(res: dict) -> str:
 @click.option("--runs", type=int, default=20, show_default=True, help="Profiled calls per graph")
 @click.option("--rounds", type=int, default=40, show_default=True, help="Round-robin timing rounds")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Write the full result as JSON here")
-def main(bundles, calib, runs, rounds, json_out):
+@click.option("--gemm-only", is_flag=True, help="Only time each graph against its weight GEMMs alone (no profiler)")
+def main(bundles, calib, runs, rounds, json_out, gemm_only):
     import torch
 
     from vidrt.benchmarks.bench import gemm_peak_gflops
@@ -246,6 +321,22 @@ def main(bundles, calib, runs, rounds, json_out):
     res = {"model": model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "isa": isa(),
            "threads": torch.get_num_threads(), "gflop_per_step": flops / 1e9, "bundles": list(bundles)}
     cpu = torch.device("cpu")
+    if gemm_only:
+        peak0 = (gemm_peak_gflops(cpu, torch.float32), load())
+        res["gemm_share"] = {**gemm_share(paths, feed, rounds), "rounds": rounds, "load": load()}
+        peak1 = (gemm_peak_gflops(cpu, torch.float32), load())
+        res["gemm_peak_gflops"] = {"before": peak0, "after": peak1, "peak": max(peak0[0], peak1[0])}
+        i, gs = res["isa"], res["gemm_share"]
+        print(f"model {model}, {res['date']}, ISA {i['vidrt_isa']} (torch {i['torch_capability']}), load "
+              f"{peak0[1]} -> {gs['load']} -> {peak1[1]}; fp32 GEMM peak {peak0[0]:.1f} / {peak1[0]:.1f} GFLOP/s")
+        for k, v in gs["median_ms"].items():
+            print(f"  {k}: {v:.2f} ms" + (f" = {flops / v * 1e-6:.1f} GFLOP/s" if k.endswith("fp32") else ""))
+        for k, (m, q1, q3) in gs["gemm_share"].items():
+            print(f"  {k}: weight GEMMs {100 * m:.1f}% of the step (quartiles {100 * q1:.1f}-{100 * q3:.1f}%), "
+                  f"everything else {100 * (1 - m):.1f}%")
+        if json_out:
+            Path(json_out).write_text(json.dumps(res, indent=1) + "\n")
+        return
     peak0 = (gemm_peak_gflops(cpu, torch.float32), load())
     res["round_robin"] = {**round_robin(paths, feed, rounds), "rounds": rounds, "load": load()}
     res["graphs"] = profile(paths, feed, runs)
