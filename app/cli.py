@@ -128,6 +128,13 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
                f"video {'x'.join(map(str, m['video_shape']))}, {m['steps']} steps")
 
 
+def bench_wait_policy(runners: str, load: float, cpus: int) -> str | None:
+    """"PASSIVE" when `vidrt bench` should make OpenMP workers sleep: no runner is torch's, or the machine is busy
+    (1-min load >= 3/4 of the cores); None keeps libgomp's default (see bench below)."""
+    torch_runner = any(r.strip().split(":")[0] in ("torch", "torch.compile") for r in runners.split(","))
+    return "PASSIVE" if load >= 0.75 * cpus or not torch_runner else None
+
+
 @main.command()
 @click.option("--model", default="small", show_default=True)
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False),
@@ -148,18 +155,20 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for results.json/.md/.png")
 def bench(model, bundle, runners, device, out, **kw):
     """Benchmark every backend x precision side by side: per stage and end to end, ratios vs the first runner."""
-    # On a busy machine spinning OpenMP workers made torch eager 4x slower at the median and 29x at p99; on a quiet one
-    # sleeping workers make it 1.5x slower (benchmarks/RESULTS.md, "Benchmarking on a busy machine"). So: PASSIVE when
-    # the machine is busy as the run starts (1-min load >= 3/4 of the cores), libgomp's default otherwise; a policy
-    # the user set wins. The report records which.
-    if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1):
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    from vidrt.benchmarks.bench import parse_runners, run
     if runners is None:
         runners = ("torch:fp32,torch:bf16,torch:bf16+graphs,torch.compile:bf16,torch:fp8,torch:fp8+graphs,"
                    "onnxruntime:fp32,tensorrt:fp16"
                    if device.startswith("cuda") else
                    "torch:fp32,torch.compile:fp32,onnxruntime:fp32,onnxruntime:int8,onnxruntime:fp8,tensorrt:fp16")
+    # On a busy machine spinning OpenMP workers made torch eager 4x slower at the median and 29x at p99; on a quiet one
+    # sleeping workers make it 1.5x slower (benchmarks/RESULTS.md, "Benchmarking on a busy machine"). Without a torch
+    # runner torch only glues the parts together, and its spinning workers take the cores from onnxruntime's (small
+    # INT8 DiT step 52.5 ms instead of 32.7 on a quiet machine). So: PASSIVE when no runner is torch's or the machine is
+    # busy as the run starts (1-min load >= 3/4 of the cores), libgomp's default otherwise; a policy the user set
+    # wins. The report records which.
+    if "OMP_WAIT_POLICY" not in os.environ and bench_wait_policy(runners, os.getloadavg()[0], os.cpu_count() or 1):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    from vidrt.benchmarks.bench import parse_runners, run
     try:
         rep = run(model, parse_runners(runners), out, bundle=bundle, device=device,
                   **{k: v for k, v in kw.items() if v is not None})

@@ -225,3 +225,14 @@ def test_cli_messages(tmp_path):
     r = CliRunner().invoke(vidrt_main, ["bench", "--model", "tiny", "--runners", "torch-fp32", "--out", str(tmp_path)])
     assert r.exit_code == 1 and "BACKEND:PRECISION" in r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_wait_policy():
+    """OpenMP workers sleep when torch only glues onnxruntime/TensorRT parts together (their spinning took the cores
+    from onnxruntime's: small INT8 step 52.5 vs 32.7 ms, benchmarks/RESULTS.md) or the machine is busy; with a torch
+    runner on a quiet machine libgomp's default stays."""
+    from vidrt.app.cli import bench_wait_policy
+    assert bench_wait_policy("onnxruntime:fp32,onnxruntime:int8", 0.1, 2) == "PASSIVE"
+    assert bench_wait_policy("torch:fp32,onnxruntime:int8", 0.1, 2) is None
+    assert bench_wait_policy("torch.compile:fp32", 1.5, 2) == "PASSIVE"
+    assert bench_wait_policy(" tensorrt:fp16", 0.0, 16) == "PASSIVE"
