@@ -228,8 +228,8 @@ def gemm_only(path: Path, feed: dict) -> tuple[bytes, dict]:
     values = dict(zip(acts, ort_session(full.SerializeToString()).run(acts, feed)))
     order = [n for n in g.node if n.name in nodes]  # the original topological order
     used = {i for n in order for i in n.input}
-    sub = helper.make_graph(order, "gemm_only", [helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts],
-                            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+    vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    sub = helper.make_graph(order, "gemm_only", [vi(a) for a in acts], [vi(o) for o in outs],
                             [t for t in g.initializer if t.name in used])
     m = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
     return m.SerializeToString(), values
