@@ -57,6 +57,9 @@ def prepare(bundle: Path, calib: Path, work: Path, n_calib: int) -> dict:
     np.save(work / "held_out_latents.npy", held)
     # quality on held-out latents, against the bundle's own fp32 decoder graph
     from vidrt.runtime.ort import ort_session
+    if "vae_decoder.fp32" not in m["parts"]:
+        raise SystemExit(f"{bundle} has no vae_decoder.fp32 (the quality reference): export it with --precision "
+                         "fp32,...")
     ref_sess = ort_session(bundle / m["parts"]["vae_decoder.fp32"]["onnx"])
     ref = [ref_sess.run(None, {"latents": z[None]})[0] for z in held]
     q = {"held_out": len(held), "calibration_latents": len(cal)}
@@ -98,7 +101,7 @@ def op_summary(path: Path) -> dict:
 def run_timing(bundle: Path, work: Path, rounds: int, steps: int, names: list[str]) -> dict:
     from vidrt.runtime.backends import make_part
     from vidrt.runtime.pipeline import Pipeline
-    pipe = Pipeline.from_bundle(bundle, precision="int8")
+    pipe = Pipeline.from_bundle(bundle, precision="int8", vae_precision="fp32")  # "bundle": its float VAE graph
     own = pipe.vae_part
     cfg = pipe.cfg
     sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor

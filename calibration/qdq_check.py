@@ -81,15 +81,14 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
     return summary
 
 
-SHAPE_OPS = {"Shape", "Constant", "ConstantOfShape", "Range", "Gather", "Unsqueeze", "Squeeze", "Concat", "Equal",
-             "Where", "Mod", "Div", "Slice", "Expand", "Cast", "Reshape", "Transpose", "Split", "Identity"}
+SHAPE_OPS = {"Shape", "Constant", "ConstantOfShape", "Range", "Size"}  # shape arithmetic, never tensor data
 
 
 def layer_precisions(path_or_model: str | Path | onnx.ModelProto) -> dict:
     """What a strongly typed TensorRT build computes each layer of this graph in: the type of the tensors it
     produces (from ONNX shape inference). Returns {"quantized": {dtype: [layers]}, "float_layers": {dtype: [layers]}
-    (weight layers outside any Q/DQ pair), "ops": {dtype: {op_type: count}} (every other compute node; shape and
-    layout ops left out)}."""
+    (weight layers outside any Q/DQ pair), "ops": {dtype: {op_type: count}} (every other node producing float data,
+    layout ops and casts included; shape arithmetic left out)}."""
     model = (path_or_model if isinstance(path_or_model, onnx.ModelProto)
              else onnx.load(str(path_or_model), load_external_data=False))
     model = onnx.shape_inference.infer_shapes(model)

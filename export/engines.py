@@ -50,7 +50,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                    quality: bool = True, qdq_float: str = "fp16") -> dict:
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
     is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
-    (recipe: calibration.quantize.QuantRecipe fields; the VAE decoder and text encoder stay float). onnxruntime runs
+    (recipe: calibration.quantize.QuantRecipe fields; the text encoder stays float; int8 also writes onnxruntime's
+    INT8 VAE decoder for vidrt models when its PSNR check passes, export/quantized.int8_vae). onnxruntime runs
     the Q/DQ graph quantized from the fp32 export; TensorRT gets the same layers and scales quantized from a
     `qdq_float` (fp16/bf16) export, so its layers outside Q/DQ build in 16 bit (fp32: one graph for both).
     external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's)."""

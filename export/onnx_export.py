@@ -89,9 +89,10 @@ def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | 
     a calibration set's "vae" latents). Q/DQ around every Conv, input and output (u8 asymmetric per-tensor activations,
     max calibration; s8 per-channel weights), the form onnxruntime fuses into QLinearConv with its VNNI kernels.
     Not TensorRT's form (TensorRT takes symmetric int8 only); `keep_float`: Conv node names left in float.
-    weight_7bit: weights in [-63, 63], so onnxruntime's u8 x s8 kernels on CPUs without VNNI (AVX2), which add pairs
-    of products in a saturating int16, cannot overflow (255 * 63 * 2 < 32767); the same graph is then exact on
-    every x86 ISA (the DiT's int8 graphs need a runtime probe instead: runtime/ort.py)."""
+    weight_7bit: weights in [-64, 64] (onnxruntime's reduce_range), so onnxruntime's u8 x s8 kernels on CPUs without
+    VNNI (AVX2), which add pairs of products in a saturating int16, cannot overflow (255 * 64 * 2 = 32640 < 32767);
+    the same graph is then exact on every x86 ISA (the DiT's int8 graphs need a runtime probe instead:
+    runtime/ort.py)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Feeds(CalibrationDataReader):
@@ -101,13 +102,14 @@ def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | 
         def get_next(self):
             return next(self.it, None)
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # its advice to pre-process is a root-logger warning per call
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process is a root-logger warning per call
     try:
         quantize_static(str(fp32_path), str(out), Feeds(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=list(keep_float), reduce_range=weight_7bit)
     finally:
-        root.level = level
+        root.setLevel(level)
     return Path(out)
 
 
@@ -129,7 +131,9 @@ def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int],
 
 
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
-            external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+            external_threshold: int = EXTERNAL_DATA_THRESHOLD, transform=None) -> Path:
+    """Export `module` at `inputs` with `io` (names, outputs, dynamic axes) to `path`; `transform(model)` edits the
+    ModelProto before it is written (e.g. unwrap_scope)."""
     names, outs, axes = io
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
@@ -141,8 +145,13 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Pa
     tmp.unlink()
     for f in path.parent.glob(tmp.name + "*"):
         f.unlink()
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > external_threshold:  # >2 GB protobufs cannot be written: weights go to one side file
+    return save_onnx(transform(model) if transform else model, path, external_threshold)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+    """Write `model` to `path`, its weights to one side file `path.data` when they pass `external_threshold`
+    (protobuf cannot write more than 2 GB)."""
+    if sum(t.ByteSize() for t in model.graph.initializer) > external_threshold:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:

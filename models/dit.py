@@ -135,7 +135,8 @@ class SelfAttention(nn.Module):
         qk, v = self.qkv(x).view(-1, n, 3 * h, d).split([2 * h, h], dim=2)
         # one RMSNorm over the 2h q/k heads (ones weight: fusable, exact), then each head's own weight
         w = torch.cat([(self.q_norm.weight / math.sqrt(d)).expand(h, d), self.k_norm.weight.expand(h, d)])
-        qk = rms_norm(qk, torch.ones(d, dtype=qk.dtype), self.q_norm.eps) * w
+        assert self.q_norm.eps == self.k_norm.eps  # one norm for both
+        qk = rms_norm(qk, qk.new_ones(d), self.q_norm.eps) * w
         q, k = apply_rope_tokens(qk, cos, sin, n, 2 * h, d).split([h, h], dim=2)
         out = attention(q.transpose(1, 2), k.permute(0, 2, 3, 1), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(-1, n, h * d))

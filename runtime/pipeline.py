@@ -123,7 +123,7 @@ class Pipeline:
                     max_memory_gb: float | None = None) -> "Pipeline":
         """Load a verified export-engines bundle. backend: onnxruntime (ONNX parts) or tensorrt (engines);
         precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision`, else, for an int8 DiT
-        on onnxruntime, the bundle's validated INT8 VAE where it has one, else its first float one. The Pipeline API
+        on onnxruntime's CPU, the bundle's validated INT8 VAE where it has one, else its first float one. The Pipeline API
         is unchanged."""
         from vidrt.export.bundle import load_manifest
         from vidrt.models.vae import CausalVAE
@@ -139,8 +139,9 @@ class Pipeline:
                 raise BackendError(f"backend tensorrt cannot run here: {reason}; use backend='onnxruntime'")
         m = load_manifest(bundle)
         root, parts = Path(bundle), m["parts"]
-        if vae_precision is None and precision == "int8" and backend == "onnxruntime" and "vae_decoder.int8" in parts:
-            vae_precision = "int8"  # export-engines wrote it only after its PSNR check (export/quantized.int8_vae)
+        if vae_precision is None and precision == "int8" and backend == "onnxruntime" and \
+                torch.device(device).type == "cpu" and "vae_decoder.int8" in parts:
+            vae_precision = "int8"  # a CPU form, written only after its PSNR check (export/quantized.int8_vae)
 
         def pick(part: str, prec: str | None) -> dict:
             names = [n for n in parts if parts[n]["part"] == part]

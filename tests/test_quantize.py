@@ -122,8 +122,9 @@ def test_tensorrt_qdq_graph_builds_float_layers_in_fp16(bundle):
 def test_int8_vae_decoder_in_int8_bundles(calib, tmp_path):
     """An int8 bundle of a vidrt model holds onnxruntime's INT8 VAE decoder once its decoded-video PSNR vs the float
     VAE holds on held-out latents; from_bundle(precision="int8") decodes with it (onnxruntime only), and temporal
-    tiling stays exact (static scales: each frame quantizes alike in every tile). Measured here (tiny, AVX512_VNNI):
-    PSNR >= 46 dB on the held-out latents, bound 35; whole-pipeline video vs the fp32-VAE one >= 40 dB, bound 33."""
+    tiling stays exact (static scales: each frame quantizes alike in every tile). Measured here (tiny, AVX512_VNNI,
+    this module's calibration set): PSNR 41.2 and 37.7 dB on the 2 held-out latents, bound 35 (the export's gate);
+    whole-pipeline video vs the fp32-VAE one 44.3 dB, bound 33."""
     out = tmp_path / "b"
     man = export_engines("tiny", out, ["int8"], [Bucket(9, 32, 32)], calib=calib, progress=False, quality=False)
     v = man["validation"]["vae_decoder.int8"]
@@ -304,8 +305,9 @@ def test_int8_vae_is_exact_on_cpus_without_vnni(calib, tmp_path):
                 r = ref.run(None, {"latents": x.numpy()})[0]
                 h, e = here.run(None, {"latents": x.numpy()})[0], avx2(x).numpy()
                 err.setdefault(w7, []).append((ox.compare(r, h, "").rel_l2, ox.compare(r, e, "").rel_l2))
-    for h, e in err[True]:
-        assert abs(e - h) < 1e-4  # 7-bit: the emulated AVX2 CPU computes what this one does
+                if w7:
+                    err.setdefault("same", []).append(np.array_equal(h, e))
+    assert all(same for same in err["same"])  # 7-bit: the emulated AVX2 CPU computes what this one does, bit for bit
     assert min(e for _, e in err[False]) > 5 * max(h for h, _ in err[True]) + 0.005  # 8-bit: saturation shows
 
 
