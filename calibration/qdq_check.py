@@ -33,9 +33,11 @@ def check_tensorrt_qdq(path_or_model: str | Path | onnx.ModelProto) -> dict:
     def const_proto(name):
         return inits.get(name, consts.get(name)) if name else None
 
-    def const(name):
+    base_dir = "" if isinstance(path_or_model, onnx.ModelProto) else str(Path(path_or_model).parent)
+
+    def const(name):  # a tensor in a .data side file is read from beside the graph
         t = const_proto(name)
-        return None if t is None else numpy_helper.to_array(t)
+        return None if t is None else numpy_helper.to_array(t, base_dir)
 
     for n in g.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):

@@ -129,7 +129,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             ref, cases = spec.module, spec.cases
             if prec in QUANT:
                 if part not in calibrated:
-                    calibrated[part] = Qx.calibrate_dit(w.dir, spec, calib_set, recipe)
+                    calibrated[part] = Qx.calibrate_dit(w.dir, spec, calib_set, recipe, external_threshold)
                 path, report = Qx.quantized_dit(calibrated[part], spec, prec, recipe)
                 trt_graph = path
                 if qdq_float != "fp32":  # the TensorRT graph: the same layers and scales on a 16-bit export
@@ -175,7 +175,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             manifest["quality"][f"dit.{prec}"] = Qx.quality(ref_pipe[0], dits, calib_set, prec,
                                                           faithfulness=own and cfg.name == "tiny")
         for fp32, *_ in calibrated.values() if "fp32" not in precisions else ():
-            fp32.unlink()  # the fp32 DiT graph was only the quantizer's input
+            for f in w.dir.glob(fp32.name + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's input
+                f.unlink()
         for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
             base.unlink()
         path = w.finish(manifest)

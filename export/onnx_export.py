@@ -131,7 +131,7 @@ def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int],
 
 
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
-            external_threshold: int = EXTERNAL_DATA_THRESHOLD, transform=None) -> Path:
+            external_threshold: int | None = None, transform=None) -> Path:
     """Export `module` at `inputs` with `io` (names, outputs, dynamic axes) to `path`; `transform(model)` edits the
     ModelProto before it is written (e.g. unwrap_scope)."""
     names, outs, axes = io
@@ -148,10 +148,11 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Pa
     return save_onnx(transform(model) if transform else model, path, external_threshold)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
-    """Write `model` to `path`, its weights to one side file `path.data` when they pass `external_threshold`
-    (protobuf cannot write more than 2 GB)."""
-    if sum(t.ByteSize() for t in model.graph.initializer) > external_threshold:
+def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int | None = None) -> Path:
+    """Write `model` to `path`, its weights to one side file `path.data` when they pass `external_threshold` (default
+    EXTERNAL_DATA_THRESHOLD: protobuf cannot write more than 2 GB)."""
+    limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    if sum(t.ByteSize() for t in model.graph.initializer) > limit:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
     else:

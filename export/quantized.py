@@ -11,7 +11,7 @@ from vidrt.models.config import ConfigError
 from .engines import FLOAT, TOLERANCE, ExportError
 
 
-def calibrate_dit(d: Path, spec, calib_set: dict, recipe: dict) -> tuple:
+def calibrate_dit(d: Path, spec, calib_set: dict, recipe: dict, external_threshold: int | None = None) -> tuple:
     """Once per DiT part: its fp32 graph (the fp32 job's file if it ran first), the activation statistics of its
     calibration feeds (recipe-independent: every candidate layer is observed) and its held-out feeds. The samples are
     the captured DiT calls at the timesteps the part serves (spec.calib_select; all of them for a single DiT)."""
@@ -33,9 +33,10 @@ def calibrate_dit(d: Path, spec, calib_set: dict, recipe: dict) -> tuple:
     fp32 = d / f"{spec.name}.fp32.onnx"
     if not fp32.exists():
         with spec.swaps(spec.module):
-            ox.export_onnx(spec.module, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, fp32)
+            ox.export_onnx(spec.module, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, fp32,
+                           external_threshold)
     stats = Q.collect(fp32, cal, Q.QuantRecipe(**recipe))
-    return fp32, stats, val, served
+    return fp32, stats, val, served, external_threshold
 
 
 def quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict) -> tuple[Path, dict]:
@@ -48,10 +49,10 @@ def quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict) -> tuple[Pat
     from vidrt.runtime.ort import cpu_int8
 
     from . import onnx_export as ox
-    fp32, stats, val, served = calibrated
+    fp32, stats, val, served, threshold = calibrated
     rec = Q.QuantRecipe(precision=prec, **recipe)
     model_q = Q.quantize(fp32, stats, rec)
-    path = ox.save_onnx(model_q, fp32.with_name(f"{spec.name}.{prec}.onnx"))
+    path = ox.save_onnx(model_q, fp32.with_name(f"{spec.name}.{prec}.onnx"), threshold)
     report = {"graph": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path), "recipe": rec.to_dict(),
               "layers": model_q.doc_string, "calibration_samples": stats.samples * 2,
               "validation_samples": sum(len(next(iter(f.values()))) for f in val), "timesteps": served,
@@ -88,15 +89,15 @@ def quantized_16bit(d: Path, calibrated: tuple, spec, prec: str, recipe: dict, q
     from vidrt.calibration.qdq_check import check_tensorrt_qdq
 
     from . import onnx_export as ox
-    _, stats, val, _ = calibrated
+    _, stats, val, _, threshold = calibrated
     base = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
     if not base.exists():
         m = ox.CastIO(copy.deepcopy(spec.module), getattr(torch, FLOAT[qdq_float]))
         with spec.swaps(m):  # node names as in the fp32 graph, whose layers the statistics name
-            ox.export_onnx(m, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, base,
+            ox.export_onnx(m, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, base, threshold,
                            transform=ox.unwrap_scope)
     model_q = Q.quantize(base, stats, Q.QuantRecipe(precision=prec, **recipe))
-    path = ox.save_onnx(model_q, d / f"{spec.name}.{prec}.{qdq_float}.onnx")
+    path = ox.save_onnx(model_q, d / f"{spec.name}.{prec}.{qdq_float}.onnx", threshold)
     report = {"graph": path.name, "checker": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path),
               "layers": model_q.doc_string, "float_type": qdq_float, "tolerance_rel_l2": TOLERANCE[prec]}
     cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
