@@ -13,8 +13,9 @@ from .engines import FLOAT, TOLERANCE, ExportError
 
 def calibrate_dit(d: Path, spec, calib_set: dict, recipe: dict, external_threshold: int | None = None) -> tuple:
     """Once per DiT part: its fp32 graph (the fp32 job's file if it ran first), the activation statistics of its
-    calibration feeds (recipe-independent: every candidate layer is observed) and its held-out feeds. The samples are
-    the captured DiT calls at the timesteps the part serves (spec.calib_select; all of them for a single DiT)."""
+    calibration feeds (recipe-independent: every candidate layer is observed), its held-out feeds, the timesteps it
+    serves and the external-data threshold its graphs are written with. The samples are the captured DiT calls at the
+    timesteps the part serves (spec.calib_select; all of them for a single DiT)."""
     import torch
 
     from vidrt.calibration import quantize as Q
