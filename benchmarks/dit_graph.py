@@ -158,22 +158,30 @@ def _buckets(events: list, nodes: dict, runs: int, warmup: int) -> dict:
             "unmatched_nodes": sorted(unknown)[:5], "load": load()}
 
 
+def rotate(runs: dict[str, tuple], rounds: int) -> dict[str, list[float]]:
+    """{name: (session, feed)} -> {name: seconds per call}: 3 warm-up calls each, then `rounds` rounds of one call
+    each, the first of a round rotating."""
+    for s, f in runs.values():
+        for _ in range(3):
+            s.run(None, f)
+    ts = {k: [] for k in runs}
+    names = list(runs)
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            s, f = runs[k]
+            t0 = time.perf_counter()
+            s.run(None, f)
+            ts[k].append(time.perf_counter() - t0)
+    return ts
+
+
 def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
     """Unprofiled sessions as the runtime opens them (runtime/ort.ort_session), one call each per round, the first
     graph of a round rotating. Median ms per graph, and medians of paired ratios (same round): int8 vs fp32 of a
     bundle, and every later bundle's graph vs the first bundle's."""
     from vidrt.runtime.ort import ort_session
-    sess = {k: ort_session(p) for k, p in paths.items()}
-    for s in sess.values():
-        for _ in range(3):
-            s.run(None, feed)
-    ts = {k: [] for k in sess}
-    names = list(sess)
-    for i in range(rounds):
-        for k in names[i % len(names):] + names[:i % len(names)]:
-            t0 = time.perf_counter()
-            sess[k].run(None, feed)
-            ts[k].append(time.perf_counter() - t0)
+    ts = rotate({k: (ort_session(p), feed) for k, p in paths.items()}, rounds)
+    names = list(ts)
     out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "speedups": {}}
 
     def ratio(base: str, other: str) -> None:
@@ -244,17 +252,7 @@ def gemm_share(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
         blob, values = gemm_only(p, feed)
         runs[k] = (ort_session(p), feed)
         runs[f"{k} GEMMs only"] = (ort_session(blob), values)
-    for s, f in runs.values():
-        for _ in range(3):
-            s.run(None, f)
-    ts = {k: [] for k in runs}
-    names = list(runs)
-    for i in range(rounds):
-        for k in names[i % len(names):] + names[:i % len(names)]:
-            s, f = runs[k]
-            t0 = time.perf_counter()
-            s.run(None, f)
-            ts[k].append(time.perf_counter() - t0)
+    ts = rotate(runs, rounds)
     out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "gemm_share": {}}
     for k in paths:
         r = sorted(a / b for a, b in zip(ts[f"{k} GEMMs only"], ts[k]))
