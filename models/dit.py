@@ -7,12 +7,20 @@ exports to ONNX for any latent shape.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import DiTConfig
+
+
+def exporting() -> bool:
+    """torch.onnx.is_in_onnx_export(), without importing torch.onnx (~20 ms, on `vidrt generate`'s first step)
+    when nothing has: no export can be running then."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -90,7 +98,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 class GELUTanh(nn.Module):
     def forward(self, x):
-        return F.gelu(x, approximate="tanh") if not torch.onnx.is_in_onnx_export() else gelu_tanh(x)
+        return F.gelu(x, approximate="tanh") if not exporting() else gelu_tanh(x)
 
 
 def modulate(x, shift, scale):
@@ -116,7 +124,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin):
         """cos/sin: rope_cos_sin's tables (N, head_dim // 2); while exporting to ONNX, see forward_export."""
-        if torch.onnx.is_in_onnx_export():
+        if exporting():
             return self.forward_export(x, cos, sin)
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
@@ -153,7 +161,7 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, ctx, attn_mask):
-        if torch.onnx.is_in_onnx_export():
+        if exporting():
             # as in SelfAttention.forward_export: normalised in the projection layout, the scale folded into
             # q_norm's weight, k transposed once; the batch from ctx, which every block shares
             h, d, B = self.heads, self.head_dim, ctx.shape[0]
@@ -245,7 +253,7 @@ class VideoDiT(nn.Module):
         pt, ph, pw = self.cfg.patch
         x = self.patch_embed(self.patchify(latents))
         cos, sin = rope_cos_sin(T // pt, H // ph, W // pw, self.cfg.head_dim, self.cfg.rope_theta, latents.device)
-        if torch.onnx.is_in_onnx_export():  # SelfAttention.forward_export's form, made once for all blocks
+        if exporting():  # SelfAttention.forward_export's form, made once for all blocks
             cos, sin = cos[:, None, :, None], sin[:, None, :, None]
         c = self.t_embed(timestep_embedding(t, self.cfg.freq_dim).to(x.dtype))
         ctx = self.text_embed(text.to(x.dtype))
