@@ -183,12 +183,17 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
+def _files_entry(w, spec, prec: str, path: Path, t0: float) -> dict:
+    """What every part's manifest entry says: its graph, inputs, side files, profiles, export time; no engine yet."""
+    return {"part": spec.name, "precision": prec, "onnx": path.name, "inputs": list(spec.io[0]),
+            "external_data": sorted(p.name for p in w.dir.glob(path.name + ".data")),
+            "profiles": [{k: [list(s) for s in v] for k, v in pr.items()} for pr in spec.profiles],
+            "engine": None, "seconds": round(time.time() - t0, 2)}
+
+
 def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None, qdq_float="fp32") -> dict:
     part = spec.name
-    entry = {"part": part, "precision": prec, "onnx": path.name, "inputs": list(spec.io[0]),
-             "external_data": sorted(p.name for p in w.dir.glob(path.name + ".data")),
-             "profiles": [{k: [list(s) for s in v] for k, v in pr.items()} for pr in spec.profiles],
-             "engine": None, "seconds": round(time.time() - t0, 2)}
+    entry = _files_entry(w, spec, prec, path, t0)
     # which graph each runtime uses, and how it opens it: one graph serves both, except int8/fp8, where TensorRT
     # builds the 16-bit-typed Q/DQ graph. tensorrt: what the strongly typed engine computes each layer in
     trt_graph = trt_graph or path
@@ -226,9 +231,7 @@ def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int)
     manifest["validation"]["vae_decoder.int8"] = report
     if path is not None:
         manifest["parts"]["vae_decoder.int8"] = {
-            "part": spec.name, "precision": "int8", "onnx": path.name, "inputs": list(spec.io[0]),
-            "external_data": [], "profiles": [{k: [list(s) for s in v] for k, v in pr.items()} for pr in spec.profiles],
-            "engine": None, "seconds": round(time.time() - t0, 2),
+            **_files_entry(w, spec, "int8", path, t0),
             "runtimes": {"onnxruntime": {"graph": path.name, "graph_optimization": "all",
                                          "int8_kernels": "QLinearConv with 7-bit weights: exact on every x86 ISA"}}}
 
