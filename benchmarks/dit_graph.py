@@ -1,7 +1,7 @@
 """Where the DiT step's time goes on onnxruntime CPU, per kind of node, for a bundle's dit.fp32 and dit.int8 graphs.
 
     flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle before --bundle after --calib cal
-    python -m vidrt.benchmarks.dit_graph --bundle b --calib cal --gemm-only      # the step vs its GEMMs alone
+    flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle b --calib cal --unprofiled
 
 Sessions are opened like the runtime's OrtPart (runtime/ort.py: same options), on one captured DiT input (a
 validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, means over
@@ -10,9 +10,16 @@ whose B input is constant), attention (activation x activation MatMul, Softmax, 
 elementwise, layout, other; "between nodes" is the mean step the kernels do not cover. The graphs are also timed
 round-robin without the profiler (medians of paired ratios: int8 vs fp32, each bundle vs the first), and the fp32
 step's GFLOP/s is set against an fp32 GEMM peak measured in the same process. ISA and load average beside every number.
+
+The profiler inflates small nodes (the small DiT's int8 step: ~40 ms profiled, ~30 ms not), so its shares overstate
+the non-GEMM part. --unprofiled (formerly --gemm-only) times no profile: the optimized graph is cut into one graph per
+bucket (bucket_graphs: that bucket's nodes, fed the values the whole step computes, opened with optimizations off so
+the kernels are the step's), and each is timed round-robin against the whole step; "between nodes" is then the step
+minus all buckets (scheduling, and what each bucket's call costs on its own).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -20,7 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import click
@@ -34,9 +41,10 @@ NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
             "SkipSimplifiedLayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "ReduceSumSquare"}
 LAYOUT_OPS = {"Transpose", "Reshape", "Split", "Concat", "Slice", "Gather", "Unsqueeze", "Squeeze", "Expand",
               "Flatten", "Identity", "Tile", "GatherElements", "Shape", "Size"}
+VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
 ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Cast", "Where", "Gelu", "FastGelu", "BiasGelu", "QuickGelu",
                    "Sigmoid", "Tanh", "Erf", "Exp", "Sin", "Cos", "Relu", "Max", "Min", "Clip", "Abs", "BiasAdd",
-                   "BiasSplitGelu", "Equal", "Not", "And", "Or", "Less", "Greater", "Silu"}
+                   "BiasSplitGelu", "Equal", "Not", "And", "Or", "Less", "Greater", "Silu", "RotaryEmbedding"}
 
 
 def isa() -> dict:
@@ -103,14 +111,19 @@ def classify(node, const: set[str]) -> str:
     return "other"
 
 
-def optimized_graph(path: Path) -> dict[str, tuple[str, str]]:
-    """{node name: (op type, bucket)} of the graph onnxruntime runs (after its session-time fusions)."""
+def optimized_model(path: Path):
+    """The graph onnxruntime runs (after its session-time fusions, with the runtime's options), as an onnx model."""
     import onnx
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:
         out = str(Path(d) / "opt.onnx")
         ort.InferenceSession(str(path), session_options(optimized_path=out), providers=["CPUExecutionProvider"])
-        model = onnx.load(out, load_external_data=False)
+        return onnx.load(out)
+
+
+def optimized_graph(path: Path) -> dict[str, tuple[str, str]]:
+    """{node name: (op type, bucket)} of the graph onnxruntime runs (after its session-time fusions)."""
+    model = optimized_model(path)
     const = const_tensors(model)
     return {n.name: (n.op_type, classify(n, const)) for n in model.graph.node}
 
@@ -158,21 +171,25 @@ def _buckets(events: list, nodes: dict, runs: int, warmup: int) -> dict:
             "unmatched_nodes": sorted(unknown)[:5], "load": load()}
 
 
-def rotate(runs: dict[str, tuple], rounds: int) -> dict[str, list[float]]:
-    """{name: (session, feed)} -> {name: seconds per call}: 3 warm-up calls each, then `rounds` rounds of one call
-    each, the first of a round rotating."""
-    for s, f in runs.values():
+def rotate(calls: dict[str, callable], rounds: int) -> dict[str, list[float]]:
+    """{name: call} -> {name: seconds per call}: 3 warm-up calls each, then `rounds` rounds of one call each, the
+    first of a round rotating."""
+    for c in calls.values():
         for _ in range(3):
-            s.run(None, f)
-    ts = {k: [] for k in runs}
-    names = list(runs)
+            c()
+    ts = {k: [] for k in calls}
+    names = list(calls)
     for i in range(rounds):
         for k in names[i % len(names):] + names[:i % len(names)]:
-            s, f = runs[k]
             t0 = time.perf_counter()
-            s.run(None, f)
+            calls[k]()
             ts[k].append(time.perf_counter() - t0)
     return ts
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    r = sorted(xs)
+    return statistics.median(r), r[len(r) // 4], r[3 * len(r) // 4]
 
 
 def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
@@ -180,13 +197,12 @@ def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
     graph of a round rotating. Median ms per graph, and medians of paired ratios (same round): int8 vs fp32 of a
     bundle, and every later bundle's graph vs the first bundle's."""
     from vidrt.runtime.ort import ort_session
-    ts = rotate({k: (ort_session(p), feed) for k, p in paths.items()}, rounds)
+    ts = rotate({k: functools.partial(ort_session(p).run, None, feed) for k, p in paths.items()}, rounds)
     names = list(ts)
     out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "speedups": {}}
 
     def ratio(base: str, other: str) -> None:
-        r = sorted(a / b for a, b in zip(ts[base], ts[other]))
-        out["speedups"][f"{other} vs {base}"] = (statistics.median(r), r[len(r) // 4], r[3 * len(r) // 4])
+        out["speedups"][f"{other} vs {base}"] = quartiles([a / b for a, b in zip(ts[base], ts[other])])
     for k in names:
         if k.endswith("int8") and k[:-4] + "fp32" in ts:
             ratio(k[:-4] + "fp32", k)
@@ -197,67 +213,99 @@ def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
     return out
 
 
-def gemm_only(path: Path, feed: dict) -> tuple[bytes, dict]:
-    """The graph's weight GEMMs alone, each with its own activation as a graph input (fed the values the whole graph
-    computes on `feed`) and everything between that activation and the GEMM (Q/DQ) and behind its weight (DQ of the
-    stored int8 weight): the same kernels after onnxruntime's fusions, minus every other node. Timing it against the
-    whole graph gives the GEMMs' share of an unprofiled step. Returns (model bytes, feed)."""
+def as_is(model: bytes):
+    """A session on an already optimized graph: the runtime's options, onnxruntime's optimizations off (the kernels
+    are those of the step, fusions included; re-optimizing a piece of the graph could fuse it differently)."""
+    import onnxruntime as ort
+    so = session_options()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def bucket_graphs(model, feed: dict) -> dict[str, tuple[bytes, dict, dict]]:
+    """The optimized graph cut into one graph per bucket: that bucket's nodes in their order, its inputs the tensors
+    the nodes read from other buckets or the step's inputs (fed what the whole graph computes on `feed`; constant
+    ones as initializers, so a weight stays a weight), its outputs what other buckets or the step's outputs read,
+    except views. {bucket: (model bytes, feed, expected outputs)}."""
     import onnx
-    from onnx import TensorProto, helper
-
-    from vidrt.runtime.ort import ort_session
-    model = onnx.load(str(path))
+    from onnx import helper, numpy_helper
     g, const = model.graph, const_tensors(model)
-    producer = {o: n for n in g.node for o in n.output}
-    nodes, acts, outs = {}, [], []
-
-    def const_side(t):  # the constant subgraph computing t (a weight's DequantizeLinear)
-        n = producer.get(t)
-        if n is not None and t in const and n.name not in nodes:
-            for i in n.input:
-                const_side(i)
-            nodes[n.name] = n
-    for n in g.node:
-        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in const:
-            continue
-        a, chain = n.input[0], []
-        while a in producer and producer[a].op_type in ("QuantizeLinear", "DequantizeLinear"):
-            chain.append(producer[a])
-            a = producer[a].input[0]
-        for i in [*n.input[1:], *(j for c in chain for j in c.input[1:])]:
-            const_side(i)
-        for c in [*reversed(chain), n]:
-            nodes[c.name] = c
-        acts.append(a)
-        outs.append(n.output[0])
-    acts = list(dict.fromkeys(acts))
-    full = onnx.load(str(path))
-    full.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts)
-    values = dict(zip(acts, ort_session(full.SerializeToString()).run(acts, feed)))
-    order = [n for n in g.node if n.name in nodes]  # the original topological order
-    used = {i for n in order for i in n.input}
-    vi = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-    sub = helper.make_graph(order, "gemm_only", [vi(a) for a in acts], [vi(o) for o in outs],
-                            [t for t in g.initializer if t.name in used])
-    m = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return m.SerializeToString(), values
-
-
-def gemm_share(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
-    """Per graph: the whole step and its weight GEMMs alone (gemm_only), unprofiled, timed round-robin with the
-    first rotating; the GEMMs' share = median of per-round (GEMMs alone / step)."""
-    from vidrt.runtime.ort import ort_session
-    runs = {}
-    for k, p in paths.items():
-        blob, values = gemm_only(p, feed)
-        runs[k] = (ort_session(p), feed)
-        runs[f"{k} GEMMs only"] = (ort_session(blob), values)
-    ts = rotate(runs, rounds)
-    out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "gemm_share": {}}
-    for k in paths:
-        r = sorted(a / b for a, b in zip(ts[f"{k} GEMMs only"], ts[k]))
-        out["gemm_share"][k] = (statistics.median(r), r[len(r) // 4], r[3 * len(r) // 4])
+    bucket = [classify(n, const) for n in g.node]
+    made = {o: b for n, b in zip(g.node, bucket) for o in n.output}
+    step_out = [o.name for o in g.output]
+    cross = list(dict.fromkeys([i for n, b in zip(g.node, bucket) for i in n.input if i in made and made[i] != b]
+                               + step_out))
+    full = onnx.ModelProto()
+    full.CopyFrom(model)
+    del full.graph.output[:]  # untyped outputs: onnxruntime takes the types its nodes infer
+    full.graph.output.extend(onnx.ValueInfoProto(name=t) for t in cross)
+    values = {**feed, **dict(zip(cross, as_is(full.SerializeToString()).run(cross, feed)))}
+    del full
+    inits = {t.name for t in g.initializer}
+    vi = lambda t: helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(values[t].dtype),
+                                                 values[t].shape)
+    out = {}
+    for b in sorted(set(bucket), key=BUCKETS.index):
+        nodes = [n for n, nb in zip(g.node, bucket) if nb == b]
+        mine = {o for n in nodes for o in n.output}
+        ins = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in mine and i not in inits))
+        used = {i for n in nodes for i in n.input}
+        # a view's output (Reshape...) aliases its input inside the step; as a graph output it would be a copy
+        outs = [o for n in nodes for o in n.output if o in cross and (n.op_type not in VIEW_OPS or o in step_out)]
+        sub = helper.make_graph(nodes, b, [vi(i) for i in ins if i not in const], [vi(o) for o in outs],
+                                [t for t in g.initializer if t.name in used]
+                                + [numpy_helper.from_array(values[i], i) for i in ins if i in const])
+        m = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+        out[b] = (m.SerializeToString(), {i: values[i] for i in ins if i not in const}, {o: values[o] for o in outs})
     return out
+
+
+def bound(sess, feed: dict, outputs: dict):
+    """A call of `sess` with inputs and outputs bound once, outputs preallocated: what a bucket graph's call costs on
+    top of its kernels is then small (no numpy conversions, no output allocation); the whole step is called alike."""
+    import numpy as np
+    import onnxruntime as ort
+    io, keep = sess.io_binding(), []
+    for name, v in [*feed.items(), *outputs.items()]:
+        keep.append(ort.OrtValue.ortvalue_from_numpy(v if name in feed else np.empty_like(v)))
+        (io.bind_ortvalue_input if name in feed else io.bind_ortvalue_output)(name, keep[-1])
+    return lambda: sess.run_with_iobinding(io) or keep  # (keep: the bound arrays live as long as the call)
+
+
+def unprofiled(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
+    """Per graph: the whole step (opened as the runtime opens it) and every bucket's graph alone (bucket_graphs),
+    unprofiled, all timed round-robin with the first rotating. Each bucket graph's outputs are first checked against
+    the whole graph's values (relative L2 error). Per bucket: median ms and median of per-round (bucket / step);
+    "elementwise + layout + norm" and "between nodes" (step - all buckets) from per-round sums."""
+    import numpy as np
+
+    from vidrt.runtime.ort import ort_session
+    calls, err, counts = {}, {}, {}
+    for k, p in paths.items():
+        model = optimized_model(p)
+        const = const_tensors(model)
+        counts[k] = dict(Counter(classify(n, const) for n in model.graph.node))
+        step = ort_session(p)
+        calls[k] = bound(step, feed, dict(zip([o.name for o in step.get_outputs()], step.run(None, feed))))
+        for b, (blob, f, want) in bucket_graphs(model, feed).items():
+            s = as_is(blob)
+            err[k, b] = max([float(np.linalg.norm((got - v).astype(np.float64)) / max(np.linalg.norm(
+                v.astype(np.float64)), 1e-30)) for got, v in zip(s.run(list(want), f), want.values())], default=0.0)
+            assert err[k, b] < 1e-3, f"{k}: the {b} graph alone computes other values (rel. L2 {err[k, b]:.2g})"
+            calls[f"{k} {b}"] = bound(s, f, want)
+        del model
+    ts = rotate(calls, rounds)
+    res = {}
+    for k in paths:
+        parts = {b: ts[f"{k} {b}"] for b in BUCKETS if f"{k} {b}" in ts}
+        parts["elementwise + layout + norm"] = [sum(x) for x in zip(*(parts.get(b, [0] * rounds)
+                                                                      for b in ("elementwise", "layout", "norm")))]
+        parts["between nodes"] = [t - sum(x) for t, *x in zip(ts[k], *(parts[b] for b in BUCKETS if b in parts))]
+        res[k] = {"step_ms": 1000 * statistics.median(ts[k]), "nodes": counts[k],
+                  "buckets_ms": {b: 1000 * statistics.median(v) for b, v in parts.items()},
+                  "share": {b: quartiles([x / t for x, t in zip(v, ts[k])]) for b, v in parts.items()},
+                  "max_rel_err": {b: e for (g, b), e in err.items() if g == k}}
+    return res
 
 
 def feed_and_flops(bundle: Path, calib: str) -> tuple[dict, int, str]:
@@ -296,6 +344,19 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def unprofiled_table(graphs: dict) -> str:
+    """Markdown: a row per bucket, a column per graph, median ms per call (median % of the step, same rounds)."""
+    lines = ["| bucket (no profiler) | " + " | ".join(f"{g} ms (%)" for g in graphs) + " |",
+             "|---" * (1 + len(graphs)) + "|"]
+    for b in BUCKETS + ("elementwise + layout + norm",):
+        lines.append(f"| {b} | " + " | ".join(f"{p['buckets_ms'][b]:.1f} ({100 * p['share'][b][0]:.0f}%)"
+                                              if b in p["buckets_ms"] else "-" for p in graphs.values()) + " |")
+    lines.append("| step | " + " | ".join(f"{p['step_ms']:.1f}" for p in graphs.values()) + " |")
+    lines.append("| nodes (optimized graph) | " + " | ".join(str(sum(p["nodes"].values())) for p in graphs.values())
+                 + " |")
+    return "\n".join(lines)
+
+
 @click.command()
 @click.option("--bundle", "bundles", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
               help="export-engines bundle with dit.fp32.onnx (and dit.int8.onnx); repeat to compare bundles in one run "
@@ -305,8 +366,9 @@ def table(res: dict) -> str:
 @click.option("--runs", type=int, default=20, show_default=True, help="Profiled calls per graph")
 @click.option("--rounds", type=int, default=40, show_default=True, help="Round-robin timing rounds")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Write the full result as JSON here")
-@click.option("--gemm-only", is_flag=True, help="Only time each graph against its weight GEMMs alone (no profiler)")
-def main(bundles, calib, runs, rounds, json_out, gemm_only):
+@click.option("--unprofiled", "--gemm-only", "unprofiled_", is_flag=True,
+              help="No profiler: time each graph against each bucket's nodes alone (--gemm-only: the former name)")
+def main(bundles, calib, runs, rounds, json_out, unprofiled_):
     import torch
 
     from vidrt.benchmarks.bench import gemm_peak_gflops
@@ -319,44 +381,37 @@ def main(bundles, calib, runs, rounds, json_out, gemm_only):
     res = {"model": model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "isa": isa(),
            "threads": torch.get_num_threads(), "gflop_per_step": flops / 1e9, "bundles": list(bundles)}
     cpu = torch.device("cpu")
-    if gemm_only:
-        peak0 = (gemm_peak_gflops(cpu, torch.float32), load())
-        res["gemm_share"] = {**gemm_share(paths, feed, rounds), "rounds": rounds, "load": load()}
-        peak1 = (gemm_peak_gflops(cpu, torch.float32), load())
-        res["gemm_peak_gflops"] = {"before": peak0, "after": peak1, "peak": max(peak0[0], peak1[0])}
-        i, gs = res["isa"], res["gemm_share"]
-        print(f"model {model}, {res['date']}, ISA {i['vidrt_isa']} (torch {i['torch_capability']}), load "
-              f"{peak0[1]} -> {gs['load']} -> {peak1[1]}; fp32 GEMM peak {peak0[0]:.1f} / {peak1[0]:.1f} GFLOP/s")
-        for k, v in gs["median_ms"].items():
-            print(f"  {k}: {v:.2f} ms" + (f" = {flops / v * 1e-6:.1f} GFLOP/s" if k.endswith("fp32") else ""))
-        for k, (m, q1, q3) in gs["gemm_share"].items():
-            print(f"  {k}: weight GEMMs {100 * m:.1f}% of the step (quartiles {100 * q1:.1f}-{100 * q3:.1f}%), "
-                  f"everything else {100 * (1 - m):.1f}%")
-        if json_out:
-            Path(json_out).write_text(json.dumps(res, indent=1) + "\n")
-        return
     peak0 = (gemm_peak_gflops(cpu, torch.float32), load())
-    res["round_robin"] = {**round_robin(paths, feed, rounds), "rounds": rounds, "load": load()}
-    res["graphs"] = profile(paths, feed, runs)
+    if unprofiled_:
+        res["unprofiled"] = {"graphs": unprofiled(paths, feed, rounds), "rounds": rounds, "load": load()}
+    else:
+        res["round_robin"] = {**round_robin(paths, feed, rounds), "rounds": rounds, "load": load()}
+        res["graphs"] = profile(paths, feed, runs)
     peak1 = (gemm_peak_gflops(cpu, torch.float32), load())
     res["gemm_peak_gflops"] = {"before": peak0, "after": peak1, "peak": max(peak0[0], peak1[0])}
+    steps = ({g: v["step_ms"] for g, v in res["unprofiled"]["graphs"].items()} if unprofiled_
+             else res["round_robin"]["median_ms"])
     res["fp32_pct_of_gemm_peak"] = {
         g: {"gflops": flops / ms * 1e-6, "pct": 100 * flops / ms * 1e-6 / res["gemm_peak_gflops"]["peak"]}
-        for g, ms in res["round_robin"]["median_ms"].items() if g.endswith("fp32")}
+        for g, ms in steps.items() if g.endswith("fp32")}
     i = res["isa"]
     print(f"model {model}, {res['date']}, ISA {i['vidrt_isa']} (torch {i['torch_capability']}, lscpu avx512_vnni "
           f"{i['lscpu_avx512_vnni']}), torch threads {res['threads']}, {res['gflop_per_step']:.2f} GFLOP/step")
-    print(table(res))
-    for g, p in res["graphs"].items():
-        print(f"{g}: load {p['load']}; nodes per bucket {p['nodes']}; top ops (ms/run):",
-              ", ".join(f"{k} {v:.1f}" for k, v in p["top_ops_ms"].items()))
-        if p["unmatched_nodes"]:
-            print(f"  profiler nodes not in the optimized graph (bucket 'other'): {p['unmatched_nodes']}")
-    rr = res["round_robin"]
-    print(f"round robin ({rounds} rounds, load {rr['load']}): median ms " +
-          ", ".join(f"{k} {v:.1f}" for k, v in rr["median_ms"].items()))
-    for k, (m, q1, q3) in rr["speedups"].items():
-        print(f"  speedup {k}: {m:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+    if unprofiled_:
+        print(f"{rounds} rounds, load {peak0[1]} -> {res['unprofiled']['load']} -> {peak1[1]}")
+        print(unprofiled_table(res["unprofiled"]["graphs"]))
+    else:
+        print(table(res))
+        for g, p in res["graphs"].items():
+            print(f"{g}: load {p['load']}; nodes per bucket {p['nodes']}; top ops (ms/run):",
+                  ", ".join(f"{k} {v:.1f}" for k, v in p["top_ops_ms"].items()))
+            if p["unmatched_nodes"]:
+                print(f"  profiler nodes not in the optimized graph (bucket 'other'): {p['unmatched_nodes']}")
+        rr = res["round_robin"]
+        print(f"round robin ({rounds} rounds, load {rr['load']}): median ms " +
+              ", ".join(f"{k} {v:.1f}" for k, v in rr["median_ms"].items()))
+        for k, (m, q1, q3) in rr["speedups"].items():
+            print(f"  speedup {k}: {m:.3f} (quartiles {q1:.3f}-{q3:.3f})")
     pk = res["gemm_peak_gflops"]
     print(f"fp32 GEMM peak (torch, 2048^3): {pk['before'][0]:.1f} GFLOP/s (load {pk['before'][1]}), "
           f"{pk['after'][0]:.1f} (load {pk['after'][1]}); fp32 step: " + ", ".join(
