@@ -130,7 +130,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             if prec in QUANT:
                 if part not in calibrated:
                     calibrated[part] = Qx.calibrate_dit(w.dir, spec, calib_set, recipe, external_threshold)
-                path, report = Qx.quantized_dit(calibrated[part], spec, prec, recipe)
+                path, report = Qx.quantized_dit(calibrated[part], spec, prec, recipe, cpu_flavour=qdq_float != "fp32")
                 trt_graph = path
                 if qdq_float != "fp32":  # the TensorRT graph: the same layers and scales on a 16-bit export
                     trt_graph, report["tensorrt_graph"] = Qx.quantized_16bit(w.dir, calibrated[part], spec, prec,
@@ -138,6 +138,9 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 manifest["validation"][name] = report
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
                                                  trt_graph=trt_graph, qdq_float=qdq_float)
+                flavour = report["onnxruntime_cpu"]["cpu_flavour"]  # com.microsoft kernels in the CPU graph
+                manifest["parts"][name]["runtimes"]["onnxruntime"]["cpu_flavour"] = (
+                    flavour["rewrites"] if flavour and flavour["kept"] else None)
                 quantized.setdefault(prec, []).append((spec, path))
                 continue
             m = ref if prec == "fp32" else ox.CastIO(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))

@@ -53,19 +53,33 @@ def test_quantized_bundle_meets_quality_goals(bundle):
         cpu = man["validation"][f"dit.{prec}"]["onnxruntime_cpu"]
         assert cpu["faithful"] and cpu["isa"] and cpu["session_options"] == (
             {"session.x64quantprecision": "1"} if int8_saturates() else {})
+        # onnxruntime's graph is its CPU flavour (com.microsoft kernels), kept because it computes what the
+        # standard graph computes here; TensorRT's stays standard ONNX
+        depth, flavour = man["model"]["dit"]["depth"], cpu["cpu_flavour"]
+        assert flavour["kept"] and rt["onnxruntime"]["cpu_flavour"] == flavour["rewrites"]
+        assert flavour["rewrites"]["MultiHeadAttention"] == 2 * depth and flavour["rewrites"]["RotaryEmbedding"] == depth
+        assert (flavour["rewrites"]["MatMulIntegerToFloat+bias"] > 4 * depth) == (prec == "int8")
+        assert flavour["worst_rel_l2"] <= 1.1 * flavour["standard_worst_rel_l2"] + 1e-4
+        domains = {p: {n.domain for n in onnx.load(str(out / rt[r]["graph"]), load_external_data=False).graph.node}
+                   for p, r in (("ort", "onnxruntime"), ("trt", "tensorrt"))}
+        assert "com.microsoft" in domains["ort"] and domains["trt"] <= {"", "ai.onnx"}
 
 
 def test_qdq_graph_form(bundle):
-    """Checker + TensorRT rules on the files; weights dequantize to the fp32 weights per output channel; the
-    recipe's sensitive layers stay float; FP8 uses opset 19."""
+    """Checker + TensorRT rules on TensorRT's graphs; weights dequantize to the fp32 weights per output channel in
+    onnxruntime's; the recipe's sensitive layers stay float; FP8 uses opset 19."""
     out, _ = bundle
     from vidrt.models.checkpoint import load_model
     _, dit, _ = load_model("tiny")
     for prec in ("int8", "fp8"):
         path = out / f"dit.{prec}.onnx"
         onnx.checker.check_model(str(path))
-        s = check_tensorrt_qdq(path)
+        trt = out / f"dit.{prec}.fp16.onnx"
+        s = check_tensorrt_qdq(trt)
         assert s["per_channel_weights"] == s["dequantize"] - s["quantize"] > 20
+        names = {n.name for n in onnx.load(str(trt), load_external_data=False).graph.node
+                 if n.op_type == "DequantizeLinear"}
+        assert not any(("patch_embed" in n or "adaLN" in n or n.startswith("/final/")) for n in names)
         m = onnx.load(str(path))
         assert m.opset_import[0].version == (19 if prec == "fp8" else 18)
         init = {t.name: t for t in m.graph.initializer}
@@ -80,8 +94,6 @@ def test_qdq_graph_form(bundle):
         ref = dit.blocks[0].attn.qkv.weight.detach().numpy().T  # MatMul weight [K, N]: per-channel along axis 1
         err = np.abs(w - ref).max(axis=0) / np.abs(ref).max(axis=0)
         assert err.max() <= (0.5 / 127 + 1e-6 if prec == "int8" else 1 / 16 + 1e-6)
-        names = {n.name for n in m.graph.node if n.op_type == "DequantizeLinear"}
-        assert not any(("patch_embed" in n or "adaLN" in n or n.startswith("/final/")) for n in names)
 
 
 def test_tensorrt_qdq_graph_builds_float_layers_in_fp16(bundle):
