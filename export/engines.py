@@ -245,6 +245,16 @@ def _is_dit(part: str) -> bool:
     return part == "dit" or part.startswith("dit_")
 
 
+def _flavour_note(rep: dict) -> str:
+    """The onnxruntime CPU flavour's rewrites, or why the standard graph was kept, for the summary."""
+    f = (rep.get("onnxruntime_cpu") or {}).get("cpu_flavour")
+    if not f or f["why_not"] == "nothing to rewrite":
+        return ""
+    if not f["kept"]:
+        return f"; onnxruntime CPU flavour NOT kept ({f['why_not']})"
+    return "; onnxruntime CPU graph: " + ", ".join(f"{v} {k}" for k, v in f["rewrites"].items() if v)
+
+
 def summary_table(manifest: dict) -> str:
     rows = [f"{'part':<26}{'max abs':>11}{'rel L2':>11}{'cosine':>11}  status"]
     for name, rep in manifest["validation"].items():
@@ -263,7 +273,7 @@ def summary_table(manifest: dict) -> str:
             status = (f"ok on {len(rep['parity'])} held-out inputs, TensorRT Q/DQ rules ok"
                       + (f", video PSNR {q['psnr_mean']:.1f} dB" if q else "")
                       + (f"; {trt['float_type']} TensorRT graph rel L2 {max(p['rel_l2'] for p in trt['parity']):.2e}"
-                         if trt and trt.get("passed") else ""))
+                         if trt and trt.get("passed") else "") + _flavour_note(rep))
         else:
             poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
             status = f"ok on {len(rep['parity'])} shapes, {poly}"
