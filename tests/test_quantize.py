@@ -57,8 +57,9 @@ def test_quantized_bundle_meets_quality_goals(bundle):
         # standard graph computes here; TensorRT's stays standard ONNX
         depth, flavour = man["model"]["dit"]["depth"], cpu["cpu_flavour"]
         assert flavour["kept"] and rt["onnxruntime"]["cpu_flavour"] == flavour["rewrites"]
-        assert flavour["rewrites"]["MultiHeadAttention"] == 2 * depth and flavour["rewrites"]["RotaryEmbedding"] == depth
-        assert (flavour["rewrites"]["MatMulIntegerToFloat+bias"] > 4 * depth) == (prec == "int8")
+        rw = flavour["rewrites"]
+        assert rw["MultiHeadAttention"] == 2 * depth and rw["RotaryEmbedding"] == depth
+        assert (rw["MatMulIntegerToFloat+bias"] > 4 * depth) == (prec == "int8")
         assert flavour["worst_rel_l2"] <= 1.1 * flavour["standard_worst_rel_l2"] + 1e-4
         domains = {p: {n.domain for n in onnx.load(str(out / rt[r]["graph"]), load_external_data=False).graph.node}
                    for p, r in (("ort", "onnxruntime"), ("trt", "tensorrt"))}
