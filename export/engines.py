@@ -167,6 +167,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 raise ExportError(f"{name}: onnxruntime output differs from PyTorch (rel L2 {worst['rel_l2']:.2e} "
                                   f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
             manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
+            if prec == "fp32" and _is_dit(part):  # onnxruntime's CPU flavour beside TensorRT's graph, same weights
+                _fp32_flavour(w, spec, path, report, manifest["parts"][name])
             manifest["validation"][name] = report
         if "int8" in quant and own and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
             _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
@@ -213,6 +215,25 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
             {k: tuple(map(tuple, v)) for k, v in pr.items()} for pr in entry["profiles"]],
             timing_cache=Path(out).parent / "timing.cache", opt_level=opt_level).name
     return entry
+
+
+def _fp32_flavour(w, spec, path: Path, report: dict, entry: dict) -> None:
+    """dit.fp32.cpu.onnx: onnxruntime's CPU flavour of the fp32 DiT (export/ort_cpu.py), written beside the standard
+    graph TensorRT builds, kept if its parity holds; both read one weights file (the graph is re-saved with its
+    weights in dit.fp32.onnx.data if they were inline), so the flavour costs the bundle its graph only."""
+    import onnx
+
+    from . import onnx_export as ox
+    from .ort_cpu import write_checked
+    flav = path.with_name(path.name.replace(".onnx", ".cpu.onnx"))
+    standard = [ox.Parity(**p) for p in report["parity"]]
+    if not (w.dir / (path.name + ".data")).exists():
+        ox.save_onnx(onnx.load(str(path)), path, external_threshold=0)
+    report["onnxruntime_cpu"] = {"cpu_flavour": write_checked(spec.module, path, flav, spec.cases, standard)[0]}
+    f = report["onnxruntime_cpu"]["cpu_flavour"]
+    if f["kept"]:
+        entry["runtimes"]["onnxruntime"].update(graph=flav.name, cpu_flavour=f["rewrites"])
+    entry["external_data"] = sorted(p.name for p in w.dir.glob(path.name + ".data"))
 
 
 def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int) -> None:
@@ -276,7 +297,7 @@ def summary_table(manifest: dict) -> str:
                          if trt and trt.get("passed") else "") + _flavour_note(rep))
         else:
             poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
-            status = f"ok on {len(rep['parity'])} shapes, {poly}"
+            status = f"ok on {len(rep['parity'])} shapes, {poly}" + _flavour_note(rep)
         rows.append(f"{name:<26}{worst['max_abs']:>11.2e}{worst['rel_l2']:>11.2e}{worst['cosine']:>11.6f}  {status}")
     for name, q in (manifest.get("quality") or {}).items():
         if q:

@@ -4,6 +4,7 @@ builds `dit.<prec>.fp16.onnx`); a TensorRT graph stays standard ONNX. Each rewri
 (models/dit.py), leaves anything else as it is, and is checked by parity where it is applied (export/quantized.py).
 
     counts = cpu_flavour(path, out, feed)   # {"MatMulIntegerToFloat+bias": 56, "MultiHeadAttention": 16, ...}
+    report, parity = write_checked(module, path, out, cases, standard_parity)   # export-engines' use
 """
 from __future__ import annotations
 
@@ -297,3 +298,28 @@ def cpu_flavour(path: Path, out: Path, feed: dict) -> dict[str, int]:
               "RotaryEmbedding": rotary_embedding(G)}
     onnx.save(G.commit(), str(out))
     return counts
+
+
+def write_checked(module, path: Path, out: Path, cases: list, standard: list, basic_opt: bool = False) -> tuple:
+    """Write the CPU flavour of `path` to `out` (`out` may be `path`: rewritten in place) and keep it where it computes
+    what the standard graph computes on this CPU: its worst rel L2 against `module` on `cases` within 1.1x the
+    standard graph's (`standard`: its Parity list) + 1e-4 (the rewrites are exact; int8 rounding can move a few
+    activations across a quantization step). Returns (report, the flavour's Parity list); nothing is left at `out`
+    when it is not kept."""
+    import os
+
+    from . import onnx_export as ox
+    tmp = out.with_name(out.name + ".cpu-flavour.tmp")
+    feed = {k: v.numpy() for k, v in cases[0].items()}
+    try:
+        counts = cpu_flavour(path, tmp, feed)
+        par = ox.parity(module, tmp, cases, basic_opt=basic_opt) if any(counts.values()) else []
+        worst, base = max((p.rel_l2 for p in par), default=None), max(p.rel_l2 for p in standard)
+        kept = worst is not None and worst <= 1.1 * base + 1e-4
+        if kept:
+            os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    why = None if kept else "nothing to rewrite" if worst is None else "its parity is off: standard graph kept"
+    return {"rewrites": counts, "kept": kept, "why_not": why, "worst_rel_l2": worst, "standard_worst_rel_l2": base,
+            "rule": "kept if its worst held-out rel L2 <= 1.1 x the standard graph's + 1e-4"}, par

@@ -75,36 +75,14 @@ def quantized_dit(calibrated: tuple, spec, prec: str, recipe: dict, cpu_flavour:
     # opens them); reported, and flagged if this CPU cannot run the graph faithfully.
     rt = ox.parity(spec.module, path, cases) if prec == "int8" else par
     flavour = None
-    if cpu_flavour:
-        flavour, par_cpu = _cpu_flavour(spec, path, prec, cases, val[0], rt)
+    if cpu_flavour:  # rewritten in place: this graph is onnxruntime's alone
+        from .ort_cpu import write_checked
+        flavour, par_cpu = write_checked(spec.module, path, path, cases, rt, basic_opt=prec == "fp8")
         rt = par_cpu if flavour["kept"] else rt
     report["onnxruntime_cpu"] = {**cpu_int8(), "graph_optimization": "basic" if prec == "fp8" else "all",
                                  "parity": [p.__dict__ for p in rt],
                                  "faithful": all(p.ok(TOLERANCE[prec]) for p in rt), "cpu_flavour": flavour}
     return path, report
-
-
-def _cpu_flavour(spec, path: Path, prec: str, cases: list, feed: dict, standard: list) -> tuple[dict, list]:
-    """Rewrite the onnxruntime-only graph into its CPU flavour (export/ort_cpu.py) and keep it where it computes
-    what the standard graph computes on this CPU: its worst held-out rel L2 within 1.1x the standard graph's + 1e-4
-    (the rewrites are exact; int8 rounding can move a few activations across a quantization step). Returns (report,
-    the flavour's parity)."""
-    import os
-
-    from . import onnx_export as ox
-    from . import ort_cpu
-    tmp = path.with_name(path.name + ".cpu-flavour.onnx")
-    counts = ort_cpu.cpu_flavour(path, tmp, feed)
-    par = ox.parity(spec.module, tmp, cases, basic_opt=prec == "fp8") if any(counts.values()) else []
-    worst, base = max((p.rel_l2 for p in par), default=None), max(p.rel_l2 for p in standard)
-    kept = worst is not None and worst <= 1.1 * base + 1e-4
-    if kept:
-        os.replace(tmp, path)
-    else:
-        tmp.unlink()
-    why = None if kept else "nothing to rewrite" if worst is None else "its parity is off: standard graph kept"
-    return {"rewrites": counts, "kept": kept, "why_not": why, "worst_rel_l2": worst, "standard_worst_rel_l2": base,
-            "rule": "kept if its worst held-out rel L2 <= 1.1 x the standard graph's + 1e-4"}, par
 
 
 def quantized_16bit(d: Path, calibrated: tuple, spec, prec: str, recipe: dict, qdq_float: str) -> tuple[Path, dict]:

@@ -37,6 +37,29 @@ def test_tiny_bundle_parity_and_report(tiny_bundle):
     assert man["opset"] == 18 and man["versions"]["onnxruntime"]
 
 
+def test_fp32_dit_has_an_onnxruntime_cpu_flavour_on_the_same_weights(tiny_bundle):
+    """dit.fp32.cpu.onnx (export/ort_cpu.py: MultiHeadAttention, RotaryEmbedding) is onnxruntime's graph, TensorRT's
+    stays the standard dit.fp32.onnx; both read the one weights file; the runtime's DiT equals torch."""
+    out, man = tiny_bundle
+    cfg, dit, _ = load_model("tiny")
+    part = man["parts"]["dit.fp32"]
+    rt = part["runtimes"]
+    assert rt["onnxruntime"]["graph"] == "dit.fp32.cpu.onnx" and rt["tensorrt"]["graph"] == "dit.fp32.onnx"
+    depth = cfg.dit.depth
+    assert rt["onnxruntime"]["cpu_flavour"] == {"MatMulIntegerToFloat+bias": 0, "MultiHeadAttention": 2 * depth,
+                                                "RotaryEmbedding": depth}
+    graphs = {g: onnx.load(str(out / g), load_external_data=False) for g in ("dit.fp32.cpu.onnx", "dit.fp32.onnx")}
+    assert {n.domain for n in graphs["dit.fp32.onnx"].graph.node} <= {"", "ai.onnx"}
+    for g in graphs.values():
+        assert {t.external_data[0].value for t in g.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL} == {"dit.fp32.onnx.data"}
+    assert part["external_data"] == ["dit.fp32.onnx.data"] and (out / "dit.fp32.cpu.onnx").stat().st_size < 1_000_000
+    assert "dit.fp16" not in [k for k, p in man["parts"].items() if p["runtimes"]["onnxruntime"].get("cpu_flavour")]
+    cases = [ox.dit_inputs(cfg, b, s, seed=b) for b, s in ((1, (5, 4, 8)), (2, (9, 2, 2)))]
+    for p in ox.parity(dit, out / "dit.fp32.cpu.onnx", cases):
+        assert p.rel_l2 < 1e-5, p  # measured 3.5-3.7e-7
+
+
 def test_one_graph_serves_every_shape(tiny_bundle):
     """Shapes outside the export-time shape (other frames, H != W, batch) are right: RoPE/patch grids are dynamic."""
     out, _ = tiny_bundle
