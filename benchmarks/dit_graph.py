@@ -1,4 +1,5 @@
-"""Where the DiT step's time goes on onnxruntime CPU, per kind of node, for a bundle's dit.fp32 and dit.int8 graphs.
+"""Where the DiT step's time goes on onnxruntime CPU, per kind of node, for a bundle's dit.fp32 and dit.int8 graphs
+(those onnxruntime runs, manifest `runtimes.onnxruntime.graph`: their CPU flavour where the bundle has one).
 
     flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle before --bundle after --calib cal
     flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle b --calib cal --unprofiled
@@ -117,7 +118,11 @@ def optimized_model(path: Path):
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as d:
         out = str(Path(d) / "opt.onnx")
-        ort.InferenceSession(str(path), session_options(optimized_path=out), providers=["CPUExecutionProvider"])
+        so = session_options(optimized_path=out)
+        # weights in external data (large graphs, a CPU flavour sharing the standard graph's file): written beside
+        # the optimized copy, not referred back to the bundle's file by a path relative to another folder
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return onnx.load(out)
 
 
@@ -359,7 +364,7 @@ def unprofiled_table(graphs: dict) -> str:
 
 @click.command()
 @click.option("--bundle", "bundles", required=True, multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="export-engines bundle with dit.fp32.onnx (and dit.int8.onnx); repeat to compare bundles in one run "
+              help="export-engines bundle with dit.fp32 and/or dit.int8; repeat to compare bundles in one run "
                    "(the first is the baseline)")
 @click.option("--calib", required=True, type=click.Path(exists=True, file_okay=False),
               help="the calibration set the bundle was quantized from (its validation sample is the input)")
@@ -374,9 +379,11 @@ def main(bundles, calib, runs, rounds, json_out, unprofiled_):
     from vidrt.benchmarks.bench import gemm_peak_gflops
     paths = {}
     for b in bundles:
-        for g in ("fp32", "int8"):
-            if (Path(b) / f"dit.{g}.onnx").is_file():
-                paths[g if len(bundles) == 1 else f"{Path(b).name}:{g}"] = Path(b) / f"dit.{g}.onnx"
+        parts = json.loads((Path(b) / "manifest.json").read_text())["parts"]
+        for g in ("fp32", "int8"):  # the graph onnxruntime runs (its CPU flavour where the bundle has one)
+            if f"dit.{g}" in parts:
+                graph = parts[f"dit.{g}"]["runtimes"]["onnxruntime"]["graph"]
+                paths[g if len(bundles) == 1 else f"{Path(b).name}:{g}"] = Path(b) / graph
     feed, flops, model = feed_and_flops(Path(bundles[0]), calib)
     res = {"model": model, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "isa": isa(),
            "threads": torch.get_num_threads(), "gflop_per_step": flops / 1e9, "bundles": list(bundles)}
