@@ -8,7 +8,7 @@ import torch
 from vidrt.export import onnx_export as ox
 from vidrt.models.config import preset
 from vidrt.models.family import load_family
-from vidrt.models.vae import CausalConv3d, CausalVAE, conv_frames
+from vidrt.models.vae import CausalConv3d, CausalVAE, Upsample, conv_frames, time_taps
 from vidrt.runtime.ort import ort_session
 
 
@@ -96,3 +96,38 @@ def test_int8_decoder_runs_qlinearconv_and_keeps_quality(tiny_graph, tmp_path):
     ref, out = (ort_session(p).run(None, {"latents": lat[8:]})[0] for p in (path, q))
     psnr = 10 * np.log10(4.0 / np.mean((out - ref) ** 2))  # video in [-1, 1]
     assert psnr > 30
+
+
+@pytest.mark.parametrize("N,H,W", [(1, 1, 1), (3, 4, 4), (2, 3, 7), (17, 8, 8)])
+@pytest.mark.parametrize("pass_hw", [False, True])
+def test_upsample_frames_equals_conv_after_nearest_upsample(N, H, W, pass_hw):
+    """Upsample.frames' sub-pixel form (one 2x2 conv on the low-resolution frames + interleave) is the original
+    3x3 conv after a nearest x2 upsample, to float rounding, with and without the temporal x2."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    for temporal in (False, True):
+        m = Upsample(6, temporal).eval()
+        T = N
+        x = torch.randn(2 * T, 6, H, W)  # B = 2
+        with torch.no_grad():
+            y, T2 = m.frames(x, T, (H, W) if pass_hw else None)
+            if temporal:  # the original form: time conv, then the spatial conv on the upsampled frames
+                taps = (time_taps(2 * T - 1, m.temporal.time_pad + 1) + 1) // 2
+                x = conv_frames(m.temporal.conv, x, T, taps)
+            ref = conv_frames(m.spatial, F.interpolate(x, scale_factor=2.0, mode="nearest"), T2)
+        assert T2 == (2 * T - 1 if temporal else T)
+        assert y.shape == ref.shape == (2 * T2, 6, 2 * H, 2 * W)
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_exported_upsample_is_one_conv_without_resize(tiny_graph):
+    """The exported upsample: a 2x2 conv at 4x the channels (weight folded into an initializer, so the INT8 graph
+    quantizes it per channel), no Resize/DepthToSpace."""
+    fam, path = tiny_graph
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert "Resize" not in ops and "DepthToSpace" not in ops
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    kernels = [inits[n.input[1]][2:] for n in model.graph.node if n.op_type == "Conv"]
+    n_up = sum(isinstance(m, Upsample) for m in fam.vae.decoder.up)
+    assert kernels.count([2, 2]) == n_up > 0
