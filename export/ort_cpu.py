@@ -1,7 +1,8 @@
 """onnxruntime's CPU flavour of a DiT graph: exact rewrites of the standard-ONNX form into com.microsoft kernels that
-onnxruntime's CPU runs faster. Only for a graph onnxruntime alone opens (int8/fp8 `dit.<prec>.onnx`, where TensorRT
-builds `dit.<prec>.fp16.onnx`); a TensorRT graph stays standard ONNX. Each rewrite matches one form the export writes
-(models/dit.py), leaves anything else as it is, and is checked by parity where it is applied (export/quantized.py).
+onnxruntime's CPU runs faster. Only for a graph onnxruntime alone opens: int8/fp8 `dit.<prec>.onnx` in place (TensorRT
+builds `dit.<prec>.fp16.onnx`), and `dit.fp32.cpu.onnx` beside the standard `dit.fp32.onnx` TensorRT builds (one
+weights file for both). Each rewrite matches one form the export writes (models/dit.py) and leaves anything else as
+it is; write_checked keeps the result only where its parity is the standard graph's (export/engines.py, quantized.py).
 
     counts = cpu_flavour(path, out, feed)   # {"MatMulIntegerToFloat+bias": 56, "MultiHeadAttention": 16, ...}
     report, parity = write_checked(module, path, out, cases, standard_parity)   # export-engines' use
