@@ -137,10 +137,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                                                            recipe, qdq_float)
                 manifest["validation"][name] = report
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
-                                                 trt_graph=trt_graph, qdq_float=qdq_float)
-                flavour = report["onnxruntime_cpu"]["cpu_flavour"]  # com.microsoft kernels in the CPU graph
-                manifest["parts"][name]["runtimes"]["onnxruntime"]["cpu_flavour"] = (
-                    flavour["rewrites"] if flavour and flavour["kept"] else None)
+                                                 trt_graph=trt_graph, qdq_float=qdq_float,
+                                                 flavour=report["onnxruntime_cpu"]["cpu_flavour"])
                 quantized.setdefault(prec, []).append((spec, path))
                 continue
             m = ref if prec == "fp32" else ox.CastIO(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
@@ -166,9 +164,10 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 worst = max(report["parity"], key=lambda p: p["rel_l2"])
                 raise ExportError(f"{name}: onnxruntime output differs from PyTorch (rel L2 {worst['rel_l2']:.2e} "
                                   f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
-            manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0)
             if prec == "fp32" and _is_dit(part):  # onnxruntime's CPU flavour beside TensorRT's graph, same weights
-                _fp32_flavour(w, spec, path, report, manifest["parts"][name])
+                report["onnxruntime_cpu"] = {"cpu_flavour": _fp32_flavour(w, spec, path, report)}
+            manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
+                                             flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
             manifest["validation"][name] = report
         if "int8" in quant and own and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
             _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
@@ -196,7 +195,9 @@ def _files_entry(w, spec, prec: str, path: Path, t0: float) -> dict:
             "engine": None, "seconds": round(time.time() - t0, 2)}
 
 
-def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None, qdq_float="fp32") -> dict:
+def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None, qdq_float="fp32",
+           flavour=None) -> dict:
+    """flavour: ort_cpu.write_checked's report for a DiT part: onnxruntime runs the graph it kept (its CPU flavour)."""
     part = spec.name
     entry = _files_entry(w, spec, prec, path, t0)
     # which graph each runtime uses, and how it opens it: one graph serves both, except int8/fp8, where TensorRT
@@ -210,6 +211,9 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
                          "onnxruntime": {"graph": path.name, "graph_optimization": "basic" if prec == "fp8" else "all",
                                          "int8_kernels": "exact: session.x64quantprecision=1 where the CPU's "
                                          "default int8 GEMM saturates (probed at load)" if prec == "int8" else None}}
+    if flavour is not None:  # com.microsoft kernels in onnxruntime's graph: which rewrites, or None
+        entry["runtimes"]["onnxruntime"].update(graph=flavour["graph"] or path.name,
+                                                cpu_flavour=flavour["rewrites"] if flavour["kept"] else None)
     if skip_reason is None:
         entry["engine"] = build_engine(trt_graph, w.dir / f"{part}.{prec}.plan", [
             {k: tuple(map(tuple, v)) for k, v in pr.items()} for pr in entry["profiles"]],
@@ -217,10 +221,11 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
     return entry
 
 
-def _fp32_flavour(w, spec, path: Path, report: dict, entry: dict) -> None:
+def _fp32_flavour(w, spec, path: Path, report: dict) -> dict:
     """dit.fp32.cpu.onnx: onnxruntime's CPU flavour of the fp32 DiT (export/ort_cpu.py), written beside the standard
     graph TensorRT builds, kept if its parity holds; both read one weights file (the graph is re-saved with its
-    weights in dit.fp32.onnx.data if they were inline), so the flavour costs the bundle its graph only."""
+    weights in dit.fp32.onnx.data if they were inline), so the flavour costs the bundle its graph only. Returns
+    ort_cpu.write_checked's report."""
     import onnx
 
     from . import onnx_export as ox
@@ -229,11 +234,7 @@ def _fp32_flavour(w, spec, path: Path, report: dict, entry: dict) -> None:
     standard = [ox.Parity(**p) for p in report["parity"]]
     if not (w.dir / (path.name + ".data")).exists():
         ox.save_onnx(onnx.load(str(path)), path, external_threshold=0)
-    report["onnxruntime_cpu"] = {"cpu_flavour": write_checked(spec.module, path, flav, spec.cases, standard)[0]}
-    f = report["onnxruntime_cpu"]["cpu_flavour"]
-    if f["kept"]:
-        entry["runtimes"]["onnxruntime"].update(graph=flav.name, cpu_flavour=f["rewrites"])
-    entry["external_data"] = sorted(p.name for p in w.dir.glob(path.name + ".data"))
+    return write_checked(spec.module, path, flav, spec.cases, standard)[0]
 
 
 def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int) -> None:

@@ -33,11 +33,9 @@ class Graph:
         self.rep: dict[int, list] = {}  # id(node) -> the nodes that take its place
         self.drop: set[int] = set()
 
-    def src(self, t: str, op: str, through=("Identity", "Cast")):
-        """The node producing t, looked through no-op Identity/Cast nodes, if it is an `op`."""
-        n = self.prod.get(t)
-        while n is not None and n.op_type in through and n.op_type != op:
-            n = self.prod.get(n.input[0])
+    def src(self, t: str, op: str):
+        """The node producing t, looked through Identity/Cast nodes, if it is an `op`."""
+        n = self.prod.get(self.root(t, ("Identity", "Cast")))
         return n if n is not None and n.op_type == op else None
 
     def const(self, t: str):
@@ -60,9 +58,19 @@ class Graph:
         i = self.init[t]
         return np.dtype(helper.tensor_dtype_to_np_dtype(i.data_type)), tuple(i.dims)
 
-    def root(self, t: str) -> str:
-        while t in self.prod and self.prod[t].op_type == "Identity":
+    def root(self, t: str, through=("Identity",)) -> str:
+        """The tensor t comes from, back through nodes of the `through` types."""
+        while t in self.prod and self.prod[t].op_type in through:
             t = self.prod[t].input[0]
+        return t
+
+    def unsqueezed_twice(self, t: str):
+        """The tensor behind exactly two Unsqueezes producing t, or None (models/dit's broadcast views)."""
+        for _ in range(2):
+            n = self.prod.get(t)
+            if n is None or n.op_type != "Unsqueeze":
+                return None
+            t = n.input[0]
         return t
 
     def only_user(self, t: str):
@@ -144,18 +152,12 @@ def int8_gemm_bias(G: Graph) -> int:
 def _padding_mask(G: Graph, t: str):
     """(bool input, filter value) if t is models/dit.py's additive text mask, where(mask, 0, c) unsqueezed to
     (B, 1, 1, L): MultiHeadAttention's key_padding_mask with mask_filter_value c is the same arithmetic."""
-    n = G.prod.get(t)
-    for _ in range(2):
-        if n is None or n.op_type != "Unsqueeze":
-            return None
-        n = G.prod.get(n.input[0])
-    where = G.src(n.output[0], "Where") if n is not None else None
+    t = G.unsqueezed_twice(t)
+    where = G.src(t, "Where") if t is not None else None
     if where is None:
         return None
     zero, fill = G.const(where.input[1]), G.const(where.input[2])
-    cond = where.input[0]
-    while cond in G.prod and G.prod[cond].op_type == "Cast":
-        cond = G.prod[cond].input[0]
+    cond = G.root(where.input[0], ("Cast",))
     if zero is None or fill is None or zero.size != 1 or fill.size != 1 or float(zero) != 0 or cond not in G.inputs:
         return None
     return cond, float(fill)
@@ -219,19 +221,21 @@ def _attention_match(G: Graph, sm):
     return {"q": tq.input[0], "k": tk.input[0], "v": tv.input[0], "mask": mask, "out": out, "nodes": nodes}
 
 
-def attention_heads(path: Path, feed: dict) -> dict[str, int]:
-    """The head count of every attention the rewrite would take, read from one run of the stored graph (its q is
-    (B, N, H, d) there; the graph computes the shape): {q tensor: H}. The probe graph is written beside `path` so
-    that it reads the same external data, and removed."""
+def attention_heads(G: Graph, path: Path, feed: dict) -> dict[str, int]:
+    """The head count of every attention the rewrite would take, read from one run of G's graph, stored at `path`
+    (its q is (B, N, H, d) there; the graph computes the shape): {q tensor: H}. The probe (G's graph with q as extra
+    outputs) is written beside `path` so that it reads the same external data, and removed; G is left as it was."""
     import onnxruntime as ort
-    model = onnx.load(str(path), load_external_data=False)
-    G = Graph(model)
     qs = [m["q"] for m in map(lambda n: _attention_match(G, n), G.g.node) if m is not None]
     if not qs:
         return {}
-    model.graph.output.extend(helper.make_tensor_value_info(q, onnx.TensorProto.FLOAT, None) for q in qs)
+    outs, n = G.g.output, len(G.g.output)
+    outs.extend(helper.make_tensor_value_info(q, onnx.TensorProto.FLOAT, None) for q in qs)
     probe = path.with_name(path.name + ".heads-probe.onnx")
-    onnx.save(model, str(probe))
+    try:
+        onnx.save(G.model, str(probe))
+    finally:
+        del outs[n:]
     try:
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -240,7 +244,7 @@ def attention_heads(path: Path, feed: dict) -> dict[str, int]:
         names = {i.name for i in sess.get_inputs()}
         values = sess.run(qs, {k: v for k, v in feed.items() if k in names})
     finally:
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     return {q: int(v.shape[2]) for q, v in zip(qs, values) if v.ndim == 4}
 
 
@@ -263,7 +267,7 @@ def rotary_embedding(G: Graph) -> int:
                 x1, x2, s, c):
             continue
         flat, out = G.prod.get(split.input[0]), G.only_user(cat.output[0])
-        tables = [_rope_table(G, t) for t in (c, s)]
+        tables = [G.unsqueezed_twice(t) for t in (c, s)]  # the (N, d/2) tables behind (N, 1, d/2, 1) views
         if flat is None or flat.op_type != "Reshape" or out is None or out.op_type != "Reshape" or None in tables:
             continue
         p = cat.name.rsplit("/", 1)[0] + "/rope"
@@ -279,22 +283,12 @@ def rotary_embedding(G: Graph) -> int:
     return count
 
 
-def _rope_table(G: Graph, t: str):
-    """The (N, d/2) table behind models/dit's (N, 1, d/2, 1) view of it (two Unsqueezes), or None."""
-    for _ in range(2):
-        n = G.prod.get(t)
-        if n is None or n.op_type != "Unsqueeze":
-            return None
-        t = n.input[0]
-    return t
-
-
 def cpu_flavour(path: Path, out: Path, feed: dict) -> dict[str, int]:
     """Write the CPU flavour of the graph at `path` to `out` (same folder: it reads the same external data, which is
     not loaded); feed: one input of the graph (the attention head counts are read from a run). Returns how many of
     each rewrite it made."""
-    heads = attention_heads(path, feed)
     G = Graph(onnx.load(str(path), load_external_data=False))
+    heads = attention_heads(G, path, feed)
     counts = {"MatMulIntegerToFloat+bias": int8_gemm_bias(G), "MultiHeadAttention": multi_head_attention(G, heads),
               "RotaryEmbedding": rotary_embedding(G)}
     onnx.save(G.commit(), str(out))
@@ -322,5 +316,6 @@ def write_checked(module, path: Path, out: Path, cases: list, standard: list, ba
     finally:
         tmp.unlink(missing_ok=True)
     why = None if kept else "nothing to rewrite" if worst is None else "its parity is off: standard graph kept"
-    return {"rewrites": counts, "kept": kept, "why_not": why, "worst_rel_l2": worst, "standard_worst_rel_l2": base,
+    return {"rewrites": counts, "kept": kept, "graph": out.name if kept else None, "why_not": why,
+            "worst_rel_l2": worst, "standard_worst_rel_l2": base,
             "rule": "kept if its worst held-out rel L2 <= 1.1 x the standard graph's + 1e-4"}, par
