@@ -20,8 +20,10 @@ scales on some activations that TensorRT then has to fold. Both serve as referen
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,6 +31,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vidrt.runtime.fp8 import SENSITIVE_MODULES
+from vidrt.runtime.onnx_files import load_inline, tensor_array
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
@@ -121,11 +124,13 @@ def _channels_last(x: np.ndarray, op: str) -> np.ndarray:
 
 def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> Stats:
     """Run the fp32 graph on each feed dict in `samples` and observe the input activation of every candidate layer
-    (the recipe's skip list is ignored here, so one Stats serves every recipe)."""
+    (the recipe's skip list is ignored here, so one Stats serves every recipe). By path: the graph with the observed
+    activations as outputs is written beside `fp32_path` (reading the same weights file) and removed after."""
     from tqdm import tqdm
 
     from vidrt.runtime.ort import ort_session
-    model = onnx.load(str(fp32_path))
+    fp32_path = Path(fp32_path)
+    model = onnx.load(str(fp32_path), load_external_data=False)
     tg, _ = targets(model, QuantRecipe(recipe.precision, skip=(), ops=recipe.ops))
     acts = {}
     for t in tg:
@@ -134,10 +139,16 @@ def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> 
     for a in acts:
         if a not in names:
             model.graph.output.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, None))
-    sess = ort_session(model.SerializeToString())
     samples = list(samples)
     if not samples:
         raise ValueError("no calibration samples")
+    observe_graph = fp32_path.with_name(f".{fp32_path.name}.{os.getpid()}.observe.onnx")
+    try:
+        onnx.save_model(model, str(observe_graph))  # the graph only: its external weights stay where they are
+        del model
+        sess = ort_session(observe_graph)
+    finally:
+        observe_graph.unlink(missing_ok=True)
     rng = np.random.default_rng(0)
     st = Stats(samples=len(samples), act_of={t.node: t.act for t in tg})
     order = list(acts)
@@ -190,14 +201,6 @@ def _const(name: str, arr: np.ndarray, dtype: int | None = None) -> TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(arr), name)
 
 
-def _float32(t: TensorProto) -> np.ndarray:
-    """An initializer's values as float32 (bfloat16 read through torch: numpy has no bfloat16)."""
-    if t.data_type != TensorProto.BFLOAT16:
-        return numpy_helper.to_array(t).astype(np.float32)
-    bits = np.frombuffer(t.raw_data, np.int16) if t.raw_data else np.array(t.int32_data, np.int32).astype(np.int16)
-    return torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy().reshape(tuple(t.dims))
-
-
 def _scale(values: np.ndarray, dtype: int) -> np.ndarray:
     """Scales representable in the graph's float type: a 16-bit scale that would round to zero (or fp16's subnormal
     range) is raised to the smallest normal value, so Q never divides by zero and DQ never flushes a channel."""
@@ -213,8 +216,12 @@ def _zero(name: str, precision: str, shape=()) -> TensorProto:
 
 def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
     """A copy of the float graph with Q/DQ around every target layer's activation and quantized weights. The graph
-    may be a float16/bfloat16 export of the module the statistics were observed on (see the module docstring)."""
-    model = onnx.load(str(fp32_path))
+    may be a float16/bfloat16 export of the module the statistics were observed on (see the module docstring).
+    Weights in external data are read a layer at a time and never all at once: the graph returned holds the quantized
+    weights and the few float ones it keeps in memory (no reference to the source's side file), so it can be written
+    anywhere (onnx_files.save_graph streams it to one side file past the threshold)."""
+    base_dir = Path(fp32_path).parent
+    model = onnx.load(str(fp32_path), load_external_data=False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {n.name: n for n in g.node}
@@ -231,7 +238,7 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
         raise ValueError(f"{fp32_path}: the quantized layers' weights mix float types {sorted(ftypes)}")
     ft = ftypes.pop() if ftypes else TensorProto.FLOAT  # scales and the smoothing factors in the graph's float type
     for i, t in enumerate(tg):
-        n, w = nodes[t.node], _float32(inits[t.weight])
+        n, w = nodes[t.node], tensor_array(inits[t.weight], base_dir)
         act = stats.act_of.get(t.node, t.act)
         rows = np.concatenate(stats.rows[act])
         chan = stats.chan_max[act]
@@ -256,7 +263,7 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
         wmax = recipe.weight_qmax if p == "int8" else qmax
         w_scale = _scale(np.maximum(np.abs(w).max(axis=red), 1e-8) / wmax, ft)
         if ft != TensorProto.FLOAT:  # quantize with the scale the graph stores (rounded to 16 bit)
-            w_scale = _float32(_const("s", w_scale, ft))
+            w_scale = tensor_array(_const("s", w_scale, ft))
         bshape = [1] * w.ndim
         bshape[t.w_axis] = -1
         wq = w / w_scale.reshape(bshape)
@@ -278,6 +285,8 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
     for name in used_w:  # the float weights are now unused
         if name not in still_used:
             g.initializer.remove(inits[name])
+    for t in g.initializer:  # what stays float (embedders, norms, biases): small next to the quantized layers
+        load_inline(t, base_dir)
     if p == "fp8" or ft != TensorProto.FLOAT:  # FLOAT8 or 16-bit Q/DQ: opset 19 (18 -> 19 changes no op we emit)
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx") and o.version < 19:

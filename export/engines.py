@@ -1,7 +1,6 @@
 """export-engines: model -> ONNX parts per precision -> validation -> (TensorRT engines) -> verified bundle."""
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,11 +140,12 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                                  flavour=report["onnxruntime_cpu"]["cpu_flavour"])
                 quantized.setdefault(prec, []).append((spec, path))
                 continue
-            m = ref if prec == "fp32" else ox.CastIO(copy.deepcopy(ref), getattr(torch, FLOAT[prec]))
+            m = ref if prec == "fp32" else ox.CastIO.copy_of(ref, getattr(torch, FLOAT[prec]))
             # trace with the largest bucket input; the axes are dynamic, and the probe case proves any in-range
             # shape serves (a shape baked into the graph fails parity there)
             with spec.swaps(m):
                 path = ox.export_onnx(m, spec.example, spec.io, w.dir / f"{name}.onnx", external_threshold)
+            del m  # a 16-bit copy is the export's alone: free it before onnxruntime loads the graph
             for rel, src in spec.files.items():  # what the runtime needs beside the graph (a tokenizer)
                 (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 (w.dir / rel).write_bytes(Path(src).read_bytes())
@@ -175,7 +175,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
         for prec, dits in quantized.items() if quality else ():
             if not ref_pipe:
                 from vidrt.runtime.pipeline import Pipeline
-                ref_pipe.append(Pipeline(model))
+                ref_pipe.append(Pipeline(model, family=fam))  # shares the weights already loaded
             manifest["quality"][f"dit.{prec}"] = Qx.quality(ref_pipe[0], dits, calib_set, prec,
                                                           faithfulness=own and cfg.name == "tiny")
         for fp32, *_ in calibrated.values() if "fp32" not in precisions else ():

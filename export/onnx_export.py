@@ -8,7 +8,10 @@ same ops here but needs onnxscript and is slower on the big geometries.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +24,10 @@ from torch import nn
 from vidrt.models.config import ModelConfig
 from vidrt.models.family import DIT_CALL
 from vidrt.models.vae import CausalVAE
+from vidrt.runtime.onnx_files import EXTERNAL_DATA_THRESHOLD, save_graph
 from vidrt.runtime.ort import ort_session
 
 OPSET = 18
-EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB limit, with headroom
 
 _DIT_AXES = {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "timestep": {0: "batch"},
              "text": {0: "batch", 1: "text_len"}, "text_mask": {0: "batch", 1: "text_len"},
@@ -56,6 +59,15 @@ class CastIO(nn.Module):
     def __init__(self, module: nn.Module, dtype: torch.dtype):
         super().__init__()
         self.module, self.dtype = module.to(dtype), dtype
+
+    @classmethod
+    def copy_of(cls, module: nn.Module, dtype: torch.dtype) -> "CastIO":
+        """CastIO over a `dtype` copy of `module`, built without a float32 copy first: deepcopy takes each float
+        parameter and buffer already converted (memo), so the export holds the original plus one 16-bit copy."""
+        conv = lambda t: t.detach().to(dtype) if t.is_floating_point() else t
+        memo = {id(p): nn.Parameter(conv(p), requires_grad=False) for p in module.parameters()}
+        memo.update({id(b): conv(b) for b in module.buffers()})
+        return cls(copy.deepcopy(module, memo), dtype)
 
     def forward(self, *args):
         out = self.module(*(a.to(self.dtype) if a.is_floating_point() else a for a in args))
@@ -131,33 +143,30 @@ def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int],
 
 
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
-            external_threshold: int | None = None, transform=None) -> Path:
-    """Export `module` at `inputs` with `io` (names, outputs, dynamic axes) to `path`; `transform(model)` edits the
-    ModelProto before it is written (e.g. unwrap_scope)."""
+                external_threshold: int | None = None, transform=None) -> Path:
+    """Export `module` at `inputs` with `io` (names, outputs, dynamic axes) to `path` (its weights in `path.data`
+    past the threshold); `transform(model)` edits the graph before it is written (e.g. unwrap_scope). torch's
+    exporter writes a graph over 2 GB as one file per tensor: it writes into a private folder, whose tensors are
+    streamed into the one side file and which is then removed whole, so nothing stray is left beside `path`."""
     names, outs, axes = io
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), tuple(inputs[n] for n in names), str(tmp), input_names=names,
-                          output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    model = onnx.load(str(tmp), load_external_data=True)
-    tmp.unlink()
-    for f in path.parent.glob(tmp.name + "*"):
-        f.unlink()
-    return save_onnx(transform(model) if transform else model, path, external_threshold)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".export", dir=path.parent))
+    try:
+        tmp = tmp_dir / "graph.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), tuple(inputs[n] for n in names), str(tmp), input_names=names,
+                              output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        model = onnx.load(str(tmp), load_external_data=False)
+        return save_graph(transform(model) if transform else model, path, tmp_dir, external_threshold)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int | None = None) -> Path:
     """Write `model` to `path`, its weights to one side file `path.data` when they pass `external_threshold` (default
-    EXTERNAL_DATA_THRESHOLD: protobuf cannot write more than 2 GB)."""
-    limit = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
-    if sum(t.ByteSize() for t in model.graph.initializer) > limit:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return path
+    EXTERNAL_DATA_THRESHOLD: protobuf cannot write more than 2 GB), streamed a tensor at a time."""
+    return save_graph(model, path, threshold=external_threshold)
 
 
 @dataclass

@@ -3,7 +3,6 @@ INT8/FP8 Q/DQ graph onnxruntime runs, the 16-bit-typed one TensorRT builds, thei
 quality report; for vidrt models, onnxruntime's INT8 VAE decoder."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from vidrt.models.config import ConfigError
@@ -99,7 +98,7 @@ def quantized_16bit(d: Path, calibrated: tuple, spec, prec: str, recipe: dict, q
     _, stats, val, _, threshold = calibrated
     base = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
     if not base.exists():
-        m = ox.CastIO(copy.deepcopy(spec.module), getattr(torch, FLOAT[qdq_float]))
+        m = ox.CastIO.copy_of(spec.module, getattr(torch, FLOAT[qdq_float]))
         with spec.swaps(m):  # node names as in the fp32 graph, whose layers the statistics name
             ox.export_onnx(m, {k: torch.from_numpy(v) for k, v in val[0].items()}, spec.io, base, threshold,
                            transform=ox.unwrap_scope)

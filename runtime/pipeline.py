@@ -93,11 +93,12 @@ class Pipeline:
     against before any work (default: VIDRT_MAX_MEMORY_GB, else 80% of the memory available; models.config)."""
 
     def __init__(self, model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 text_encoder=None, max_memory_gb: float | None = None):
+                 text_encoder=None, max_memory_gb: float | None = None, family=None):
         """model: a preset, `tiny`, a vidrt checkpoint directory, or a diffusers pipeline directory of a supported
-        family (models/family.py)."""
+        family (models/family.py). family: `model` already loaded (load_family), whose weights this Pipeline then
+        shares instead of loading a second copy (export-engines' reference pipeline)."""
         self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
-        self.family = load_family(model, device=device, dtype=dtype)
+        self.family = family if family is not None else load_family(model, device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.family.to(self.device, dtype)
         if text_encoder is not None:
