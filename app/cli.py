@@ -100,6 +100,7 @@ def evaluate(model, seeds, json_out):
 @click.option("--model", default="tiny", show_default=True)
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="One prompt per line ('#' comments); default: the project's prompts + the six Sora prompts")
+@click.option("--num-prompts", type=int, help="Use only the first N prompts (a quicker, smaller set)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Calibration set directory to create")
 @click.option("--frames", "num_frames", type=int)
 @click.option("--height", type=int)
@@ -107,8 +108,9 @@ def evaluate(model, seeds, json_out):
 @click.option("--steps", "num_inference_steps", type=int)
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds per prompt")
 @click.option("--overwrite", is_flag=True, help="Replace an existing calibration set at --out (atomically)")
-def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
-    """Capture DiT and VAE-decoder inputs on real sampling trajectories (calibration set for INT8/FP8)."""
+def calibrate(model, prompts_file, num_prompts, out, seeds, overwrite, **kw):
+    """Capture DiT and VAE-decoder inputs on real sampling trajectories (calibration set for INT8/FP8). After the
+    first trajectory an ETA for the rest goes to stderr."""
     from vidrt.calibration.capture import CalibrationError, capture, default_prompts, read_prompts
     from vidrt.export.bundle import BundleError, check_out
     from vidrt.runtime.pipeline import Pipeline
@@ -118,7 +120,8 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
         except ValueError:
             raise ConfigError(f"--seeds {seeds!r}: give comma-separated integers, e.g. --seeds 0,1") from None
         check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or not a calibration set
-        prompts = read_prompts(prompts_file) if prompts_file else default_prompts()
+        prompts = first_prompts(read_prompts(prompts_file) if prompts_file else default_prompts(), num_prompts,
+                                prompts_file)
         m = capture(Pipeline(model), prompts, out, seeds=seed_list, overwrite=overwrite,
                     **{k: v for k, v in kw.items() if v is not None})
     except (ConfigError, CalibrationError, BundleError, ValueError) as e:
@@ -126,6 +129,15 @@ def calibrate(model, prompts_file, out, seeds, overwrite, **kw):
     n = len(m["shards"]) * m["steps"] * m["cfg_batch"]
     click.echo(f"wrote {out}: {len(m['shards'])} trajectories, {n} DiT input samples, "
                f"video {'x'.join(map(str, m['video_shape']))}, {m['steps']} steps")
+
+
+def first_prompts(prompts: list[str], n: int | None, prompts_file: str | None) -> list[str]:
+    """The first `n` prompts (all for None); click.BadParameter, before any model loads, for n outside 1..len."""
+    if n is not None and not 1 <= n <= len(prompts):
+        source = f"--prompts {prompts_file} has" if prompts_file else "the default prompt list has"
+        raise click.BadParameter(f"{n}: {source} {len(prompts)} prompts; give 1 to {len(prompts)}",
+                                 param_hint="--num-prompts")
+    return prompts if n is None else prompts[:n]
 
 
 def bench_wait_policy(runners: str, load: float, cpus: int) -> str | None:

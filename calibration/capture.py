@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -104,28 +106,47 @@ def capture(pipe, prompts: list[str], out: str | Path, num_frames: int | None = 
     with BundleWriter(out, overwrite=overwrite) as w:
         rec = Recorder(pipe.dit)
         with swap_dit(pipe, rec):
-            jobs = [(i, p, seed) for i, p in enumerate(prompts) for seed in seeds]
-            for i, prompt, seed in tqdm(jobs, desc="calibrate", disable=not progress):
-                rec.calls.clear()
-                try:
-                    lat = pipe.sample_latents(prompt, "", num_frames, height, width, steps, guidance, seed,
-                                              progress=False).float().cpu()
-                except NonFiniteError as e:
-                    raise CalibrationError(f"{prompt!r}, seed {seed}: {e}; NaN/inf: the model or its inputs are "
-                                           "broken (check the checkpoint and the guidance scale) and cannot be "
-                                           "calibrated on") from e
-                dit = {k: torch.stack([inputs[j] for inputs, _ in rec.calls]) for j, k in enumerate(DIT_CALL)}
+            jobs = [(p, seed) for p in prompts for seed in seeds]
+            for prompt, seed in tqdm(jobs, desc="calibrate", disable=not progress):
+                t0 = time.perf_counter()
+                tensors = _record(pipe, rec, prompt, seed, (num_frames, height, width), steps, guidance)
                 name = f"shard_{len(shards):04d}"
-                _check_finite(f"{name} ({prompt!r}, seed {seed})", {**dit, "vae_latents": lat})
-                save_file({**{f"dit.{k}": v.contiguous() for k, v in dit.items()}, "vae.latents": lat.contiguous()},
-                          str(w.dir / f"{name}.safetensors"))
+                _check_finite(f"{name} ({prompt!r}, seed {seed})", tensors)
+                save_file(tensors, str(w.dir / f"{name}.safetensors"))
                 shards.append({"file": f"{name}.safetensors", "prompt": prompt, "seed": seed})
+                if progress and len(shards) == 1 and len(jobs) > 1:  # measured on real work, not on a warm-up
+                    tqdm.write(eta_line(time.perf_counter() - t0, len(jobs), steps), file=sys.stderr)
         manifest = {"format": FORMAT, "kind": "vidrt-calibration", "model": cfg.name, "model_digest": model_digest(cfg),
                     "video_shape": [num_frames, height, width], "latent_shape": list(latent_shape),
                     "steps": steps, "guidance_scale": guidance, "cfg_batch": 2 if guidance > 1 else 1,
                     "seeds": list(seeds), "shards": shards}
         path = w.finish(manifest)
     return json.loads((path / "manifest.json").read_text())
+
+
+def _record(pipe, rec: Recorder, prompt: str, seed: int, shape: tuple[int, int, int], steps: int,
+            guidance: float) -> dict[str, torch.Tensor]:
+    """One trajectory's shard: every DiT call's inputs (stacked over steps) and the VAE decoder's input."""
+    rec.calls.clear()
+    try:
+        lat = pipe.sample_latents(prompt, "", *shape, steps, guidance, seed, progress=False).float().cpu()
+    except NonFiniteError as e:
+        raise CalibrationError(f"{prompt!r}, seed {seed}: {e}; NaN/inf: the model or its inputs are broken (check the "
+                               "checkpoint and the guidance scale) and cannot be calibrated on") from e
+    dit = {k: torch.stack([inputs[j] for inputs, _ in rec.calls]) for j, k in enumerate(DIT_CALL)}
+    return {**{f"dit.{k}": v.contiguous() for k, v in dit.items()}, "vae.latents": lat.contiguous()}
+
+
+def eta_line(first_s: float, trajectories: int, steps: int) -> str:
+    """The time the rest of a capture should take, from the first of `trajectories` (`first_s` seconds, `steps` DiT
+    calls each); it includes the first call's warm-up, so it errs long."""
+    per_step = first_s / steps
+    return (f"calibrate: ETA ~{_duration(first_s * (trajectories - 1))} more: {trajectories} trajectories x {steps} "
+            f"steps, {per_step:.3g} s per step measured on the first")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 90 * 60 else f"{s / 3600:.1f} h"
 
 
 def _check_set(path, m: dict) -> None:

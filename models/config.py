@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 
 class ConfigError(ValueError):
@@ -221,15 +223,82 @@ def check_memory(cfg: ModelConfig, num_frames: int, height: int, width: int, bat
                  decode_latents: int | None = None, attention_scores: bool = False, limit_gb: float | None = None,
                  device: str = "cpu") -> int:
     """Raise ConfigError, before any allocation, when estimate_memory's peak exceeds memory_limit; returns the peak."""
-    est = estimate_memory(cfg, num_frames, height, width, batch, scale, decode_latents, attention_scores)
+    est = functools.partial(estimate_memory, cfg, batch=batch, scale=scale, decode_latents=decode_latents,
+                            attention_scores=attention_scores)
+    return refuse_over_limit(est, (num_frames, height, width), f"DiT batch {batch}, scale {scale}", limit_gb, device)
+
+
+class ShapeEstimate(Protocol):
+    """A request's memory estimate at any video shape: bytes by stage plus "peak" (estimate_memory's form); raises
+    ConfigError for a shape the model cannot make. E.g. functools.partial(estimate_memory, cfg, batch=2)."""
+
+    def __call__(self, num_frames: int, height: int, width: int) -> dict[str, int]: ...
+
+
+# Shapes a refusal suggests: these frame counts at these sizes or at the request's own, the largest that fits and is
+# no larger than the request on any axis. Valid for every family: 8k+1 frames, sides multiples of 32.
+REDUCED_FRAMES = (9, 17, 33, 49)
+REDUCED_SIZES = ((32, 32), (64, 64), (128, 128), (256, 256), (256, 448), (480, 832))
+
+
+def refuse_over_limit(estimate: ShapeEstimate, shape: tuple[int, int, int], what: str, limit_gb: float | None = None,
+                      device: str = "cpu") -> int:
+    """The peak of `estimate` at `shape`, or ConfigError, before any work, when it exceeds memory_limit: the message
+    names the shape flags and the largest reduced shape that fits; raising the limit comes last. `what`: the request
+    for the message, e.g. "DiT batch 2"."""
+    est = estimate(*shape)
     limit, source = memory_limit(limit_gb, device)
-    if est["peak"] > limit:
-        part = max((k for k in est if k != "peak"), key=est.get)
-        raise ConfigError(f"{num_frames}x{height}x{width} (DiT batch {batch}, scale {scale}) needs about "
-                          f"{est['peak'] / 2 ** 30:.3g} GiB (largest: {part}, {est[part] / 2 ** 30:.3g} GiB) but the "
-                          f"limit is {limit / 2 ** 30:.3g} GiB ({source}); make the video smaller or shorter, or raise "
-                          "the limit with VIDRT_MAX_MEMORY_GB=N (vidrt generate: --max-memory-gb N)")
-    return est["peak"]
+    if est["peak"] <= limit:
+        return est["peak"]
+    part = max((k for k in est if k != "peak"), key=est.get)
+    msg = (f"{'x'.join(map(str, shape))} ({what}) needs about {_gib(est['peak'])} (largest: {part}, "
+           f"{_gib(est[part])}) but the limit is {_gib(limit)} ({source}); make the video smaller or shorter with "
+           "--frames/--height/--width (export-engines: --bucket FxHxW)")
+    fit = suggest_shape(estimate, shape, limit)
+    if fit is None:
+        msg += ": no smaller standard shape fits either"
+    else:
+        f, h, w = fit
+        msg += (f", e.g. --frames {f} --height {h} --width {w} (--bucket {f}x{h}x{w}), which needs about "
+                f"{_gib(estimate(*fit)['peak'])}")
+    if part == "saved video":
+        msg += "; or save it at a smaller --scale"
+    raise_it = "VIDRT_MAX_MEMORY_GB=N (vidrt generate: --max-memory-gb N)"
+    total = machine_memory(device)
+    if est["peak"] > total:
+        raise ConfigError(f"{msg}. Raising the limit with {raise_it} would not help: this machine has {_gib(total)} "
+                          "in all")
+    raise ConfigError(f"{msg}. Last alternative, only if that much memory is really free: raise the limit with "
+                      f"{raise_it}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.3g} GiB"
+
+
+def suggest_shape(estimate: ShapeEstimate, shape: tuple[int, int, int], limit: int) -> tuple[int, int, int] | None:
+    """The largest (frames x pixels) of REDUCED_FRAMES x (REDUCED_SIZES and the request's size) that is no larger
+    than `shape` on any axis, a shape the model can make, and within `limit` bytes by `estimate`; None if none is."""
+    f, h, w = shape
+    options = {(rf, *size) for rf in REDUCED_FRAMES for size in (*REDUCED_SIZES, (h, w))}
+    fits = []
+    for o in options:
+        if o == tuple(shape) or not (o[0] <= f and o[1] <= h and o[2] <= w):
+            continue
+        try:
+            if estimate(*o)["peak"] <= limit:
+                fits.append(o)
+        except ConfigError:  # a frame count or side this model cannot make
+            continue
+    return max(fits, key=lambda o: (o[0] * o[1] * o[2], o[1] * o[2]), default=None)
+
+
+def machine_memory(device: str = "cpu") -> int:
+    """Bytes of memory the device has in all: the GPU's on CUDA, else the host's RAM."""
+    if str(device).startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _tiny() -> ModelConfig:

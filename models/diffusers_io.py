@@ -1,7 +1,7 @@
 """What every diffusers-directory family (models/wan.py, models/ltx.py) shares: reading the directory's configs and
 safetensors weights (local files only, never a pickle), dtype casting as diffusers loads models, random-init models
-at real sizes built on the meta device, the text encoder's export declaration, the memory refusal, and the tiny
-word-level tokenizer of the tiny test directories."""
+at real sizes built on the meta device, the text encoder's export declaration, and the tiny word-level tokenizer of
+the tiny test directories (the memory refusal is models.config.refuse_over_limit)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, memory_limit
+from .config import ConfigError
 
 TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "
               "under bright dark small big").split()
@@ -117,16 +117,6 @@ def text_spec(module: nn.Module, tokenizer, root: Path, inputs: tuple[str, ...],
     cases = [feed(1, text_len), full, feed(min(3, max_batch + 1), max(2, text_len // 3))]
     files = {f"tokenizer/{p.name}": p for p in sorted((root / "tokenizer").iterdir()) if p.is_file()}
     return PartSpec("text_encoder", module, io, cases, full, batch_profiles(io, [full]), files=files)
-
-
-def refuse_over_limit(r, batch: int, peak: int, limit_gb: float | None, device: str) -> int:
-    """ConfigError, before any work, when a request's estimated peak bytes exceed the memory limit; else the peak."""
-    limit, source = memory_limit(limit_gb, device)
-    if peak > limit:
-        raise ConfigError(f"{r.num_frames}x{r.height}x{r.width} (DiT batch {batch}) needs about "
-                          f"{peak / 2 ** 30:.3g} GiB but the limit is {limit / 2 ** 30:.3g} GiB ({source}); make "
-                          "the video smaller or shorter, or raise the limit with VIDRT_MAX_MEMORY_GB=N")
-    return peak
 
 
 def tiny_tokenizer(max_length: int | None = None):

@@ -23,6 +23,7 @@ materialised on the run's device in its dtype (models/diffusers_io.random_init);
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, SampleDefaults
+from .config import ConfigError, SampleDefaults, refuse_over_limit
 from .diffusers_io import (DirConfig, bundle_dit, load_pretrained, load_text, move, random_init, read_configs,
-                           refuse_over_limit, require_diffusers, text_spec)
+                           require_diffusers, text_spec)
 
 TEXT_LEN = 128  # LTXPipeline's max_sequence_length default
 FRAME_RATE = 25  # LTXPipeline's frame_rate default (RoPE's temporal interpolation scale)
@@ -108,6 +109,19 @@ class LTXConfig(DirConfig):
     def tokens(self, num_frames: int, height: int, width: int) -> int:
         _, t, h, w = self.latent_shape(num_frames, height, width)
         return t // self.patch[0] * (h // self.patch[1]) * (w // self.patch[1])
+
+    def estimate_memory(self, num_frames: int, height: int, width: int, videos: int, batch: int, backend: str,
+                        scale: int = 1) -> dict[str, int]:
+        """A coarse activation estimate (float32 bytes): the DiT's FFN (4 x width) per CFG row, the VAE decoder's
+        widest feature map at full resolution over every frame (one decoder call), the video itself."""
+        tokens = self.tokens(num_frames, height, width)
+        dit = 4 * batch * tokens * 4 * self.width * 3
+        if backend == "onnxruntime":  # materialised attention scores
+            dit = max(dit, 4 * batch * self.heads * tokens * tokens * 2)
+        est = {"DiT activations": dit,
+               "VAE decode": 4 * videos * num_frames * height * width * max(4 * self.vae_width // 16, 48),
+               "video": videos * num_frames * height * width * 3 * (4 + scale * scale)}
+        return {**est, "peak": max(est.values())}
 
     def mu(self, latent_shape) -> float:
         """LTXPipeline's dynamic shift: calculate_shift of the latent video's T * H * W."""
@@ -273,17 +287,10 @@ class LTXFamily:
         return self.vae_part(latents.to(p.device, p.dtype))
 
     def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
-        """A coarse activation estimate (float32 bytes): the DiT's FFN (4 x width) per CFG row, the VAE decoder's
-        widest feature map at full resolution over every frame (one decoder call), the video itself."""
-        batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
-        tokens = c.tokens(r.num_frames, r.height, r.width)
-        dit = 4 * batch * tokens * 4 * c.width * 3
-        if backend == "onnxruntime":  # materialised attention scores
-            dit = max(dit, 4 * batch * c.heads * tokens * tokens * 2)
-        vae = 4 * len(r.prompts) * r.num_frames * r.height * r.width * max(4 * c.vae_width // 16, 48)
-        video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
-        peak = max(dit, vae, video)
-        return refuse_over_limit(r, batch, peak, limit_gb, device)
+        batch = len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
+        est = functools.partial(self.cfg.estimate_memory, videos=len(r.prompts), batch=batch, backend=backend,
+                                scale=scale)
+        return refuse_over_limit(est, (r.num_frames, r.height, r.width), f"DiT batch {batch}", limit_gb, device)
 
     # ---- export: the parts export-engines writes ----------------------------------------------------------------
     def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:

@@ -14,6 +14,7 @@ the model code is copied. What vidrt adds is the family's side of the contract i
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, SampleDefaults
+from .config import ConfigError, SampleDefaults, refuse_over_limit
 from .diffusers_io import (DirConfig, bundle_dit, load_pretrained, load_text, move, random_init, read_configs,
-                           read_json, refuse_over_limit, require_diffusers, text_spec)
+                           read_json, require_diffusers, text_spec)
 
 PIPELINES = ("WanPipeline",)  # model_index.json _class_name values this family loads
 TEXT_LEN = 512  # WanPipeline's max_sequence_length default
@@ -106,6 +107,19 @@ class WanConfig(DirConfig):
         _, t, h, w = self.latent_shape(num_frames, height, width)
         pt, ph, pw = self.patch
         return math.ceil(t / pt) * (h // ph) * (w // pw)
+
+    def estimate_memory(self, num_frames: int, height: int, width: int, videos: int, batch: int, backend: str,
+                        scale: int = 1) -> dict[str, int]:
+        """A coarse activation estimate (float32 bytes): the DiT's widest activation (FFN) per CFG row, and the VAE
+        decoder's widest feature map at full resolution over its cached frames; on onnxruntime the attention scores
+        (B, heads, N, N), which it materialises."""
+        n = self.tokens(num_frames, height, width)
+        dit = 4 * batch * n * max(self.ffn_dim, 4 * self.width) * 3
+        if backend == "onnxruntime":
+            dit = max(dit, 4 * batch * self.heads * n * n * 2)
+        est = {"DiT activations": dit, "VAE decode": 4 * videos * 6 * self.vae_base_dim * height * width * 4,
+               "video": videos * num_frames * height * width * 3 * (4 + scale * scale)}
+        return {**est, "peak": max(est.values())}
 
 
 def _boundary(cfg: WanConfig) -> float:
@@ -247,18 +261,10 @@ class WanFamily:
         return self  # encode(prompts) is the text encoder's contract
 
     def check_memory(self, r, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
-        """A coarse activation estimate (float32 bytes): the DiT's widest activation (FFN) per CFG row, and the VAE
-        decoder's widest feature map at full resolution over its cached frames; on onnxruntime the attention scores
-        (B, heads, N, N), which it materialises."""
-        batch, c = len(r.prompts) * (2 if r.guidance_scale > 1 else 1), self.cfg
-        n = c.tokens(r.num_frames, r.height, r.width)
-        dit = 4 * batch * n * max(c.ffn_dim, 4 * c.width) * 3
-        if backend == "onnxruntime":
-            dit = max(dit, 4 * batch * c.heads * n * n * 2)
-        vae = 4 * len(r.prompts) * 6 * c.vae_base_dim * r.height * r.width * 4
-        video = len(r.prompts) * r.num_frames * r.height * r.width * 3 * (4 + scale * scale)
-        peak = max(dit, vae, video)
-        return refuse_over_limit(r, batch, peak, limit_gb, device)
+        batch = len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
+        est = functools.partial(self.cfg.estimate_memory, videos=len(r.prompts), batch=batch, backend=backend,
+                                scale=scale)
+        return refuse_over_limit(est, (r.num_frames, r.height, r.width), f"DiT batch {batch}", limit_gb, device)
 
     # ---- export: the parts export-engines writes ----------------------------------------------------------------
     def export_parts(self, parts, buckets, max_batch: int, tile: int) -> list:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vidrt.app.cli import main
-from vidrt.models.config import ConfigError, estimate_memory, memory_limit, preset
+from vidrt.models.config import ConfigError, check_memory, estimate_memory, memory_limit, preset
 from vidrt.runtime.pipeline import NonFiniteError, Pipeline
 from vidrt.runtime.video import check_output, save_video
 
@@ -189,6 +189,46 @@ def test_export_engines_refuses_before_work(tmp_path):
                        r"DiT attention scores.*VIDRT_MAX_MEMORY_GB=N"):
         export_engines("tiny", tmp_path / "b", ["fp32"], [Bucket(9, 8192, 8192)], progress=False)
     assert time.time() - t < 10 and not (tmp_path / "b").exists()
+
+
+SUGGESTED = r"--frames (\d+) --height (\d+) --width (\d+) \(--bucket \1x\2x\3\)"
+
+
+def suggested(msg: str) -> tuple[int, int, int]:
+    """The shape a memory refusal suggests; the shape flags come before any mention of raising the limit."""
+    assert msg.index("--frames/--height/--width (export-engines: --bucket FxHxW)") < msg.index("VIDRT_MAX_MEMORY_GB=N")
+    return tuple(map(int, re.search(SUGGESTED, msg).groups()))
+
+
+def test_memory_refusal_suggests_a_shape_that_fits():
+    cfg = preset("vidrt-wan2.1-1.3b")  # its default 81x480x832 at CFG batch 2: about 116 GiB
+    with pytest.raises(ConfigError, match=r"81x480x832 \(DiT batch 2, scale 1\) needs about 116 GiB") as e:
+        check_memory(cfg, 81, 480, 832, 2, limit_gb=8)
+    f, h, w = suggested(str(e.value))
+    assert (f, h, w) == (33, 256, 256) and check_memory(cfg, f, h, w, 2, limit_gb=8) <= 8 * 2 ** 30
+    # beyond any machine's memory, raising the limit is named as no fix; the tiny model's 9x8192x8192 on onnxruntime
+    with pytest.raises(ConfigError, match=r"--bucket 9x480x832\), which needs about .*Raising the limit with "
+                       r"VIDRT_MAX_MEMORY_GB=N \(vidrt generate: --max-memory-gb N\) would not help: this machine has"):
+        check_memory(preset("tiny"), 9, 8192, 8192, 2, 1, 21, True, limit_gb=16)
+    # within the machine's memory, raising the limit is the last alternative; the request's own size, fewer frames
+    with pytest.raises(ConfigError, match=r"Last alternative, only if that much memory is really free") as e:
+        check_memory(preset("tiny"), 1001, 32, 32, 2, limit_gb=0.05)
+    assert suggested(str(e.value)) == (49, 32, 32)
+    with pytest.raises(ConfigError, match=r"no smaller standard shape fits either; or save it at a smaller --scale"):
+        check_memory(preset("tiny"), 9, 32, 32, 2, scale=1000, limit_gb=16)
+
+
+def test_wan_memory_refusal_suggests_a_shape_that_fits(monkeypatch, tmp_path):
+    pytest.importorskip("diffusers")
+    from vidrt.models.tiny_dirs import save_wan
+    wan = Pipeline(str(save_wan(tmp_path / "wan")))
+    big = wan.request(PROMPT, num_frames=81, height=480, width=832)  # under the default limit
+    monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", str(wan.check_memory(big) / 4 / 2 ** 30))
+    with pytest.raises(ConfigError, match=r"81x480x832 \(DiT batch 2\) needs about") as e:
+        wan.check_memory(big)
+    f, h, w = suggested(str(e.value))
+    assert f * h * w < 81 * 480 * 832
+    wan.request(PROMPT, num_frames=f, height=h, width=w)  # accepted: request() checks memory as well
 
 
 def test_steps_cap_is_configurable(pipe, monkeypatch):
