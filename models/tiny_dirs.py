@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import ltx
-from .diffusers_io import require_diffusers, tiny_tokenizer
+from .diffusers_io import random_init, require_diffusers, tiny_tokenizer
 
 
 def save_wan(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_experts: bool = False,
@@ -87,5 +87,29 @@ def save_ltx(out: str | Path, seed: int = 0, timestep_conditioning: bool = False
         shift_terminal=0.1)
     pipe = diffusers.LTXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                  scheduler=sched)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
+
+
+def save_wan_geometry(out: str | Path, transformer: dict, vae: dict, text_layers: int = 2, text_d_model: int = 4096,
+                      flow_shift: float = 3.0, seed: int = 0) -> Path:
+    """A random-init Wan directory at a given geometry (models/wan.py PRESETS' transformer/vae kwargs), written by
+    WanPipeline.save_pretrained: the transformer as wan.from_preset builds it (meta device, then N(0, 0.02): one copy,
+    which safetensors writes from memory), the VAE with its class's init, a `text_layers`-deep UMT5 at width
+    `text_d_model` (UMT5-XXL's 64-wide heads and FFN ratio) behind the tiny word-level tokenizer, save_wan's
+    scheduler with `flow_shift`. For real-size benchmarks (benchmarks/real_size.py)."""
+    diffusers, transformers = require_diffusers()
+    torch.manual_seed(seed)
+    tokenizer, vocab_size = tiny_tokenizer()
+    text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=vocab_size, d_model=text_d_model, d_kv=64, d_ff=text_d_model * 5 // 2, num_layers=text_layers,
+        num_heads=text_d_model // 64, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+        eos_token_id=1))
+    sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=flow_shift, num_train_timesteps=1000)
+    pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval(), scheduler=sched,
+                                 vae=diffusers.AutoencoderKLWan(**vae).eval(),
+                                 transformer=random_init(diffusers.WanTransformer3DModel, transformer, "cpu",
+                                                         torch.float32, seed))
     pipe.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
