@@ -2,6 +2,8 @@
 PSNR/SSIM with the same seed, and (tiny model) the semantic faithfulness score."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,24 +35,57 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
-def quality_report(pipe, quant_dit, prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,),
-                   faithfulness: bool = False, faith_seeds: tuple[int, ...] = (0, 1), **call_kwargs) -> dict:
-    """`pipe`: the fp32 reference Pipeline; `quant_dit`: the quantized DiT as a backend part. Prompts default to the
-    held-out synthetic prompts (never seen in calibration)."""
-    prompts = prompts or [s.prompt for s in split_scenes()[1]][::4]
-    steps: dict[int, list] = {}
-    videos = []
+@dataclass
+class ReferenceRun:
+    prompt: str
+    seed: int
+    calls: list[tuple]   # every DiT call along the trajectory: (inputs, output)
+    frames: np.ndarray   # the video, uint8 (T, H, W, 3)
+
+
+@dataclass
+class QualityReference:
+    """The fp32 side of a quality report, run while the torch DiT is loaded (export-engines frees it before the
+    onnxruntime work): the trajectories and videos, the call's arguments, and the faithfulness scores if asked."""
+    runs: list[ReferenceRun]
+    call_kwargs: dict
+    faithfulness: dict | None = None
+    faith_seeds: tuple[int, ...] = (0, 1)
+
+
+def quality_reference(pipe, prompts: list[str] | None = None, seeds: tuple[int, ...] = (0,),
+                      faithfulness: bool = False, faith_seeds: tuple[int, ...] = (0, 1),
+                      **call_kwargs) -> QualityReference:
+    """`pipe`: the fp32 reference Pipeline. Prompts default to the held-out synthetic prompts (never seen in
+    calibration)."""
+    runs = []
     for seed in seeds:
-        for prompt in prompts:
+        for prompt in prompts or [s.prompt for s in split_scenes()[1]][::4]:
             tap = Recorder(pipe.dit)
             with swap_dit(pipe, tap):
-                ref = pipe(prompt, seed=seed, progress=False, **call_kwargs).frames[0]
-            for i, (inputs, out) in enumerate(tap.calls):  # same inputs, quantized DiT: the error of one step
-                p = compare(out.numpy(), quant_dit(*inputs).float().numpy(), "")
-                steps.setdefault(i, []).append((float(inputs[1][0]), p.rel_l2, p.cosine))
-            with swap_dit(pipe, quant_dit):
-                q = pipe(prompt, seed=seed, progress=False, **call_kwargs).frames[0]
-            videos.append({"prompt": prompt, "seed": seed, "psnr": psnr(ref, q), "ssim": ssim(ref, q)})
+                frames = pipe(prompt, seed=seed, progress=False, **call_kwargs).frames[0]
+            runs.append(ReferenceRun(prompt, seed, list(tap.calls), frames))
+    faith = None
+    if faithfulness:
+        from vidrt.runtime.evaluate import evaluate_faithfulness
+        ref = evaluate_faithfulness(pipe, seeds=faith_seeds, **call_kwargs)
+        faith = {"color": ref.color_accuracy, "direction": ref.direction_accuracy}
+    return QualityReference(runs, call_kwargs, faith, faith_seeds)
+
+
+def quality_report(pipe, quant_dit, reference: QualityReference | None = None, **reference_kwargs) -> dict:
+    """The quantized DiT (a backend part) against `reference` (quality_reference(pipe, **reference_kwargs) when
+    None): per-step error on the reference's own DiT inputs, video PSNR/SSIM with the same seed, faithfulness."""
+    ref = reference or quality_reference(pipe, **reference_kwargs)
+    steps: dict[int, list] = {}
+    videos = []
+    for run in ref.runs:
+        for i, (inputs, out) in enumerate(run.calls):  # same inputs, quantized DiT: the error of one step
+            p = compare(out.numpy(), quant_dit(*inputs).float().numpy(), "")
+            steps.setdefault(i, []).append((float(inputs[1][0]), p.rel_l2, p.cosine))
+        with swap_dit(pipe, quant_dit):
+            q = pipe(run.prompt, seed=run.seed, progress=False, **ref.call_kwargs).frames[0]
+        videos.append({"prompt": run.prompt, "seed": run.seed, "psnr": psnr(run.frames, q), "ssim": ssim(run.frames, q)})
     per_step = [{"step": i, "timestep": v[0][0], "rel_l2": float(np.mean([x[1] for x in v])),
                  "cosine": float(np.mean([x[2] for x in v]))} for i, v in sorted(steps.items())]
     fin = [v["psnr"] for v in videos if np.isfinite(v["psnr"])]
@@ -58,14 +93,12 @@ def quality_report(pipe, quant_dit, prompts: list[str] | None = None, seeds: tup
            "psnr_mean": float(np.mean(fin)) if fin else float("inf"), "psnr_min": min(v["psnr"] for v in videos),
            "ssim_mean": float(np.mean([v["ssim"] for v in videos])),
            "step_rel_l2_max": max(s["rel_l2"] for s in per_step), "step_cosine_min": min(s["cosine"] for s in per_step)}
-    if faithfulness:
+    if ref.faithfulness is not None:
         from vidrt.runtime.evaluate import evaluate_faithfulness
-        ref = evaluate_faithfulness(pipe, seeds=faith_seeds, **call_kwargs)
         with swap_dit(pipe, quant_dit):
-            q = evaluate_faithfulness(pipe, seeds=faith_seeds, **call_kwargs)
-        rep["faithfulness"] = {"fp32": {"color": ref.color_accuracy, "direction": ref.direction_accuracy},
-                               "quantized": {"color": q.color_accuracy, "direction": q.direction_accuracy},
-                               "n": q.n}
+            q = evaluate_faithfulness(pipe, seeds=ref.faith_seeds, **ref.call_kwargs)
+        rep["faithfulness"] = {"fp32": ref.faithfulness,
+                               "quantized": {"color": q.color_accuracy, "direction": q.direction_accuracy}, "n": q.n}
     return rep
 
 

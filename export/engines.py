@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,8 +54,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     INT8 VAE decoder for vidrt models when its PSNR check passes, export/quantized.int8_vae). onnxruntime runs
     the Q/DQ graph quantized from the fp32 export; TensorRT gets the same layers and scales quantized from a
     `qdq_float` (fp16/bf16) export, so its layers outside Q/DQ build in 16 bit (fp32: one graph for both).
-    external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's)."""
-    import torch
+    external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's).
+    The torch work comes first, then the torch DiT is freed and the onnxruntime work runs (_torch_phase)."""
     from tqdm import tqdm
 
     from vidrt.models.family import VidrtFamily, _family_preset, load_family
@@ -118,73 +119,130 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                    "video_shape": calib_set["manifest"]["video_shape"]}
         manifest["quality"] = {}
     with BundleWriter(out, overwrite=overwrite) as w:
-        # per DiT part (Wan 2.2 A14B has two experts): (fp32 graph, activation stats, held-out feeds), shared by
-        # int8 and fp8; the fp32 reference Pipeline of the quality report, one for the bundle
-        calibrated, ref_pipe, quantized = {}, [], {}  # quantized: precision -> [(spec, graph path)]
-        for part, prec in tqdm(jobs, desc="export", disable=not progress):
-            name = f"{part}.{prec}"
-            t0 = time.time()
-            spec = specs[part]
-            ref, cases = spec.module, spec.cases
+        # 1. torch: every graph written and torch's outputs on every validation feed; then the torch DiT is freed, so
+        #    the onnxruntime half never holds its weights beside a session's copy of them
+        torch_side = _torch_phase(w, fam, specs, jobs, calib_set, qdq_float, external_threshold, progress,
+                                  quality=quality and bool(quant), faithfulness=own and cfg.name == "tiny")
+        # 2. onnxruntime: parity, calibration statistics, quantization, the quality report
+        stats, quantized = {}, {}  # quantized: precision -> [(spec, graph path)]
+        for part, prec in tqdm(jobs, desc="validate", disable=not progress):
+            name, spec = f"{part}.{prec}", specs[part]
+            t0 = time.time() - torch_side.seconds[name]
             if prec in QUANT:
-                if part not in calibrated:
-                    calibrated[part] = Qx.calibrate_dit(w.dir, spec, calib_set, recipe, external_threshold)
-                path, report = Qx.quantized_dit(calibrated[part], spec, prec, recipe, cpu_flavour=qdq_float != "fp32")
+                prep = torch_side.prepared[part]
+                if part not in stats:  # observed once, shared by int8 and fp8
+                    stats[part] = Qx.calibrate(prep, recipe)
+                path, report = Qx.quantized_dit(prep, stats[part], part, prec, recipe, cpu_flavour=qdq_float != "fp32")
                 trt_graph = path
                 if qdq_float != "fp32":  # the TensorRT graph: the same layers and scales on a 16-bit export
-                    trt_graph, report["tensorrt_graph"] = Qx.quantized_16bit(w.dir, calibrated[part], spec, prec,
+                    trt_graph, report["tensorrt_graph"] = Qx.quantized_16bit(w.dir, prep, stats[part], part, prec,
                                                                            recipe, qdq_float)
-                manifest["validation"][name] = report
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
                                                  trt_graph=trt_graph, qdq_float=qdq_float,
                                                  flavour=report["onnxruntime_cpu"]["cpu_flavour"])
                 quantized.setdefault(prec, []).append((spec, path))
-                continue
-            m = ref if prec == "fp32" else ox.CastIO.copy_of(ref, getattr(torch, FLOAT[prec]))
-            # trace with the largest bucket input; the axes are dynamic, and the probe case proves any in-range
-            # shape serves (a shape baked into the graph fails parity there)
-            with spec.swaps(m):
-                path = ox.export_onnx(m, spec.example, spec.io, w.dir / f"{name}.onnx", external_threshold)
-            del m  # a 16-bit copy is the export's alone: free it before onnxruntime loads the graph
-            for rel, src in spec.files.items():  # what the runtime needs beside the graph (a tokenizer)
-                (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (w.dir / rel).write_bytes(Path(src).read_bytes())
-            report = {"graph": ox.check_graph(path), "tolerance_rel_l2": TOLERANCE[prec]}
-            try:
-                par = ox.parity(ref, path, cases)
-                report["parity"] = [p.__dict__ for p in par]
-                report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
-                report["polygraphy"] = _polygraphy_compare(path, cases, 1e-4 if prec == "fp32" else 1e-2)
-            except Exception as e:  # onnxruntime CPU lacks some kernels (bf16 MatMul): say so, don't hide it
-                if prec != "bf16":
-                    raise ExportError(f"{name}: {e}; bundle not written") from e
-                report.update(passed=None, skipped="onnxruntime CPU has no bf16 kernel for this graph ("
-                              + str(e).split(":")[-1].strip()[:120] + "); validate it with TensorRT")
-            if report["passed"] is False:
-                worst = max(report["parity"], key=lambda p: p["rel_l2"])
-                raise ExportError(f"{name}: onnxruntime output differs from PyTorch (rel L2 {worst['rel_l2']:.2e} "
-                                  f"> {TOLERANCE[prec]:.0e} at shape {worst['shape']}); bundle not written")
-            if prec == "fp32" and _is_dit(part):  # onnxruntime's CPU flavour beside TensorRT's graph, same weights
-                report["onnxruntime_cpu"] = {"cpu_flavour": _fp32_flavour(w, spec, path, report)}
-            manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
-                                             flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
+            else:
+                path = torch_side.graphs[name]
+                report = _validate_float(w, name, prec, path, torch_side.refs[part], _is_dit(part))
+                manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
+                                                 flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
             manifest["validation"][name] = report
         if "int8" in quant and own and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
             _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
         # the quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)
-        for prec, dits in quantized.items() if quality else ():
-            if not ref_pipe:
-                from vidrt.runtime.pipeline import Pipeline
-                ref_pipe.append(Pipeline(model, family=fam))  # shares the weights already loaded
-            manifest["quality"][f"dit.{prec}"] = Qx.quality(ref_pipe[0], dits, calib_set, prec,
-                                                          faithfulness=own and cfg.name == "tiny")
-        for fp32, *_ in calibrated.values() if "fp32" not in precisions else ():
-            for f in w.dir.glob(fp32.name + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's input
+        for prec, dits in quantized.items() if torch_side.quality else ():
+            manifest["quality"][f"dit.{prec}"] = Qx.quality(torch_side.pipe, dits, torch_side.quality, prec)
+        for prep in torch_side.prepared.values() if "fp32" not in precisions else ():
+            for f in w.dir.glob(prep.fp32.name + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's
                 f.unlink()
         for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
             base.unlink()
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
+
+
+@dataclass
+class TorchSide:
+    """What the torch phase leaves for the onnxruntime one: float graphs by job name, torch's outputs on each part's
+    validation feeds, the int8/fp8 DiT parts' prepared inputs, the quality report's fp32 reference and the pipeline
+    it runs in (its DiT freed), and the seconds each job spent."""
+    graphs: dict[str, Path] = field(default_factory=dict)
+    refs: dict = field(default_factory=dict)
+    prepared: dict = field(default_factory=dict)
+    quality: object | None = None
+    pipe: object | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, threshold: int, progress: bool,
+                 quality: bool, faithfulness: bool) -> TorchSide:
+    """Float graphs first (an int8/fp8 part reuses the fp32 job's graph), then the int8/fp8 parts' fp32 and 16-bit
+    graphs and held-out outputs, then the quality reference; finally the torch DiT's weights are released (moved to
+    the meta device: any later use fails loudly instead of computing)."""
+    from tqdm import tqdm
+
+    from vidrt.runtime.pipeline import Pipeline
+
+    from . import onnx_export as ox
+    from . import quantized as Qx
+    side = TorchSide()
+    for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] in QUANT), desc="export", disable=not progress):
+        t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
+        if prec in QUANT:
+            if part not in side.prepared:
+                side.prepared[part] = Qx.prepare_dit(w.dir, spec, calib_set, qdq_float, threshold)
+        else:
+            side.graphs[name] = _export_float(w, spec, name, prec, threshold)
+            if part not in side.refs:
+                side.refs[part] = ox.reference(spec.module, spec.cases)
+        side.seconds[name] = time.time() - t0
+    if quality:
+        side.pipe = Pipeline(fam.cfg.name, family=fam)  # shares the loaded family: no second copy
+        side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
+    fam.dit.to("meta")
+    for spec in specs.values():
+        if _is_dit(spec.name):
+            spec.module.to("meta")  # a family may wrap its DiT per part (Wan 2.2's experts): the same weights
+    return side
+
+
+def _export_float(w, spec, name: str, prec: str, threshold: int) -> Path:
+    """The part's graph in `prec`, traced with the largest bucket input (the axes are dynamic; the probe case proves
+    any in-range shape serves), and the files the runtime needs beside it (a tokenizer)."""
+    import torch
+
+    from . import onnx_export as ox
+    m = spec.module if prec == "fp32" else ox.CastIO.copy_of(spec.module, getattr(torch, FLOAT[prec]))
+    with spec.swaps(m):
+        path = ox.export_onnx(m, spec.example, spec.io, w.dir / f"{name}.onnx", threshold)
+    for rel, src in spec.files.items():
+        (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (w.dir / rel).write_bytes(Path(src).read_bytes())
+    return path
+
+
+def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool) -> dict:
+    """Checker, parity against torch's outputs on every case, polygraphy (all vs basic optimizations); a DiT's fp32
+    graph also gets onnxruntime's CPU flavour beside it. Raises ExportError past the tolerance."""
+    from . import onnx_export as ox
+    report = {"graph": ox.check_graph(path), "tolerance_rel_l2": TOLERANCE[prec]}
+    try:
+        par = ox.check_parity(ref, path)
+        report["parity"] = [p.__dict__ for p in par]
+        report["passed"] = all(p.ok(TOLERANCE[prec]) for p in par)
+        report["polygraphy"] = _polygraphy_compare(path, ref.cases, 1e-4 if prec == "fp32" else 1e-2)
+    except Exception as e:  # onnxruntime CPU lacks some kernels (bf16 MatMul): say so, don't hide it
+        if prec != "bf16":
+            raise ExportError(f"{name}: {e}; bundle not written") from e
+        return {**report, "passed": None, "skipped": "onnxruntime CPU has no bf16 kernel for this graph ("
+                + str(e).split(":")[-1].strip()[:120] + "); validate it with TensorRT"}
+    if not report["passed"]:
+        worst = max(par, key=lambda p: p.rel_l2)
+        raise ExportError(f"{name}: onnxruntime output differs from PyTorch (rel L2 {worst.rel_l2:.2e} "
+                          f"> {TOLERANCE[prec]:.0e} at shape {worst.shape}); bundle not written")
+    if prec == "fp32" and dit:  # onnxruntime's CPU flavour beside TensorRT's graph, same weights
+        report["onnxruntime_cpu"] = {"cpu_flavour": _fp32_flavour(w, ref, path, par)}
+    return report
 
 
 def _files_entry(w, spec, prec: str, path: Path, t0: float) -> dict:
@@ -221,20 +279,19 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
     return entry
 
 
-def _fp32_flavour(w, spec, path: Path, report: dict) -> dict:
+def _fp32_flavour(w, ref, path: Path, standard: list) -> dict:
     """dit.fp32.cpu.onnx: onnxruntime's CPU flavour of the fp32 DiT (export/ort_cpu.py), written beside the standard
-    graph TensorRT builds, kept if its parity holds; both read one weights file (the graph is re-saved with its
-    weights in dit.fp32.onnx.data if they were inline), so the flavour costs the bundle its graph only. Returns
-    ort_cpu.write_checked's report."""
+    graph TensorRT builds, kept if its parity against torch (`ref`) holds as the standard graph's (`standard`) does;
+    both read one weights file (the graph is re-saved with its weights in dit.fp32.onnx.data if they were inline), so
+    the flavour costs the bundle its graph only. Returns ort_cpu.write_checked's report."""
     import onnx
 
     from . import onnx_export as ox
     from .ort_cpu import write_checked
     flav = path.with_name(path.name.replace(".onnx", ".cpu.onnx"))
-    standard = [ox.Parity(**p) for p in report["parity"]]
     if not (w.dir / (path.name + ".data")).exists():
         ox.save_onnx(onnx.load(str(path)), path, external_threshold=0)
-    return write_checked(spec.module, path, flav, spec.cases, standard)[0]
+    return write_checked(ref, path, flav, standard)[0]
 
 
 def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int) -> None:

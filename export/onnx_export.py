@@ -24,7 +24,7 @@ from torch import nn
 from vidrt.models.config import ModelConfig
 from vidrt.models.family import DIT_CALL
 from vidrt.models.vae import CausalVAE
-from vidrt.runtime.onnx_files import EXTERNAL_DATA_THRESHOLD, save_graph
+from vidrt.runtime.onnx_files import EXTERNAL_DATA_THRESHOLD, save_graph  # noqa: F401 (export-engines' default)
 from vidrt.runtime.ort import ort_session
 
 OPSET = 18
@@ -197,16 +197,28 @@ def check_graph(path: str | Path) -> dict:
             "nodes": len(inferred.graph.node), "ops": sorted({n.op_type for n in model.graph.node})}
 
 
-def parity(module: nn.Module, path: str | Path, cases: list[dict[str, torch.Tensor]],
-           basic_opt: bool = False) -> list[Parity]:
-    """Run torch and onnxruntime on each input dict; one Parity per case."""
-    sess = ort_session(path, basic_opt)
-    res = []
+@dataclass
+class Reference:
+    """torch's outputs on validation feeds, computed once while the torch module is loaded, so the onnxruntime side
+    of the export can run after the module is freed. `outputs[i]`: case i's outputs (several for a streaming step)."""
+    cases: list[dict[str, torch.Tensor]]
+    outputs: list[list[np.ndarray]]
+
+
+def reference(module: nn.Module, cases: list[dict[str, torch.Tensor]]) -> Reference:
+    outs = []
     for inputs in cases:
         with torch.no_grad():
             ref = module(*inputs.values())
-        # several outputs (a streaming step's frames + caches): compared as one concatenated vector
-        refs = [r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
+        outs.append([r.float().numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])])
+    return Reference(cases, outs)
+
+
+def check_parity(ref: Reference, path: str | Path, basic_opt: bool = False) -> list[Parity]:
+    """Run onnxruntime on each of the reference's cases; one Parity per case against torch's outputs."""
+    sess = ort_session(path, basic_opt)
+    res = []
+    for inputs, refs in zip(ref.cases, ref.outputs):
         shape = "x".join(str(d) for d in next(iter(inputs.values())).shape)
         try:
             outs = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
@@ -218,6 +230,13 @@ def parity(module: nn.Module, path: str | Path, cases: list[dict[str, torch.Tens
                 raise RuntimeError(f"onnxruntime cannot run the graph at input shape {shape}: output {i} is "
                                    f"{'x'.join(map(str, o.shape))}, PyTorch gives {'x'.join(map(str, r.shape))} (a "
                                    "shape baked into the graph at export)")
+        # several outputs (a streaming step's frames + caches): compared as one concatenated vector
         res.append(compare(np.concatenate([r.ravel() for r in refs]), np.concatenate([o.ravel() for o in outs]),
                            shape))
     return res
+
+
+def parity(module: nn.Module, path: str | Path, cases: list[dict[str, torch.Tensor]],
+           basic_opt: bool = False) -> list[Parity]:
+    """Run torch and onnxruntime on each input dict; one Parity per case."""
+    return check_parity(reference(module, cases), path, basic_opt)

@@ -5,7 +5,7 @@ weights file for both). Each rewrite matches one form the export writes (models/
 it is; write_checked keeps the result only where its parity is the standard graph's (export/engines.py, quantized.py).
 
     counts = cpu_flavour(path, out, feed)   # {"MatMulIntegerToFloat+bias": 56, "MultiHeadAttention": 16, ...}
-    report, parity = write_checked(module, path, out, cases, standard_parity)   # export-engines' use
+    report, parity = write_checked(reference, path, out, standard_parity)   # export-engines' use
 """
 from __future__ import annotations
 
@@ -295,20 +295,20 @@ def cpu_flavour(path: Path, out: Path, feed: dict) -> dict[str, int]:
     return counts
 
 
-def write_checked(module, path: Path, out: Path, cases: list, standard: list, basic_opt: bool = False) -> tuple:
+def write_checked(ref, path: Path, out: Path, standard: list, basic_opt: bool = False) -> tuple:
     """Write the CPU flavour of `path` to `out` (`out` may be `path`: rewritten in place) and keep it where it computes
-    what the standard graph computes on this CPU: its worst rel L2 against `module` on `cases` within 1.1x the
-    standard graph's (`standard`: its Parity list) + 1e-4 (the rewrites are exact; int8 rounding can move a few
-    activations across a quantization step). Returns (report, the flavour's Parity list); nothing is left at `out`
+    what the standard graph computes on this CPU: its worst rel L2 against torch (`ref`: onnx_export.Reference) within
+    1.1x the standard graph's (`standard`: its Parity list) + 1e-4 (the rewrites are exact; int8 rounding can move a
+    few activations across a quantization step). Returns (report, the flavour's Parity list); nothing is left at `out`
     when it is not kept."""
     import os
 
     from . import onnx_export as ox
     tmp = out.with_name(out.name + ".cpu-flavour.tmp")
-    feed = {k: v.numpy() for k, v in cases[0].items()}
+    feed = {k: v.numpy() for k, v in ref.cases[0].items()}
     try:
         counts = cpu_flavour(path, tmp, feed)
-        par = ox.parity(module, tmp, cases, basic_opt=basic_opt) if any(counts.values()) else []
+        par = ox.check_parity(ref, tmp, basic_opt=basic_opt) if any(counts.values()) else []
         worst, base = max((p.rel_l2 for p in par), default=None), max(p.rel_l2 for p in standard)
         kept = worst is not None and worst <= 1.1 * base + 1e-4
         if kept:
