@@ -165,6 +165,9 @@ def bench_wait_policy(runners: str, load: float, cpus: int) -> str | None:
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per stage")
 @click.option("--e2e-runs", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for results.json/.md/.png")
+@click.option("--together/--one-at-a-time", default=None,
+              help="Every runner resident, timed round-robin / one runner's model in memory at a time (default: "
+                   "round-robin on a CPU where they fit together, measured on the first)")
 def bench(model, bundle, runners, device, out, **kw):
     """Benchmark every backend x precision side by side: per stage and end to end, ratios vs the first runner."""
     if runners is None:
@@ -186,7 +189,7 @@ def bench(model, bundle, runners, device, out, **kw):
                   **{k: v for k, v in kw.items() if v is not None})
     except (ConfigError, ValueError) as e:
         _fail(e)
-    from vidrt.benchmarks.bench import to_markdown
+    from vidrt.benchmarks.bench_report import to_markdown
     click.echo(to_markdown(rep))
     click.echo(f"wrote {out}/results.json, results.md, results.png")
 

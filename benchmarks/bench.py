@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vidrt.models.config import ConfigError
+from vidrt.runtime.memory import available_bytes, rss_bytes, trim_heap
 
 STAGES = ("text_encoder", "dit_step", "vae_decode", "end_to_end")
 PROMPT = "a red circle moving left on a blue background"
@@ -80,6 +81,28 @@ def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, ru
     """Best measured dense GEMM rate (n x n x n) on this machine: the roofline the DiT step is compared to."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     st, _ = timed(lambda: a @ b, 2, runs, device)
+    return 2 * n ** 3 / (min(st["times_ms"]) / 1000) / 1e9
+
+
+def int8_gemm_peak_gops(n: int = 2048, runs: int = 5) -> float:
+    """Best measured int8 GEMM rate (n x n x n, 2 ops a multiply-add) of onnxruntime's CPU on the Q/DQ MatMul form
+    the int8 DiT graphs use (fused into its integer kernel): the roofline of the int8 rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vidrt.runtime.ort import ort_session
+    w = np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8)
+    init = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+            numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "wz")]
+    g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                           helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                           helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+                           helper.make_node("MatMul", ["xd", "wd"], ["y"])], "int8_gemm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], init)
+    sess = ort_session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    x = {"x": np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)}
+    st, _ = timed(lambda: sess.run(None, x), 2, runs, torch.device("cpu"))
     return 2 * n ** 3 / (min(st["times_ms"]) / 1000) / 1e9
 
 
@@ -200,75 +223,12 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def to_markdown(rep: dict) -> str:
-    m = rep["machine"]
-    lines = [f"Model `{rep['model']}`, video {rep['shape']}, {rep['steps']} steps, CFG batch 2; device "
-             f"{rep['device']} ({m.get('gpu') or m['cpu']}, ISA {m.get('isa', '?')}, {m['cpu_threads']} threads, load "
-             f"{m.get('load_avg_1m_start', '?')} at start, {m.get('load_avg_1m', '?')} at end); {rep['date']}.",
-             f"Timing: {rep.get('timing', 'sequential')}. Speedup columns: median (q25-q75) of the paired ratios.",
-             (f"DiT step: {rep['dit_gflop']:.1f} GFLOP counted" if rep["dit_gflop"] else
-              "DiT step: FLOPs not counted (no torch module of this model ran)")
-             + f"; measured GEMM peak {rep['gemm_peak_gflops']:.0f} GFLOP/s.", "",
-             "| runner | text enc p50 ms | DiT step p50 / p90 / p99 ms | DiT x | DiT GFLOP/s (% peak) | VAE p50 ms "
-             "| e2e p50 s | e2e x | frames/s | videos/min | process peak RSS MiB |", "|---" * 11 + "|"]
-    for r in rep["results"]:
-        if "skipped" in r or "error" in r:
-            why = f"skipped: {r['skipped']}" if "skipped" in r else f"ERROR: {r['error']}"
-            lines.append(f"| {r['label']} | {why} |" + " |" * 9)
-            continue
-        s = r["stages"]
-        d, e = s["dit_step"], s["end_to_end"]
-        def fmt(st):
-            v = st.get("speedup_vs_baseline")
-            return "-" if not v else f"{v:.2f}x" + (f" ({st['speedup_q25']:.2f}-{st['speedup_q75']:.2f})"
-                                                    if "speedup_q25" in st and st["speedup_q25"] != v else "")
-        te = f"{s['text_encoder']['p50_ms']:.1f}" if "p50_ms" in s["text_encoder"] else "n/a (random text)"
-        lines.append(
-            f"| {r['label']} | {te} | {d['p50_ms']:.1f} / {d['p90_ms']:.1f} / "
-            f"{d['p99_ms']:.1f} | {fmt(d)} | "
-            + (f"{d['gflops']:.1f} ({d['peak_fraction']:.0%})" if "gflops" in d else "-") + " | "
-            f"{s['vae_decode']['p50_ms']:.1f} | {e['p50_ms'] / 1000:.2f} | {fmt(e)} | "
-            f"{e['throughput_frames_per_s']:.1f} | {e['videos_per_min']:.1f} | "
-            f"{max(st.get('rss_peak_mib', 0) for st in s.values()):.0f} |")
-    notes = [f"- {r['label']}: CUDA graphs fell back: {r['cuda_graph_fallback']}" for r in rep["results"]
-             if r.get("cuda_graph_fallback")]
-    notes += [f"- {r['label']}: text encoder not timed ({r['stages']['text_encoder']['skipped'][:90]}...); "
-              "random text embeddings" for r in rep["results"]
-              if "error" not in r and "stages" in r and "skipped" in r["stages"].get("text_encoder", {})]
-    if rep.get("baseline_missing"):
-        notes.append(f"- {rep['baseline_missing']}")
-    return "\n".join(lines + ([""] + notes if notes else []))
-
-
-def plot_png(rep: dict, path: Path) -> None:
-    """Horizontal bars of DiT-step p50 and end-to-end p50 per runner (PIL: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-    rows = [r for r in rep["results"] if "stages" in r and "error" not in r]
-    if not rows:
-        return
-    W, bar, pad, left = 900, 22, 10, 260
-    H = 60 + len(rows) * 2 * (bar + 4) + len(rows) * pad
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    d.text((pad, pad), f"vidrt bench: {rep['model']} {rep['shape']} on {rep['device']} (p50; shorter is faster)",
-           fill="black")
-    y = 40
-    for stage, color in (("dit_step", (52, 101, 164)), ("end_to_end", (204, 102, 0))):
-        mx = max(r["stages"][stage]["p50_ms"] for r in rows)
-        for r in rows:
-            v = r["stages"][stage]["p50_ms"]
-            d.text((pad, y + 5), f"{r['label']} [{stage}]"[:40], fill="black")
-            d.rectangle([left, y, left + int((W - left - 120) * v / mx), y + bar], fill=color)
-            d.text((left + int((W - left - 120) * v / mx) + 5, y + 5), f"{v:.1f} ms", fill="black")
-            y += bar + 4
-        y += pad
-    img.save(path)
-
-
 def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None = None, device: str = "cpu",
         frames: int | None = None, height: int | None = None, width: int | None = None, steps: int = 10,
         warmup: int = 3, runs: int = 20, e2e_runs: int = 3, baseline: str | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, together: bool | None = None) -> dict:
+    """together: every runner resident and timed round-robin (True), one at a time (False), or None: round-robin on
+    a CPU where the runners fit in memory together (measured on the first), one at a time otherwise."""
     from tqdm import tqdm
 
     from vidrt.models.family import family_config, load_family
@@ -285,20 +245,34 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
                                    torch.randn(2, L, D, dtype=next(dit.parameters()).dtype),
                                    torch.ones(2, L, dtype=torch.bool)))
     peak = gemm_peak_gflops(dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    int8_peak = int8_gemm_peak_gops() if dev.type == "cpu" and any(r.precision == "int8" for r in runners) else None
     results, load0, errors, base = [], os.getloadavg()[0], {}, baseline or runners[0].label
     plan = {"text_encoder": (warmup, runs), "dit_step": (warmup, runs),
             "vae_decode": (max(1, warmup // 2), max(3, runs // 2)), "end_to_end": (1, e2e_runs)}
-    # CPU: every runner resident and timed round-robin (load noise falls on all alike). GPU: one at a time, so a
-    # 14B model is never resident several times over; the GPU is not shared the way 2 CPU cores are
-    together = dev.type == "cpu"
+
+    def load(r: Runner):  # a backend that cannot run here is reported, not fatal
+        try:
+            return make_pipeline(model, bundle, r, device)
+        except Exception as e:  # noqa: BLE001
+            results.append({"label": r.label, "backend": r.backend, "precision": r.precision,
+                            "skipped": str(e).splitlines()[0][:200]})
+            return None
+    # CPU: every runner resident and timed round-robin (load noise falls on all alike), if they fit together: the
+    # first runner's measured footprint times the others must leave room. Else (a big model; and on a GPU, where a
+    # 14B model must never be resident several times over) one runner at a time.
+    loaded, fit = {}, None
+    if together is None and dev.type == "cpu" and len(runners) > 1:
+        before = rss_bytes()
+        loaded[runners[0].label] = load(runners[0])
+        fit = {"first_runner_bytes": rss_bytes() - before, "available_bytes": available_bytes()}
+        fit["together"] = fit["first_runner_bytes"] * (len(runners) - 1) <= 0.7 * fit["available_bytes"]
+    if together is None:
+        together = dev.type == "cpu" and (fit is None or fit["together"])
     for group in ([runners] if together else [[r] for r in runners]):
         pipes = {}
         for r in tqdm(group, desc="load", disable=not progress or not together):
-            try:
-                pipe = make_pipeline(model, bundle, r, device)
-            except Exception as e:  # a backend that cannot run here is reported, not fatal
-                results.append({"label": r.label, "backend": r.backend, "precision": r.precision,
-                                "skipped": str(e).splitlines()[0][:200]})
+            pipe = loaded.pop(r.label) if r.label in loaded else load(r)
+            if pipe is None:
                 continue
             if flops is None and isinstance(pipe.dit, torch.nn.Module):
                 flops = count(pipe.dit, pipe.device)
@@ -326,6 +300,7 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
                 res["cuda_graph_fallback"] = pipe.graph_fallback
             res["stages"] = {k: st[k] for k in STAGES if k in st}
         del pipes
+        trim_heap()  # before the next group loads: one runner's model resident at a time
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     ref = next((r for r in results if r["label"] == base and "stages" in r and "error" not in r), None)
@@ -345,21 +320,26 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
         flops = count(load_family(model).dit, "cpu")
     for res in results:
         d = res.get("stages", {}).get("dit_step")
-        if d and flops:
+        if d and flops:  # an int8 DiT against the int8 GEMM peak (its weight GEMMs run in int8), others the float one
             d["gflops"] = flops / (d["p50_ms"] / 1000) / 1e9
-            d["peak_fraction"] = d["gflops"] / peak
+            d["peak_fraction"] = d["gflops"] / (int8_peak if res["precision"] == "int8" and int8_peak else peak)
     mach = {**machine(dev), "load_avg_1m_start": round(load0, 2)}
     rep = {"schema": "vidrt-bench/1", "model": model, "shape": f"{frames}x{height}x{width}", "steps": steps,
            "device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": mach,
            "timing": "round-robin: every runner loaded, each round times each once (rotating the first); speedups "
                      "are medians of per-round paired ratios vs the baseline" if together else
-                     "one runner resident at a time (GPU); speedups are ratios of medians vs the baseline",
+                     "one runner resident at a time (" + ("asked" if fit is None and dev.type == "cpu" else "GPU"
+                                                          if fit is None else "the runners do not fit in memory "
+                                                          "together") + "); speedups are ratios of medians vs the "
+                     "baseline", "memory_fit": fit,
            "baseline_missing": None if ref else f"baseline {base!r} did not run: no speedups",
            "warmup": warmup, "runs": runs, "e2e_runs": e2e_runs, "baseline": base,
-           "dit_gflop": flops / 1e9 if flops else None, "gemm_peak_gflops": peak, "results": results}
+           "dit_gflop": flops / 1e9 if flops else None, "gemm_peak_gflops": peak, "int8_gemm_peak_gops": int8_peak,
+           "results": results}
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     (o / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
+    from .bench_report import plot_png, to_markdown
     (o / "results.md").write_text(to_markdown(rep) + "\n")
     plot_png(rep, o / "results.png")
     return rep

@@ -31,7 +31,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vidrt.runtime.fp8 import SENSITIVE_MODULES
-from vidrt.runtime.onnx_files import load_inline, tensor_array
+from vidrt.runtime.onnx_files import all_tensors, load_inline, tensor_array
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
@@ -285,7 +285,7 @@ def quantize(fp32_path, stats: Stats, recipe: QuantRecipe) -> onnx.ModelProto:
     for name in used_w:  # the float weights are now unused
         if name not in still_used:
             g.initializer.remove(inits[name])
-    for t in g.initializer:  # what stays float (embedders, norms, biases): small next to the quantized layers
+    for t in all_tensors(model):  # what stays float (embedders, norms, biases, constants): small next to the rest
         load_inline(t, base_dir)
     if p == "fp8" or ft != TensorProto.FLOAT:  # FLOAT8 or 16-bit Q/DQ: opset 19 (18 -> 19 changes no op we emit)
         for o in model.opset_import:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,15 +13,9 @@ from vidrt.models.config import ConfigError, check_memory
 from .bundle import BundleError, BundleWriter, check_out, load_manifest
 from .tensorrt import Bucket, build_engine, build_notes, trt_unavailable_reason
 
-FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtype names
-QUANT = ("int8", "fp8")
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2,  # rel L2 vs the fp32 PyTorch part
-             "int8": 0.15, "fp8": 0.25}  # quantized: on held-out captured inputs (tiny measures 0.07 / 0.14)
-PARTS = ("text_encoder", "dit", "vae_decoder")
-
-
-class ExportError(RuntimeError):
-    pass
+# re-exported: callers import export_engines' names from here
+from .precisions import FLOAT, PARTS, QUANT, TOLERANCE, ExportError, is_dit  # noqa: F401
+from .torch_side import torch_phase, validation_buckets, with_cases
 
 
 def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
@@ -47,7 +40,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                    max_batch: int = 2, build: bool = True, overwrite: bool = False, opt_level: int = 3,
                    external_threshold: int | None = None, progress: bool = True,
                    parts: tuple[str, ...] = PARTS, calib: str | Path | None = None, recipe=None,
-                   quality: bool = True, qdq_float: str = "fp16") -> dict:
+                   quality: bool = True, qdq_float: str = "fp16", validate_buckets: bool = False) -> dict:
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
     is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
     (recipe: calibration.quantize.QuantRecipe fields; the text encoder stays float; int8 also writes onnxruntime's
@@ -55,10 +48,11 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     the Q/DQ graph quantized from the fp32 export; TensorRT gets the same layers and scales quantized from a
     `qdq_float` (fp16/bf16) export, so its layers outside Q/DQ build in 16 bit (fp32: one graph for both).
     external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's).
-    The torch work comes first, then the torch DiT is freed and the onnxruntime work runs (_torch_phase)."""
+    The torch work comes first, then the torch DiT is freed and the onnxruntime work runs (torch_side.torch_phase).
+    A big DiT is validated at reduced shapes (torch_side.validation_buckets) unless `validate_buckets`."""
     from tqdm import tqdm
 
-    from vidrt.models.family import VidrtFamily, _family_preset, load_family
+    from vidrt.models.family import VidrtFamily, _family_preset, family_config, load_family
 
     from . import onnx_export as ox
     from . import quantized as Qx
@@ -84,18 +78,9 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if _family_preset(model):
         raise ConfigError(f"{model} is a random-init timing preset without a text encoder; export a diffusers "
                           "directory of the model instead (e.g. one written by save_pretrained)")
-    fam = load_family(model)
-    cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
-    # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
-    recipe = {"skip": fam.quant_skip, **(recipe or {})}
-    for b in buckets:  # clear errors before any work; validation runs onnxruntime, which materialises attention
-        if own:
-            check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
-        else:  # the family's frame/size rules and its memory estimate (onnxruntime's attention scores included)
-            cfg.latent_shape(b.frames, b.height, b.width)
-            fam.check_memory(SimpleNamespace(prompts=["-"] * max(1, max_batch // 2), guidance_scale=2.0,
-                                             num_frames=b.frames, height=b.height, width=b.width, decode_tile=None),
-                             "cpu", None, "onnxruntime")
+    cfg = family_config(model)
+    for b in buckets:  # the family's frame/size rules, before anything is loaded
+        cfg.latent_shape(b.frames, b.height, b.width)
     calib_set = None
     if quant:
         from vidrt.calibration.capture import load_set
@@ -104,16 +89,32 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             raise ConfigError(f"calibration set {calib} was captured at {Bucket(*calib_set['manifest']['video_shape'])}"
                               f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
                               "--bucket or capture a set at a bucket shape")
-    specs = {sp.name: sp for sp in fam.export_parts(parts, buckets, max_batch, tile)}
+    fam = load_family(model)
+    cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
+    # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
+    recipe = {"skip": fam.quant_skip, **(recipe or {})}
+    checked = validation_buckets(fam, buckets, validate_buckets)
+    for b in checked:  # clear errors before any work; validation runs onnxruntime, which materialises attention
+        if own:
+            check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
+        else:  # the family's memory estimate (onnxruntime's attention scores included)
+            fam.check_memory(SimpleNamespace(prompts=["-"] * max(1, max_batch // 2), guidance_scale=2.0,
+                                             num_frames=b.frames, height=b.height, width=b.width, decode_tile=None),
+                             "cpu", None, "onnxruntime")
+    specs = fam.export_parts(parts, buckets, max_batch, tile)  # profiles: the buckets
+    if checked != list(buckets):  # validation feeds and tracing input: the reduced shapes
+        specs = with_cases(specs, fam.export_parts(parts, checked, max_batch, tile))
+    specs = {sp.name: sp for sp in specs}
     skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
+                "validated_at": [str(b) for b in checked], "buckets_validated": checked == list(buckets),
                 "max_batch": max_batch, "vae_tile": tile, "exporter": "torch.onnx.export(dynamo=False)",
                 "opset": ox.OPSET, "parts": {}, "validation": {},
                 "engines": {"built": skip_reason is None, "skipped_reason": skip_reason}}
     # The text encoder runs once per video: it stays fp32 (HF BERT's fp16 export mixes types, and it is not the cost).
     floats = [p for p in precisions if p in FLOAT] or ["fp32"]  # quantized bundles still need a float VAE
     jobs = [(part, prec) for part in specs for prec in  # a family may export a part as several graphs
-            (["fp32"] if part == "text_encoder" else precisions if _is_dit(part) else floats)]
+            (["fp32"] if part == "text_encoder" else precisions if is_dit(part) else floats)]
     if quant:
         manifest["calibration"] = {"set": str(calib), "manifest_digest": calib_set["manifest"]["digest"],
                                    "video_shape": calib_set["manifest"]["video_shape"]}
@@ -121,7 +122,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     with BundleWriter(out, overwrite=overwrite) as w:
         # 1. torch: every graph written and torch's outputs on every validation feed; then the torch DiT is freed, so
         #    the onnxruntime half never holds its weights beside a session's copy of them
-        torch_side = _torch_phase(w, fam, specs, jobs, calib_set, qdq_float, external_threshold, progress,
+        torch_side = torch_phase(w, fam, specs, jobs, calib_set, qdq_float, external_threshold, progress,
                                   quality=quality and bool(quant), faithfulness=own and cfg.name == "tiny")
         # 2. onnxruntime: parity, calibration statistics, quantization, the quality report
         stats, quantized = {}, {}  # quantized: precision -> [(spec, graph path)]
@@ -143,7 +144,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 quantized.setdefault(prec, []).append((spec, path))
             else:
                 path = torch_side.graphs[name]
-                report = _validate_float(w, name, prec, path, torch_side.refs[part], _is_dit(part))
+                report = _validate_float(w, name, prec, path, torch_side.refs[part], is_dit(part))
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
                                                  flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
             manifest["validation"][name] = report
@@ -159,66 +160,6 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             base.unlink()
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
-
-
-@dataclass
-class TorchSide:
-    """What the torch phase leaves for the onnxruntime one: float graphs by job name, torch's outputs on each part's
-    validation feeds, the int8/fp8 DiT parts' prepared inputs, the quality report's fp32 reference and the pipeline
-    it runs in (its DiT freed), and the seconds each job spent."""
-    graphs: dict[str, Path] = field(default_factory=dict)
-    refs: dict = field(default_factory=dict)
-    prepared: dict = field(default_factory=dict)
-    quality: object | None = None
-    pipe: object | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, threshold: int, progress: bool,
-                 quality: bool, faithfulness: bool) -> TorchSide:
-    """Float graphs first (an int8/fp8 part reuses the fp32 job's graph), then the int8/fp8 parts' fp32 and 16-bit
-    graphs and held-out outputs, then the quality reference; finally the torch DiT's weights are released (moved to
-    the meta device: any later use fails loudly instead of computing)."""
-    from tqdm import tqdm
-
-    from vidrt.runtime.pipeline import Pipeline
-
-    from . import onnx_export as ox
-    from . import quantized as Qx
-    side = TorchSide()
-    for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] in QUANT), desc="export", disable=not progress):
-        t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
-        if prec in QUANT:
-            if part not in side.prepared:
-                side.prepared[part] = Qx.prepare_dit(w.dir, spec, calib_set, qdq_float, threshold)
-        else:
-            side.graphs[name] = _export_float(w, spec, name, prec, threshold)
-            if part not in side.refs:
-                side.refs[part] = ox.reference(spec.module, spec.cases)
-        side.seconds[name] = time.time() - t0
-    if quality:
-        side.pipe = Pipeline(fam.cfg.name, family=fam)  # shares the loaded family: no second copy
-        side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
-    fam.dit.to("meta")
-    for spec in specs.values():
-        if _is_dit(spec.name):
-            spec.module.to("meta")  # a family may wrap its DiT per part (Wan 2.2's experts): the same weights
-    return side
-
-
-def _export_float(w, spec, name: str, prec: str, threshold: int) -> Path:
-    """The part's graph in `prec`, traced with the largest bucket input (the axes are dynamic; the probe case proves
-    any in-range shape serves), and the files the runtime needs beside it (a tokenizer)."""
-    import torch
-
-    from . import onnx_export as ox
-    m = spec.module if prec == "fp32" else ox.CastIO.copy_of(spec.module, getattr(torch, FLOAT[prec]))
-    with spec.swaps(m):
-        path = ox.export_onnx(m, spec.example, spec.io, w.dir / f"{name}.onnx", threshold)
-    for rel, src in spec.files.items():
-        (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        (w.dir / rel).write_bytes(Path(src).read_bytes())
-    return path
 
 
 def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool) -> dict:
@@ -318,12 +259,6 @@ def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int)
                                          "int8_kernels": "QLinearConv with 7-bit weights: exact on every x86 ISA"}}}
 
 
-def _is_dit(part: str) -> bool:
-    """A DiT part (exported at every precision, int8/fp8 included): "dit", or one of a family's several DiT graphs
-    ("dit_2": Wan 2.2 A14B's low-noise expert)."""
-    return part == "dit" or part.startswith("dit_")
-
-
 def _flavour_note(rep: dict) -> str:
     """The onnxruntime CPU flavour's rewrites, or why the standard graph was kept, for the summary."""
     f = (rep.get("onnxruntime_cpu") or {}).get("cpu_flavour")
@@ -384,8 +319,10 @@ def summary_table(manifest: dict) -> str:
 @click.option("--no-quality", is_flag=True, help="Skip the quantized-video quality report")
 @click.option("--qdq-float", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="int8/fp8: the float type of TensorRT's Q/DQ graph, i.e. what its unquantized layers build in")
+@click.option("--validate-buckets", is_flag=True,
+              help="Validate a big model (DiT over 1 GiB) at the buckets themselves, not at reduced shapes")
 def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
-         smoothquant, quantize_all, no_quality, qdq_float):
+         smoothquant, quantize_all, no_quality, qdq_float, validate_buckets):
     """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
     from vidrt.models.family import family_config
     try:
@@ -397,10 +334,13 @@ def main(model, out, precision, frames, height, width, buckets, vae_tile, no_bui
         recipe = {"observer": observer, "smoothquant": smoothquant, **({"skip": ()} if quantize_all else {})}
         man = export_engines(model, out, [p.strip() for p in precision.split(",") if p.strip()], bks, tile=vae_tile,
                              build=not no_build, overwrite=overwrite, calib=calib, recipe=recipe,
-                             quality=not no_quality, qdq_float=qdq_float)
+                             quality=not no_quality, qdq_float=qdq_float, validate_buckets=validate_buckets)
     except (ConfigError, ExportError, BundleError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(summary_table(man))
+    if not man["buckets_validated"]:
+        click.echo(f"validated at {', '.join(man['validated_at'])} and a probe shape beyond them, not at the buckets "
+                   f"({', '.join(man['buckets'])}): the graphs are shape-generic; --validate-buckets checks those too")
     eng = man["engines"]
     click.echo(f"bundle: {out} ({len(man['files'])} files, SHA-256 in manifest.json)")
     click.echo("TensorRT engines: built" if eng["built"] else f"TensorRT engines: SKIPPED: {eng['skipped_reason']}")

@@ -46,7 +46,8 @@ class Graph:
             inline = self.init[t].data_location != onnx.TensorProto.EXTERNAL
             return numpy_helper.to_array(self.init[t]) if inline else None
         n = self.prod.get(t)
-        if n is not None and n.op_type == "Constant" and n.attribute[0].name == "value":
+        if n is not None and n.op_type == "Constant" and n.attribute[0].name == "value" and \
+                n.attribute[0].t.data_location != onnx.TensorProto.EXTERNAL:
             return numpy_helper.to_array(n.attribute[0].t)
         return None
 

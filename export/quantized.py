@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vidrt.models.config import ConfigError
+from vidrt.runtime.memory import trim_heap
 
 from . import onnx_export as ox
-from .engines import FLOAT, TOLERANCE, ExportError
+from .precisions import FLOAT, TOLERANCE, ExportError
 from .onnx_export import Reference
 
 
@@ -53,6 +54,8 @@ def prepare_dit(d: Path, spec, calib_set: dict, qdq_float: str, external_thresho
         m = ox.CastIO.copy_of(spec.module, getattr(torch, FLOAT[qdq_float]))
         with spec.swaps(m):  # node names as in the fp32 graph, whose layers the statistics name
             ox.export_onnx(m, cases[0], spec.io, base, external_threshold, transform=ox.unwrap_scope)
+        del m
+        trim_heap()
     return PreparedDit(fp32, base, cal, ox.reference(spec.module, cases), served, external_threshold)
 
 

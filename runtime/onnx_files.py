@@ -73,8 +73,25 @@ def tensor_array(t: TensorProto, base_dir: Path | None = None) -> np.ndarray:
     return np.frombuffer(raw_bytes(t, base_dir), dtype).reshape(tuple(t.dims)).astype(np.float32)
 
 
-def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(tensor_bytes(t) for t in model.graph.initializer)
+def all_tensors(model: onnx.ModelProto):
+    """Every tensor that can hold weights: initializers and node attributes (torch's exporter stores big Constant
+    values as external data too), in subgraphs as well."""
+    def graph(g):
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("g"):
+                    yield from graph(a.g)
+                for sub in a.graphs:
+                    yield from graph(sub)
+    yield from graph(model.graph)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(tensor_bytes(t) for t in all_tensors(model))
 
 
 def load_inline(t: TensorProto, base_dir: Path | None) -> None:
@@ -115,7 +132,7 @@ def _copy_to(t: TensorProto, base_dir: Path | None, out, loc: str) -> None:
 
 def save_graph(model: onnx.ModelProto, path: str | Path, base_dir: str | Path | None = None,
                threshold: int | None = None) -> Path:
-    """Write `model` to `path`. Its initializers may be in memory or external (files under `base_dir`, default the
+    """Write `model` to `path`. Its tensors (initializers, Constant values) may be in memory or external (files under `base_dir`, default the
     folder of `path`). Past `threshold` bytes (default EXTERNAL_DATA_THRESHOLD) every tensor of INLINE_BELOW bytes
     or more goes to the one side file `path.data`, streamed; else all are inline. `model` is changed in place (its
     tensors then point at the new file). The side file is written beside it first and renamed, so `path` may be the
@@ -124,8 +141,8 @@ def save_graph(model: onnx.ModelProto, path: str | Path, base_dir: str | Path | 
     base = Path(base_dir) if base_dir is not None else path.parent
     limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
     data = path.with_name(path.name + ".data")
-    if initializer_bytes(model) <= limit:
-        for t in model.graph.initializer:
+    if weight_bytes(model) <= limit:
+        for t in all_tensors(model):
             load_inline(t, base)
         onnx.save_model(model, str(path))
         data.unlink(missing_ok=True)  # a stale side file of an earlier, bigger graph of this name
@@ -133,7 +150,7 @@ def save_graph(model: onnx.ModelProto, path: str | Path, base_dir: str | Path | 
     tmp = path.with_name(f".{data.name}.{os.getpid()}.partial")
     try:
         with open(tmp, "wb") as out:
-            for t in model.graph.initializer:
+            for t in all_tensors(model):
                 if tensor_bytes(t) >= INLINE_BELOW:
                     _copy_to(t, base, out, data.name)
                 else:
@@ -148,4 +165,4 @@ def save_graph(model: onnx.ModelProto, path: str | Path, base_dir: str | Path | 
 def data_files(path: str | Path) -> list[str]:
     """The side files the graph at `path` reads (names relative to its folder)."""
     model = onnx.load(str(path), load_external_data=False)
-    return sorted({ExternalDataInfo(t).location for t in model.graph.initializer if is_external(t)})
+    return sorted({ExternalDataInfo(t).location for t in all_tensors(model) if is_external(t)})

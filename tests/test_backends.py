@@ -166,6 +166,8 @@ def test_bench_report_is_computed_from_measured_runs(bundle, tmp_path):
     assert on_disk["schema"] == "vidrt-bench/1" and on_disk["baseline"] == "torch fp32"
     m = on_disk["machine"]
     assert "round-robin" in on_disk["timing"] and m["isa"] and "load_avg_1m_start" in m and "omp_wait_policy" in m
+    fit = on_disk["memory_fit"]  # tiny: the first runner's measured footprint leaves room for the others
+    assert fit["together"] and 0 < fit["first_runner_bytes"] < fit["available_bytes"]
     assert (tmp_path / "b" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "b" / "results.md").read_text()
     assert "onnxruntime fp32" in md and "skipped" in md
@@ -201,6 +203,22 @@ def test_fp8_activation_scale_stays_finite_in_float16():
         assert torch.isfinite(scale) and scale > 0 and torch.isfinite(y).all()
         # E4M3 rounds to within 2^-4 = 6.25% relative: measured 2.3% (2.3e-5 at 1e-3), 0 for zeros
         assert (y - x.float()).abs().max() <= 0.0625 * x.float().abs().max() + 1e-9
+
+
+def test_bench_one_runner_at_a_time(bundle, tmp_path):
+    """--one-at-a-time (what a big model gets when its runners do not fit together): each runner loaded, timed and
+    freed before the next; speedups are ratios of medians, said so in the report. The int8 GEMM peak the int8 rows
+    are stated against is measured on onnxruntime's integer kernel."""
+    from vidrt.benchmarks.bench import int8_gemm_peak_gops
+    rep = run("tiny", parse_runners("torch:fp32,onnxruntime:fp32"), tmp_path / "b", bundle=str(bundle), steps=2,
+              warmup=1, runs=3, e2e_runs=1, progress=False, together=False)
+    assert "one runner resident at a time (asked)" in rep["timing"] and rep["memory_fit"] is None
+    base, ort = rep["results"]
+    for stage in ("dit_step", "end_to_end"):
+        b, o = base["stages"][stage], ort["stages"][stage]
+        assert o["speedup_vs_baseline"] == pytest.approx(b["p50_ms"] / o["p50_ms"]) and "speedup_q25" not in o
+    assert rep["int8_gemm_peak_gops"] is None  # no int8 runner
+    assert 1 < int8_gemm_peak_gops(n=512, runs=2) < 1e5
 
 
 def test_bench_keeps_going_when_a_runner_fails_mid_run(bundle, tmp_path):

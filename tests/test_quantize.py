@@ -1,5 +1,6 @@
 """INT8 / FP8 Q/DQ graphs from a real calibration set of the tiny model: TensorRT rules, onnxruntime runs, quality."""
 import contextlib
+import shutil
 
 import numpy as np
 import onnx
@@ -236,12 +237,13 @@ def test_quantized_graphs_with_external_data(calib, bundle, tmp_path):
 
 
 def test_graph_over_2gb_by_path(tmp_path):
-    """The real protobuf limit, not a lowered threshold: a 2.28 GB fp32 graph (16384 -> 17408 -> 16384 MatMuls) is
-    observed, quantized and written without ever being serialized whole, and its int8 graph computes the float
-    one. (~30 s and ~6 GB: the one test that crosses 2 GB for real.)"""
+    """The real protobuf limit, not a lowered threshold: a 2.28 GB fp32 graph (16384 -> 17408 -> 16384 MatMuls, a
+    Constant bias in external data as torch's exporter writes past 2 GB) is observed, quantized and written without
+    ever being serialized whole, and its int8 graph computes the float one. (~40 s and ~6 GB: the one test that
+    crosses 2 GB for real.)"""
     from onnx import TensorProto, helper
 
-    from vidrt.runtime.onnx_files import ALIGN, save_graph
+    from vidrt.runtime.onnx_files import ALIGN, data_files, save_graph
     k, h, rng = 16384, 17408, np.random.default_rng(0)
     data, inits, ws = tmp_path / "big.onnx.data", [], []
     with open(data, "wb") as f:
@@ -258,7 +260,16 @@ def test_graph_over_2gb_by_path(tmp_path):
                 e.key, e.value = key, v
             inits.append(t)
             del w
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="/l1/MatMul"),
+        bias = rng.standard_normal(h, dtype=np.float32)  # a Constant in external data, as torch's exporter writes
+        f.write(b"\0" * (-f.tell() % ALIGN))
+        const = TensorProto(name="b", data_type=TensorProto.FLOAT, dims=[h], data_location=TensorProto.EXTERNAL)
+        for key, v in (("location", data.name), ("offset", str(f.tell())), ("length", str(bias.nbytes))):
+            e = const.external_data.add()
+            e.key, e.value = key, v
+        f.write(bias.tobytes())
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h0"], name="/l1/MatMul"),
+                           helper.make_node("Constant", [], ["b"], value=const, name="/l1/bias"),
+                           helper.make_node("Add", ["h0", "b"], ["h"], name="/l1/Add"),
                            helper.make_node("Relu", ["h"], ["r"], name="/relu"),
                            helper.make_node("MatMul", ["r", "w2"], ["y"], name="/l2/MatMul")], "big",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
@@ -269,10 +280,18 @@ def test_graph_over_2gb_by_path(tmp_path):
     rec = Q.QuantRecipe("int8", skip=())
     stats = Q.collect(tmp_path / "big.onnx", feeds, rec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # observe graph removed
+    (tmp_path / "sub").mkdir()
+    copy = save_graph(onnx.load(str(tmp_path / "big.onnx"), load_external_data=False), tmp_path / "sub" / "c.onnx",
+                      base_dir=tmp_path)  # what export_onnx does with torch's output: one side file, constants too
+    assert data_files(copy) == ["c.onnx.data"] and (tmp_path / "sub" / "c.onnx.data").stat().st_size > 2.2e9
+    m = onnx.load(str(copy), load_external_data=False)
+    assert np.array_equal(tensor_array(m.graph.node[1].attribute[0].t, copy.parent), bias)
+    del m
+    shutil.rmtree(tmp_path / "sub")
     q = save_graph(Q.quantize(tmp_path / "big.onnx", stats, rec), tmp_path / "big.int8.onnx")
     assert not (tmp_path / "big.int8.onnx.data").exists()  # 0.57 GB of int8 weights: inline, under the threshold
     x = feeds[0]["x"]
-    ref = np.maximum(x @ ws[0], 0) @ ws[1]
+    ref = np.maximum(x @ ws[0] + bias, 0) @ ws[1]
     y = ort_session(q).run(None, {"x": x})[0][:, :8]
     err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
     assert err < 0.035  # 0.0214 measured (AVX512_VNNI)

@@ -237,3 +237,28 @@ def test_a_directory_wins_over_the_preset_of_its_name(dirs, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path.parent)
     with pytest.raises(ConfigError, match="random-init timing preset"):
         export_engines("wan2.1-14b", tmp_path / "b", ["fp32"], [Bucket(9, 32, 32)], progress=False)
+
+
+def test_big_model_validated_at_reduced_shapes(dirs, tmp_path, monkeypatch):
+    """A DiT past BIG_DIT_BYTES (here: any, the threshold set to 0) is traced and validated at the reduced shapes and
+    a probe beyond them, not at its buckets: a bucket the CPU could not validate (81x480x832, refused by the memory
+    check at the buckets) is exported for TensorRT's profiles, its graph matching torch at every reduced shape.
+    --validate-buckets keeps the old rule (and its refusal)."""
+    from vidrt.export import torch_side
+    from vidrt.export.engines import export_engines
+    from vidrt.export.tensorrt import Bucket
+    monkeypatch.setattr(torch_side, "BIG_DIT_BYTES", 0)
+    monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "4")
+    big, small = Bucket(81, 480, 832), Bucket(9, 32, 32)
+    with pytest.raises(ConfigError, match="--bucket"):
+        export_engines(str(dirs["unipc"]), tmp_path / "a", ["fp32"], [big, small], progress=False,
+                       validate_buckets=True)
+    man = export_engines(str(dirs["unipc"]), tmp_path / "b", ["fp32"], [big, small], progress=False,
+                         parts=("dit",))
+    assert man["validated_at"] == ["9x64x64", "17x96x128"] and man["buckets_validated"] is False
+    shapes = [p["shape"] for p in man["validation"]["dit.fp32"]["parity"]]
+    assert shapes == ["1x16x3x8x8", "1x16x5x12x16", "2x16x3x8x8", "2x16x5x12x16",  # 9x64x64, 17x96x128 at batch 1, 2
+                      "3x16x6x14x20"]  # and the probe: 21x112x160 at batch 3
+    assert max(p["rel_l2"] for p in man["validation"]["dit.fp32"]["parity"]) <= 1e-4
+    prof = man["parts"]["dit.fp32"]["profiles"][0]["latents"]  # TensorRT's profile: still the real bucket
+    assert prof[2] == [2, 16, 21, 60, 104]

@@ -1,0 +1,33 @@
+"""This process's memory, as Linux reports it: resident and peak bytes, what is available, and giving freed heap
+back to the system (glibc keeps freed blocks of large tensors in its arenas, where RSS still counts them)."""
+from __future__ import annotations
+
+import ctypes
+import gc
+from pathlib import Path
+
+
+def _field(path: str, key: str) -> int:
+    line = next(ln for ln in Path(path).read_text().splitlines() if ln.startswith(key + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
+def rss_bytes() -> int:
+    return _field("/proc/self/status", "VmRSS")
+
+
+def peak_rss_bytes() -> int:
+    return _field("/proc/self/status", "VmHWM")
+
+
+def available_bytes() -> int:
+    return _field("/proc/meminfo", "MemAvailable")
+
+
+def trim_heap() -> None:
+    """Collect garbage, then return free heap pages to the OS (glibc malloc_trim; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
