@@ -264,7 +264,10 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     if together is None and dev.type == "cpu" and len(runners) > 1:
         before = rss_bytes()
         loaded[runners[0].label] = load(runners[0])
-        fit = {"first_runner_bytes": rss_bytes() - before, "available_bytes": available_bytes()}
+        from vidrt.export.torch_side import model_bytes  # weights mapped from safetensors count before they are read
+        first = loaded[runners[0].label]
+        fit = {"first_runner_bytes": max(rss_bytes() - before, model_bytes(first.family) if first else 0),
+               "available_bytes": available_bytes()}
         fit["together"] = fit["first_runner_bytes"] * (len(runners) - 1) <= 0.7 * fit["available_bytes"]
     if together is None:
         together = dev.type == "cpu" and (fit is None or fit["together"])

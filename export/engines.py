@@ -9,13 +9,14 @@ import click
 
 # torch, onnx and the model code are imported by the functions that use them: `export-engines --help` answers at once
 from vidrt.models.config import ConfigError, check_memory
+from vidrt.runtime.memory import peak_rss_bytes, rss_bytes
 
 from .bundle import BundleError, BundleWriter, check_out, load_manifest
 from .tensorrt import Bucket, build_engine, build_notes, trt_unavailable_reason
 
 # re-exported: callers import export_engines' names from here
 from .precisions import FLOAT, PARTS, QUANT, TOLERANCE, ExportError, is_dit  # noqa: F401
-from .torch_side import torch_phase, validation_buckets, with_cases
+from .torch_side import check_export_memory, torch_phase, validation_buckets, with_cases
 
 
 def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
@@ -89,10 +90,12 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             raise ConfigError(f"calibration set {calib} was captured at {Bucket(*calib_set['manifest']['video_shape'])}"
                               f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
                               "--bucket or capture a set at a bucket shape")
+    before = rss_bytes()
     fam = load_family(model)
     cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
     # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
     recipe = {"skip": fam.quant_skip, **(recipe or {})}
+    memory = check_export_memory(fam, precisions, qdq_float, max(0, rss_bytes() - before))
     checked = validation_buckets(fam, buckets, validate_buckets)
     for b in checked:  # clear errors before any work; validation runs onnxruntime, which materialises attention
         if own:
@@ -109,6 +112,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
                 "validated_at": [str(b) for b in checked], "buckets_validated": checked == list(buckets),
                 "max_batch": max_batch, "vae_tile": tile, "exporter": "torch.onnx.export(dynamo=False)",
+                "export_memory": memory.to_dict(),
                 "opset": ox.OPSET, "parts": {}, "validation": {},
                 "engines": {"built": skip_reason is None, "skipped_reason": skip_reason}}
     # The text encoder runs once per video: it stays fp32 (HF BERT's fp16 export mixes types, and it is not the cost).
@@ -158,6 +162,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 f.unlink()
         for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
             base.unlink()
+        manifest["export_memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the process's, measured: vs the estimate
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 

@@ -10,7 +10,7 @@ from vidrt.models.config import ConfigError
 from vidrt.runtime.memory import trim_heap
 
 from . import onnx_export as ox
-from .precisions import FLOAT, TOLERANCE, ExportError
+from .precisions import TOLERANCE, ExportError
 from .onnx_export import Reference
 
 
@@ -27,9 +27,10 @@ class PreparedDit:
     threshold: int | None
 
 
-def prepare_dit(d: Path, spec, calib_set: dict, qdq_float: str, external_threshold: int | None = None) -> PreparedDit:
-    """The samples are the captured DiT calls at the timesteps the part serves (spec.calib_select; all of them for a
-    single DiT); a quarter is held out for validation."""
+def prepare_dit(d: Path, spec, calib_set: dict, external_threshold: int | None = None) -> PreparedDit:
+    """The part's fp32 graph (the fp32 job's if it ran), calibration and held-out feeds and torch's outputs on the
+    held-out ones. The samples are the captured DiT calls at the timesteps the part serves (spec.calib_select; all of
+    them for a single DiT); a quarter is held out. The 16-bit base comes later (export_base16)."""
     import torch
 
     from vidrt.calibration import quantize as Q
@@ -48,15 +49,17 @@ def prepare_dit(d: Path, spec, calib_set: dict, qdq_float: str, external_thresho
     if not fp32.exists():
         with spec.swaps(spec.module):
             ox.export_onnx(spec.module, cases[0], spec.io, fp32, external_threshold)
-    base = None
-    if qdq_float != "fp32":
-        base = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
-        m = ox.CastIO.copy_of(spec.module, getattr(torch, FLOAT[qdq_float]))
-        with spec.swaps(m):  # node names as in the fp32 graph, whose layers the statistics name
-            ox.export_onnx(m, cases[0], spec.io, base, external_threshold, transform=ox.unwrap_scope)
-        del m
         trim_heap()
-    return PreparedDit(fp32, base, cal, ox.reference(spec.module, cases), served, external_threshold)
+    return PreparedDit(fp32, None, cal, ox.reference(spec.module, cases), served, external_threshold)
+
+
+def export_base16(d: Path, spec, prep: PreparedDit, qdq_float: str, module16) -> None:
+    """The `qdq_float` export TensorRT's Q/DQ graph is quantized from (`module16`: the part in that type inside a
+    CastIO), its node names as in the fp32 graph, whose layers the statistics name; sets prep.base16."""
+    prep.base16 = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
+    with spec.swaps(module16):
+        ox.export_onnx(module16, prep.val.cases[0], spec.io, prep.base16, prep.threshold, transform=ox.unwrap_scope)
+    trim_heap()
 
 
 def calibrate(prep: PreparedDit, recipe: dict):

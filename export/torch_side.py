@@ -26,6 +26,65 @@ def dit_bytes(fam) -> int:
     return sum(p.numel() * p.element_size() for p in fam.dit.parameters())
 
 
+# What export-engines holds beyond the loaded model, per byte of fp32 DiT weights (benchmarks/results/real-size-*,
+# Wan 1.3B on this 2-core machine): torch's exporter's buffers while it writes a graph, and a 16-bit copy of the DiT
+# for the fp16/bf16 graphs and TensorRT's Q/DQ base. The onnxruntime phase replaces the freed torch DiT by a session
+# of about its size, so it stays under the torch phase's peak.
+EXPORTER_PER_DIT_BYTE = 0.35
+COPY16_PER_DIT_BYTE = 0.5
+
+
+@dataclass
+class MemoryPlan:
+    """export-engines' peak, estimated before any work from the loaded model (all its torch modules' bytes) and its
+    DiT; checked against the memory limit for what is not resident yet."""
+    model_bytes: int
+    dit_bytes: int
+    copy16: bool
+
+    @property
+    def peak(self) -> int:
+        return int(self.model_bytes + self.dit_bytes * (EXPORTER_PER_DIT_BYTE + COPY16_PER_DIT_BYTE * self.copy16))
+
+    def to_dict(self) -> dict:
+        return {"model_bytes": self.model_bytes, "dit_bytes": self.dit_bytes, "copy16": self.copy16,
+                "estimate_peak_bytes": self.peak}
+
+
+def model_bytes(fam) -> int:
+    """Bytes of every parameter and buffer of the family's torch modules (each tensor once)."""
+    import torch
+    seen, total = set(), 0
+    for m in (v for v in vars(fam).values() if isinstance(v, torch.nn.Module)):
+        for t in (*m.parameters(), *m.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: int) -> MemoryPlan:
+    """ConfigError before any work when the plan's peak, less what loading the model made `resident` already (its
+    weights may be mapped from safetensors and read later), exceeds the limit."""
+    from vidrt.models.config import memory_limit
+    quant = any(p in QUANT for p in precisions)
+    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam),
+                      any(p in ("fp16", "bf16") for p in precisions) or (quant and qdq_float != "fp32"))
+    limit, source = memory_limit()
+    need = plan.peak - resident
+    if need > limit:
+        gib = lambda n: f"{n / 2 ** 30:.1f} GiB"
+        fix = ("--qdq-float fp32 (one Q/DQ graph for both runtimes) or no fp16/bf16 precision drops the 16-bit copy"
+               f" ({gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}); " if plan.copy16 else "")
+        raise ConfigError(f"export-engines needs about {gib(plan.peak)} at its peak (the model {gib(plan.model_bytes)}"
+                          f", the exporter's buffers {gib(plan.dit_bytes * EXPORTER_PER_DIT_BYTE)}"
+                          + (f", a 16-bit copy of the DiT {gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}" if plan.copy16
+                             else "") + f"), {gib(need)} more than is resident now, and the limit is {gib(limit)} "
+                          f"({source}); {fix}or export on a machine with more memory (VIDRT_MAX_MEMORY_GB=N raises "
+                          "the limit if that memory is really free)")
+    return plan
+
+
 def validation_buckets(fam, buckets: list[Bucket], at_buckets: bool) -> list[Bucket]:
     """The buckets themselves for a small model or when asked (`at_buckets`, --validate-buckets), else
     VALIDATION_SHAPES (refused if the family cannot make one of them)."""
@@ -61,10 +120,12 @@ class TorchSide:
 
 
 def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, threshold: int, progress: bool,
-                 quality: bool, faithfulness: bool) -> TorchSide:
-    """Float graphs first (an int8/fp8 part reuses the fp32 job's graph), then the int8/fp8 parts' fp32 and 16-bit
-    graphs and held-out outputs, then the quality reference; finally the torch DiT's weights are released (moved to
-    the meta device: any later use fails loudly instead of computing)."""
+                quality: bool, faithfulness: bool) -> TorchSide:
+    """fp32 first: the fp32 graphs, torch's outputs on every validation feed, the int8/fp8 parts' inputs and the
+    quality reference. Then the 16-bit graphs (fp16/bf16 jobs, TensorRT's Q/DQ bases), from 16-bit copies of the
+    parts, except a DiT's last 16-bit type, which converts it in place: its fp32 weights are not needed any more.
+    Finally the DiT's weights are released (the meta device: any later use fails loudly instead of computing)."""
+    import torch
     from tqdm import tqdm
 
     from vidrt.runtime.pipeline import Pipeline
@@ -72,19 +133,29 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     from . import onnx_export as ox
     from . import quantized as Qx
     side = TorchSide()
-    for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] in QUANT), desc="export", disable=not progress):
+    for part, prec in tqdm(jobs, desc="export fp32", disable=not progress):
         t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
-        if prec in QUANT:
-            if part not in side.prepared:
-                side.prepared[part] = Qx.prepare_dit(w.dir, spec, calib_set, qdq_float, threshold)
-        else:
-            side.graphs[name] = export_float(w, spec, name, prec, threshold)
-            if part not in side.refs:
-                side.refs[part] = ox.reference(spec.module, spec.cases)
+        if prec == "fp32":
+            side.graphs[name] = export_float(w, spec, name, spec.module, threshold)
+        if prec in QUANT and part not in side.prepared:
+            side.prepared[part] = Qx.prepare_dit(w.dir, spec, calib_set, threshold)
+        if prec in FLOAT and part not in side.refs:
+            side.refs[part] = ox.reference(spec.module, spec.cases)
         side.seconds[name] = time.time() - t0
     if quality:
         side.pipe = Pipeline(fam.cfg.name, family=fam)  # shares the loaded family: no second copy
         side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
+    for part, dt, in_place in _sixteen_bit(jobs, qdq_float):
+        t0, spec = time.time(), specs[part]
+        m = (ox.CastIO if in_place else ox.CastIO.copy_of)(spec.module, getattr(torch, FLOAT[dt]))
+        if (part, dt) in jobs:
+            side.graphs[f"{part}.{dt}"] = export_float(w, spec, f"{part}.{dt}", m, threshold)
+        if part in side.prepared and dt == qdq_float:
+            Qx.export_base16(w.dir, spec, side.prepared[part], qdq_float, m)
+        del m
+        share = [j for j in jobs if j[0] == part and (j[1] == dt or (j[1] in QUANT and dt == qdq_float))]
+        for j in share:  # the time of one export, on each job it served
+            side.seconds[f"{j[0]}.{j[1]}"] += (time.time() - t0) / len(share)
     fam.dit.to("meta")
     for spec in specs.values():
         if is_dit(spec.name):
@@ -93,17 +164,26 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     return side
 
 
-def export_float(w, spec, name: str, prec: str, threshold: int) -> Path:
-    """The part's graph in `prec`, traced with its example input (the largest validation shape: the axes are dynamic,
-    and the probe case proves any in-range shape serves), and the files the runtime needs beside it (a tokenizer)."""
-    import torch
+def _sixteen_bit(jobs: list, qdq_float: str) -> list[tuple[str, str, bool]]:
+    """(part, 16-bit type, convert in place) for every part that needs a 16-bit export: a DiT part's last one in
+    place (the fp32 DiT's work is done), every other one from a copy (the VAE and text encoder keep serving the
+    quality report and the pipeline in fp32)."""
+    out = []
+    for part in dict.fromkeys(p for p, _ in jobs):
+        precs = {prec for p, prec in jobs if p == part}
+        types = [t for t in ("fp16", "bf16") if t in precs or (precs & set(QUANT) and qdq_float == t)]
+        out += [(part, t, is_dit(part) and i == len(types) - 1) for i, t in enumerate(types)]
+    return out
 
+
+def export_float(w, spec, name: str, module, threshold: int) -> Path:
+    """`module` (the part, or a CastIO of it in 16 bit) as the part's graph, traced with its example input (the
+    largest validation shape: the axes are dynamic, and the probe case proves any in-range shape serves), and the
+    files the runtime needs beside it (a tokenizer)."""
     from . import onnx_export as ox
-    m = spec.module if prec == "fp32" else ox.CastIO.copy_of(spec.module, getattr(torch, FLOAT[prec]))
-    with spec.swaps(m):
-        path = ox.export_onnx(m, spec.example, spec.io, w.dir / f"{name}.onnx", threshold)
-    del m
-    trim_heap()  # the exporter's buffers (and a 16-bit copy)
+    with spec.swaps(module):
+        path = ox.export_onnx(module, spec.example, spec.io, w.dir / f"{name}.onnx", threshold)
+    trim_heap()  # the exporter's buffers
     for rel, src in spec.files.items():
         (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (w.dir / rel).write_bytes(Path(src).read_bytes())

@@ -167,7 +167,7 @@ def test_bench_report_is_computed_from_measured_runs(bundle, tmp_path):
     m = on_disk["machine"]
     assert "round-robin" in on_disk["timing"] and m["isa"] and "load_avg_1m_start" in m and "omp_wait_policy" in m
     fit = on_disk["memory_fit"]  # tiny: the first runner's measured footprint leaves room for the others
-    assert fit["together"] and 0 < fit["first_runner_bytes"] < fit["available_bytes"]
+    assert fit["together"] and fit["first_runner_bytes"] < fit["available_bytes"]  # RSS may even drop (gc) on load
     assert (tmp_path / "b" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "b" / "results.md").read_text()
     assert "onnxruntime fp32" in md and "skipped" in md

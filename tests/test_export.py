@@ -212,3 +212,20 @@ def test_onnx_tiles_reproduce_the_full_pytorch_decode(tiny_bundle):
                              decode_fn=lambda t: torch.from_numpy(sess.run(None, {"latents": t.numpy()})[0]))
     assert tiled.shape == full.shape == (1, 3, 89, 32, 32)
     torch.testing.assert_close(tiled, full, atol=2e-5, rtol=1e-5)
+
+
+def test_export_memory_plan_checked_before_any_work(tmp_path, monkeypatch):
+    """The export's peak (the loaded model, the exporter's buffers, a 16-bit copy of the DiT for fp16) is estimated
+    and refused before anything is written when it cannot fit; a bundle records the plan and its measured peak."""
+    from vidrt.export.torch_side import EXPORTER_PER_DIT_BYTE
+    monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "0.000001")
+    with pytest.raises(ConfigError, match="16-bit copy of the DiT .*--qdq-float fp32"):
+        export_engines("tiny", tmp_path / "a", ["fp32", "fp16"], [Bucket(9, 32, 32)], progress=False)
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
+    monkeypatch.delenv("VIDRT_MAX_MEMORY_GB")
+    man = export_engines("tiny", tmp_path / "b", ["fp32"], [Bucket(9, 32, 32)], progress=False, parts=("dit",))
+    plan = man["export_memory"]
+    dit = sum(p.numel() * 4 for p in load_model("tiny")[1].parameters())
+    assert plan["dit_bytes"] == dit and plan["model_bytes"] > dit and plan["copy16"] is False
+    assert plan["estimate_peak_bytes"] == int(plan["model_bytes"] + dit * EXPORTER_PER_DIT_BYTE)
+    assert plan["peak_rss_bytes"] > plan["model_bytes"]  # the process's own peak, libraries included
