@@ -30,7 +30,7 @@ def dit_bytes(fam) -> int:
 # Wan 1.3B on this 2-core machine): torch's exporter's buffers while it writes a graph, and a 16-bit copy of the DiT
 # for the fp16/bf16 graphs and TensorRT's Q/DQ base. The onnxruntime phase replaces the freed torch DiT by a session
 # of about its size, so it stays under the torch phase's peak.
-EXPORTER_PER_DIT_BYTE = 0.35
+EXPORTER_PER_DIT_BYTE = 0.5
 COPY16_PER_DIT_BYTE = 0.5
 
 

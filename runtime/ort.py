@@ -114,6 +114,9 @@ def ort_session(model, basic_opt: bool = False, provider: str = "CPUExecutionPro
     no_spinning(so)
     if basic_opt:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Q/DQ evaluated in float dequantizes every weight at run time; the CPU arena would keep all of them (the
+        # Wan 1.3B fp8 graph: +5.8 GiB after one step with it, +1.5 GiB without, 13.6 vs 12.6 s a step)
+        so.enable_cpu_mem_arena = False
     if exact_int8 if exact_int8 is not None else int8_saturates():
         for k, v in EXACT_INT8.items():
             so.add_session_config_entry(k, v)
