@@ -27,9 +27,9 @@ def dit_bytes(fam) -> int:
 
 
 # What export-engines holds beyond the loaded model, per byte of fp32 DiT weights (benchmarks/results/real-size-*,
-# Wan 1.3B on this 2-core machine): torch's exporter's buffers while it writes a graph, and a 16-bit copy of the DiT
-# for the fp16/bf16 graphs and TensorRT's Q/DQ base. The onnxruntime phase replaces the freed torch DiT by a session
-# of about its size, so it stays under the torch phase's peak.
+# Wan 1.3B on this 2-core machine): torch's exporter's buffers while it writes a graph (0.3 measured for the fp32
+# graph, 0.47 for the fp16 one), and a 16-bit copy of the DiT where a second 16-bit type needs one. The onnxruntime
+# phase replaces the freed torch DiT by a session of about its size.
 EXPORTER_PER_DIT_BYTE = 0.5
 COPY16_PER_DIT_BYTE = 0.5
 
@@ -65,17 +65,19 @@ def model_bytes(fam) -> int:
 
 def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: int) -> MemoryPlan:
     """ConfigError before any work when the plan's peak, less what loading the model made `resident` already (its
-    weights may be mapped from safetensors and read later), exceeds the limit."""
+    weights may be mapped from safetensors and read later), exceeds the limit. The DiT's last 16-bit type converts it
+    in place (torch_phase): only a second 16-bit type makes a copy."""
     from vidrt.models.config import memory_limit
-    quant = any(p in QUANT for p in precisions)
-    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam),
-                      any(p in ("fp16", "bf16") for p in precisions) or (quant and qdq_float != "fp32"))
+    types16 = {p for p in precisions if p in ("fp16", "bf16")}
+    if any(p in QUANT for p in precisions) and qdq_float != "fp32":
+        types16.add(qdq_float)
+    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16) > 1)
     limit, source = memory_limit()
-    need = plan.peak - resident
+    need = plan.peak - min(resident, plan.model_bytes)  # the RSS growth of loading also counts imported libraries
     if need > limit:
         gib = lambda n: f"{n / 2 ** 30:.1f} GiB"
-        fix = ("--qdq-float fp32 (one Q/DQ graph for both runtimes) or no fp16/bf16 precision drops the 16-bit copy"
-               f" ({gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}); " if plan.copy16 else "")
+        fix = ("one 16-bit type for the DiT (fp16 or bf16, with --qdq-float the same or fp32) drops the 16-bit copy "
+               f"({gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}); " if plan.copy16 else "")
         raise ConfigError(f"export-engines needs about {gib(plan.peak)} at its peak (the model {gib(plan.model_bytes)}"
                           f", the exporter's buffers {gib(plan.dit_bytes * EXPORTER_PER_DIT_BYTE)}"
                           + (f", a 16-bit copy of the DiT {gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}" if plan.copy16
