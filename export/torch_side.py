@@ -88,9 +88,11 @@ def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: in
 
 
 def validation_buckets(fam, buckets: list[Bucket], at_buckets: bool) -> list[Bucket]:
-    """The buckets themselves for a small model or when asked (`at_buckets`, --validate-buckets), else
-    VALIDATION_SHAPES (refused if the family cannot make one of them)."""
-    if at_buckets or dit_bytes(fam) <= BIG_DIT_BYTES:
+    """The buckets themselves for a small model, for buckets no bigger than VALIDATION_SHAPES, or when asked
+    (`at_buckets`, --validate-buckets); else VALIDATION_SHAPES (refused if the family cannot make one of them)."""
+    volume = lambda b: b.frames * b.height * b.width
+    if at_buckets or dit_bytes(fam) <= BIG_DIT_BYTES or \
+            max(map(volume, buckets)) <= max(map(volume, VALIDATION_SHAPES)):
         return list(buckets)
     for b in VALIDATION_SHAPES:
         try:
