@@ -26,11 +26,11 @@ def dit_bytes(fam) -> int:
     return sum(p.numel() * p.element_size() for p in fam.dit.parameters())
 
 
-# What export-engines holds beyond the loaded model, per byte of fp32 DiT weights (benchmarks/results/real-size-*,
-# Wan 1.3B on this 2-core machine): torch's exporter's buffers while it writes a graph (0.3 measured for the fp32
-# graph, 0.47 for the fp16 one), and a 16-bit copy of the DiT where a second 16-bit type needs one. The onnxruntime
-# phase replaces the freed torch DiT by a session of about its size.
-EXPORTER_PER_DIT_BYTE = 0.5
+# What export-engines holds beyond the loaded model, per byte of fp32 DiT weights, measured at the Wan 1.3B geometry
+# on this 2-core machine (benchmarks/results/real-size-wan2.1-1.3b-2026-12-07): torch's exporter's buffers (0.3 for
+# the fp32 graph, 0.47 for the fp16 one), heap freed but not yet given back, the quality report's sessions: the
+# process peaked at the loaded model + 0.96 x the DiT. A second 16-bit type of the DiT adds a 16-bit copy.
+WORKING_PER_DIT_BYTE = 1.0
 COPY16_PER_DIT_BYTE = 0.5
 
 
@@ -44,7 +44,7 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return int(self.model_bytes + self.dit_bytes * (EXPORTER_PER_DIT_BYTE + COPY16_PER_DIT_BYTE * self.copy16))
+        return int(self.model_bytes + self.dit_bytes * (WORKING_PER_DIT_BYTE + COPY16_PER_DIT_BYTE * self.copy16))
 
     def to_dict(self) -> dict:
         return {"model_bytes": self.model_bytes, "dit_bytes": self.dit_bytes, "copy16": self.copy16,
@@ -79,7 +79,7 @@ def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: in
         fix = ("one 16-bit type for the DiT (fp16 or bf16, with --qdq-float the same or fp32) drops the 16-bit copy "
                f"({gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}); " if plan.copy16 else "")
         raise ConfigError(f"export-engines needs about {gib(plan.peak)} at its peak (the model {gib(plan.model_bytes)}"
-                          f", the exporter's buffers {gib(plan.dit_bytes * EXPORTER_PER_DIT_BYTE)}"
+                          f", the export's working memory {gib(plan.dit_bytes * WORKING_PER_DIT_BYTE)}"
                           + (f", a 16-bit copy of the DiT {gib(plan.dit_bytes * COPY16_PER_DIT_BYTE)}" if plan.copy16
                              else "") + f"), {gib(need)} more than is resident now, and the limit is {gib(limit)} "
                           f"({source}); {fix}or export on a machine with more memory (VIDRT_MAX_MEMORY_GB=N raises "

@@ -215,14 +215,14 @@ def test_onnx_tiles_reproduce_the_full_pytorch_decode(tiny_bundle):
 
 
 def test_export_memory_plan_checked_before_any_work(tmp_path, monkeypatch):
-    """The export's peak (the loaded model, the exporter's buffers, a 16-bit copy of the DiT where a second 16-bit
+    """The export's peak (the loaded model, its working memory, a 16-bit copy of the DiT where a second 16-bit
     type needs one) is estimated and refused before anything is written when it cannot fit; a bundle records the
     plan and its measured peak."""
-    from vidrt.export.torch_side import EXPORTER_PER_DIT_BYTE
+    from vidrt.export.torch_side import WORKING_PER_DIT_BYTE
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "0.000001")
     with pytest.raises(ConfigError, match="16-bit copy of the DiT .*one 16-bit type for the DiT"):
         export_engines("tiny", tmp_path / "a", ["fp32", "fp16", "bf16"], [Bucket(9, 32, 32)], progress=False)
-    with pytest.raises(ConfigError, match=r"the exporter's buffers [\d.]+ GiB\), "):  # fp16 alone: converted in place
+    with pytest.raises(ConfigError, match=r"the export's working memory [\d.]+ GiB\), "):  # fp16 alone: converted in place
         export_engines("tiny", tmp_path / "a", ["fp32", "fp16"], [Bucket(9, 32, 32)], progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
     monkeypatch.delenv("VIDRT_MAX_MEMORY_GB")
@@ -230,5 +230,5 @@ def test_export_memory_plan_checked_before_any_work(tmp_path, monkeypatch):
     plan = man["export_memory"]
     dit = sum(p.numel() * 4 for p in load_model("tiny")[1].parameters())
     assert plan["dit_bytes"] == dit and plan["model_bytes"] > dit and plan["copy16"] is False
-    assert plan["estimate_peak_bytes"] == int(plan["model_bytes"] + dit * EXPORTER_PER_DIT_BYTE)
+    assert plan["estimate_peak_bytes"] == int(plan["model_bytes"] + dit * WORKING_PER_DIT_BYTE)
     assert plan["peak_rss_bytes"] > plan["model_bytes"]  # the process's own peak, libraries included
