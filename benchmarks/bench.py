@@ -91,7 +91,8 @@ def int8_gemm_peak_gops(n: int = 2048, runs: int = 5) -> float:
 
     from vidrt.runtime.ort import ort_session
     w = np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8)
-    init = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
+    init = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
             numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
             numpy_helper.from_array(np.zeros(n, np.int8), "wz")]
     g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),

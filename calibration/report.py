@@ -85,7 +85,8 @@ def quality_report(pipe, quant_dit, reference: QualityReference | None = None, *
             steps.setdefault(i, []).append((float(inputs[1][0]), p.rel_l2, p.cosine))
         with swap_dit(pipe, quant_dit):
             q = pipe(run.prompt, seed=run.seed, progress=False, **ref.call_kwargs).frames[0]
-        videos.append({"prompt": run.prompt, "seed": run.seed, "psnr": psnr(run.frames, q), "ssim": ssim(run.frames, q)})
+        videos.append({"prompt": run.prompt, "seed": run.seed, "psnr": psnr(run.frames, q),
+                       "ssim": ssim(run.frames, q)})
     per_step = [{"step": i, "timestep": v[0][0], "rel_l2": float(np.mean([x[1] for x in v])),
                  "cosine": float(np.mean([x[2] for x in v]))} for i, v in sorted(steps.items())]
     fin = [v["psnr"] for v in videos if np.isfinite(v["psnr"])]

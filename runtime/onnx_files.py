@@ -132,11 +132,11 @@ def _copy_to(t: TensorProto, base_dir: Path | None, out, loc: str) -> None:
 
 def save_graph(model: onnx.ModelProto, path: str | Path, base_dir: str | Path | None = None,
                threshold: int | None = None) -> Path:
-    """Write `model` to `path`. Its tensors (initializers, Constant values) may be in memory or external (files under `base_dir`, default the
-    folder of `path`). Past `threshold` bytes (default EXTERNAL_DATA_THRESHOLD) every tensor of INLINE_BELOW bytes
-    or more goes to the one side file `path.data`, streamed; else all are inline. `model` is changed in place (its
-    tensors then point at the new file). The side file is written beside it first and renamed, so `path` may be the
-    graph being read from."""
+    """Write `model` to `path`. Its tensors (initializers, Constant values) may be in memory or external (files under
+    `base_dir`, default the folder of `path`). Past `threshold` bytes (default EXTERNAL_DATA_THRESHOLD) every tensor
+    of INLINE_BELOW bytes or more goes to the one side file `path.data`, streamed; else all are inline. `model` is
+    changed in place (its tensors then point at the new file). The side file is written beside it first and renamed,
+    so `path` may be the graph being read from."""
     path = Path(path)
     base = Path(base_dir) if base_dir is not None else path.parent
     limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold

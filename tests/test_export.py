@@ -222,7 +222,7 @@ def test_export_memory_plan_checked_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "0.000001")
     with pytest.raises(ConfigError, match="16-bit copy of the DiT .*one 16-bit type for the DiT"):
         export_engines("tiny", tmp_path / "a", ["fp32", "fp16", "bf16"], [Bucket(9, 32, 32)], progress=False)
-    with pytest.raises(ConfigError, match=r"the export's working memory [\d.]+ GiB\), "):  # fp16 alone: converted in place
+    with pytest.raises(ConfigError, match=r"the export's working memory [\d.]+ GiB\), "):  # fp16: in place, no copy
         export_engines("tiny", tmp_path / "a", ["fp32", "fp16"], [Bucket(9, 32, 32)], progress=False)
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())
     monkeypatch.delenv("VIDRT_MAX_MEMORY_GB")
