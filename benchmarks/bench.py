@@ -265,7 +265,7 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     if together is None and dev.type == "cpu" and len(runners) > 1:
         before = rss_bytes()
         loaded[runners[0].label] = load(runners[0])
-        from vidrt.export.torch_side import model_bytes  # weights mapped from safetensors count before they are read
+        from vidrt.export.torch_side import model_bytes  # weights mapped from safetensors: before they are read too
         first = loaded[runners[0].label]
         fit = {"first_runner_bytes": max(rss_bytes() - before, model_bytes(first.family) if first else 0),
                "available_bytes": available_bytes()}

@@ -21,7 +21,9 @@ def peak_rss_bytes() -> int:
 
 
 def available_bytes() -> int:
-    return _field("/proc/meminfo", "MemAvailable")
+    """What can still be had: MemAvailable, but no more than the RAM this process's RSS leaves (weights mapped from
+    safetensors are page cache, which MemAvailable counts as free although this process holds them)."""
+    return min(_field("/proc/meminfo", "MemAvailable"), _field("/proc/meminfo", "MemTotal") - rss_bytes())
 
 
 def trim_heap() -> None:
