@@ -270,6 +270,7 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
         fit = {"first_runner_bytes": max(rss_bytes() - before, model_bytes(first.family) if first else 0),
                "available_bytes": available_bytes()}
         fit["together"] = fit["first_runner_bytes"] * (len(runners) - 1) <= 0.7 * fit["available_bytes"]
+        first = None  # `loaded` holds it until its group runs
     if together is None:
         together = dev.type == "cpu" and (fit is None or fit["together"])
     for group in ([runners] if together else [[r] for r in runners]):
@@ -303,7 +304,7 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
             if pipe.cuda_graphs:
                 res["cuda_graph_fallback"] = pipe.graph_fallback
             res["stages"] = {k: st[k] for k in STAGES if k in st}
-        del pipes
+        pipes = pipe = calls = None  # every reference to this group's pipelines (stage_calls' closures too)
         trim_heap()  # before the next group loads: one runner's model resident at a time
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,7 +9,9 @@ def to_markdown(rep: dict) -> str:
     lines = [f"Model `{rep['model']}`, video {rep['shape']}, {rep['steps']} steps, CFG batch 2; device "
              f"{rep['device']} ({m.get('gpu') or m['cpu']}, ISA {m.get('isa', '?')}, {m['cpu_threads']} threads, load "
              f"{m.get('load_avg_1m_start', '?')} at start, {m.get('load_avg_1m', '?')} at end); {rep['date']}.",
-             f"Timing: {rep.get('timing', 'sequential')}. Speedup columns: median (q25-q75) of the paired ratios.",
+             f"Timing: {rep.get('timing', 'sequential')}. Speedup columns: "
+             + ("median (q25-q75) of the paired ratios." if "round-robin" in rep.get("timing", "") else
+                "ratios of the medians."),
              (f"DiT step: {rep['dit_gflop']:.1f} GFLOP counted" if rep["dit_gflop"] else
               "DiT step: FLOPs not counted (no torch module of this model ran)")
              + f"; measured GEMM peak {rep['gemm_peak_gflops']:.0f} GFLOP/s"

@@ -162,8 +162,10 @@ def run_step(step: Step, logs: Path) -> StepResult:
 
 
 def _stray(rel: str) -> bool:
-    """A bundle file that is not a graph, its external data, a JSON file or the tokenizer's."""
-    return not (rel.endswith((".onnx", ".data", ".json")) or rel.startswith("tokenizer/"))
+    """A bundle file that is not a graph, its external data, a JSON file or the tokenizer's, or a leftover of the
+    export (a hidden file or folder, a 16-bit Q/DQ base)."""
+    leftover = any(c.startswith(".") for c in rel.split("/")) or ".qdq-base.onnx" in rel
+    return leftover or not (rel.endswith((".onnx", ".data", ".json")) or rel.startswith("tokenizer/"))
 
 
 def bundle_stats(bundle: Path) -> BundleStats:

@@ -97,7 +97,9 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     recipe = {"skip": fam.quant_skip, **(recipe or {})}
     memory = check_export_memory(fam, precisions, qdq_float, max(0, rss_bytes() - before))
     checked = validation_buckets(fam, buckets, validate_buckets)
-    for b in checked:  # clear errors before any work; validation runs onnxruntime, which materialises attention
+    calib_shape = [Bucket(*calib_set["manifest"]["video_shape"])] if quant else []  # int8/fp8 parity, quality
+    for b in checked + [c for c in calib_shape if str(c) not in map(str, checked)]:
+        # clear errors before any work; validation runs onnxruntime, which materialises attention
         if own:
             check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
         else:  # the family's memory estimate (onnxruntime's attention scores included)

@@ -52,7 +52,8 @@ class MemoryPlan:
 
 
 def model_bytes(fam) -> int:
-    """Bytes of every parameter and buffer of the family's torch modules (each tensor once)."""
+    """Bytes of every parameter and buffer of the family's torch modules (each tensor once; a module the family
+    loads on first use, as vidrt's own text encoder, is not counted)."""
     import torch
     seen, total = set(), 0
     for m in (v for v in vars(fam).values() if isinstance(v, torch.nn.Module)):
@@ -137,7 +138,7 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     from . import onnx_export as ox
     from . import quantized as Qx
     side = TorchSide()
-    for part, prec in tqdm(jobs, desc="export fp32", disable=not progress):
+    for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] != "fp32"), desc="export fp32", disable=not progress):
         t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
         if prec == "fp32":
             side.graphs[name] = export_float(w, spec, name, spec.module, threshold)
