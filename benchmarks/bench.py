@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vidrt.models.config import ConfigError
-from vidrt.runtime.memory import available_bytes, rss_bytes, trim_heap
+from vidrt.runtime.memory import available_bytes, rss_bytes, total_bytes, trim_heap
 
 STAGES = ("text_encoder", "dit_step", "vae_decode", "end_to_end")
 PROMPT = "a red circle moving left on a blue background"
@@ -267,8 +267,9 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
         loaded[runners[0].label] = load(runners[0])
         from vidrt.export.torch_side import model_bytes  # weights mapped from safetensors: before they are read too
         first = loaded[runners[0].label]
-        fit = {"first_runner_bytes": max(rss_bytes() - before, model_bytes(first.family) if first else 0),
-               "available_bytes": available_bytes()}
+        size = max(rss_bytes() - before, model_bytes(first.family) if first else 0)
+        # what is left once the first runner is all resident (its mapped weights are read on the first call)
+        fit = {"first_runner_bytes": size, "available_bytes": min(available_bytes(), total_bytes() - before - size)}
         fit["together"] = fit["first_runner_bytes"] * (len(runners) - 1) <= 0.7 * fit["available_bytes"]
         first = None  # `loaded` holds it until its group runs
     if together is None:

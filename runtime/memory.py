@@ -20,10 +20,14 @@ def peak_rss_bytes() -> int:
     return _field("/proc/self/status", "VmHWM")
 
 
+def total_bytes() -> int:
+    return _field("/proc/meminfo", "MemTotal")
+
+
 def available_bytes() -> int:
     """What can still be had: MemAvailable, but no more than the RAM this process's RSS leaves (weights mapped from
     safetensors are page cache, which MemAvailable counts as free although this process holds them)."""
-    return min(_field("/proc/meminfo", "MemAvailable"), _field("/proc/meminfo", "MemTotal") - rss_bytes())
+    return min(_field("/proc/meminfo", "MemAvailable"), total_bytes() - rss_bytes())
 
 
 def trim_heap() -> None:
