@@ -87,21 +87,9 @@ def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, ru
 def int8_gemm_peak_gops(n: int = 2048, runs: int = 5) -> float:
     """Best measured int8 GEMM rate (n x n x n, 2 ops a multiply-add) of onnxruntime's CPU on the Q/DQ MatMul form
     the int8 DiT graphs use (fused into its integer kernel): the roofline of the int8 rows."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from vidrt.runtime.ort import ort_session
+    from vidrt.runtime.ort import ort_session, qdq_matmul
     w = np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8)
-    init = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
-            numpy_helper.from_array(np.array(0, np.int8), "z"),
-            numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
-            numpy_helper.from_array(np.zeros(n, np.int8), "wz")]
-    g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
-                           helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-                           helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
-                           helper.make_node("MatMul", ["xd", "wd"], ["y"])], "int8_gemm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], init)
-    sess = ort_session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    sess = ort_session(qdq_matmul(w, 0.05, np.full(n, 0.01, np.float32)))
     x = {"x": np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)}
     st, _ = timed(lambda: sess.run(None, x), 2, runs, torch.device("cpu"))
     return 2 * n ** 3 / (min(st["times_ms"]) / 1000) / 1e9

@@ -26,29 +26,37 @@ def no_spinning(so) -> None:
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
 
 
-def _probe_model():
-    """y = x @ W with x quantized to s8 and W s8 per-channel: the Q/DQ pattern onnxruntime fuses into its integer
-    GEMM. x = +-127/-128 and |W| = 127 make every u8s8 pair sum overflow int16 where the kernel adds in int16."""
+def qdq_matmul(w, x_scale: float, w_scale) -> bytes:
+    """y = x @ W with x quantized to s8 per tensor (`x_scale`) and W (K, N) int8 per output channel (`w_scale`, (N,)):
+    the Q/DQ pattern of the int8 DiT graphs, which onnxruntime fuses into its integer GEMM. A serialized model."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    k, n = 64, 8
-    w = np.full((k, n), 127, np.int8)
-    w[:, 1::2] = -127
-    init = [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z"),
-            numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(n, np.float32), "ws"),
+    k, n = w.shape
+    init = [numpy_helper.from_array(np.array(x_scale, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"), numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.asarray(w_scale, np.float32), "ws"),
             numpy_helper.from_array(np.zeros(n, np.int8), "wz")]
     g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
                            helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
                            helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
-                           helper.make_node("MatMul", ["xd", "wd"], ["y"])], "int8_probe",
+                           helper.make_node("MatMul", ["xd", "wd"], ["y"])], "int8_matmul",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], init)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+def _probe_model():
+    """qdq_matmul with x = +-127/-128 and |W| = 127: every u8s8 pair sum overflows int16 where the kernel adds in
+    int16. Returns (model, x, exact y)."""
+    import numpy as np
+    k, n = 64, 8
+    w = np.full((k, n), 127, np.int8)
+    w[:, 1::2] = -127
     x = np.full((4, k), 127.0, np.float32)
     x[1] = -128.0
     x[2, ::2] = -128.0
     x[3, 1::2] = -128.0
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
-    return model.SerializeToString(), x, x @ w.astype(np.float32)
+    return qdq_matmul(w, 1.0, np.ones(n, np.float32)), x, x @ w.astype(np.float32)
 
 
 @functools.cache
