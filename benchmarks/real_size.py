@@ -222,12 +222,13 @@ def machine() -> dict:
     """Where the numbers come from: machine, ISA, versions, the threading environment, the code's commit."""
     import torch
 
+    from vidrt.models.config import machine_memory
     from vidrt.runtime.ort import cpu_isa
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")
     root = Path(__file__).resolve().parents[1]
     git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = machine_memory("cpu")
     return {"platform": platform.platform(), "cpu": model or platform.processor(), "nproc": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)), "memory_bytes": memory, "isa": cpu_isa(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

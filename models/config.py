@@ -182,10 +182,10 @@ def memory_limit(limit_gb: float | None = None, device: str = "cpu") -> tuple[in
         import torch
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(MEMORY_FRACTION * free), f"{MEMORY_FRACTION:.0%} of the free GPU memory"
-    return int(MEMORY_FRACTION * _available_ram()), f"{MEMORY_FRACTION:.0%} of the available RAM"
+    return int(MEMORY_FRACTION * available_ram()), f"{MEMORY_FRACTION:.0%} of the available RAM"
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))

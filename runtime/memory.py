@@ -6,6 +6,8 @@ import ctypes
 import gc
 from pathlib import Path
 
+from vidrt.models.config import available_ram, machine_memory
+
 
 def _field(path: str, key: str) -> int:
     line = next(ln for ln in Path(path).read_text().splitlines() if ln.startswith(key + ":"))
@@ -21,13 +23,13 @@ def peak_rss_bytes() -> int:
 
 
 def total_bytes() -> int:
-    return _field("/proc/meminfo", "MemTotal")
+    return machine_memory("cpu")
 
 
 def available_bytes() -> int:
-    """What can still be had: MemAvailable, but no more than the RAM this process's RSS leaves (weights mapped from
-    safetensors are page cache, which MemAvailable counts as free although this process holds them)."""
-    return min(_field("/proc/meminfo", "MemAvailable"), total_bytes() - rss_bytes())
+    """What can still be had: the available RAM, but no more than the RAM this process's RSS leaves (weights mapped
+    from safetensors are page cache, which MemAvailable counts as free although this process holds them)."""
+    return min(available_ram(), total_bytes() - rss_bytes())
 
 
 def trim_heap() -> None:

@@ -154,7 +154,7 @@ def test_long_prompt_warns_with_token_counts(pipe):
 # --- item 5: memory estimate and limits ----------------------------------------------------------------------------
 
 def test_memory_estimate_scales_and_limit_is_configurable(pipe, monkeypatch, tmp_path):
-    monkeypatch.setattr("vidrt.models.config._available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
+    monkeypatch.setattr("vidrt.models.config.available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
     cfg = preset("tiny")
     small, big = estimate_memory(cfg, 9, 32, 32, 2), estimate_memory(cfg, 9, 64, 64, 2)
     assert big["VAE decode tile"] == 4 * small["VAE decode tile"]  # linear in pixels
@@ -238,7 +238,7 @@ def test_steps_cap_is_configurable(pipe, monkeypatch):
 
 
 def test_cli_refuses_before_work(tmp_path, monkeypatch):
-    monkeypatch.setattr("vidrt.models.config._available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
+    monkeypatch.setattr("vidrt.models.config.available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "1")  # so that teardown removes what --max-memory-gb sets below
     monkeypatch.delenv("VIDRT_MAX_MEMORY_GB")
     out = str(tmp_path / "v.mp4")
