@@ -24,6 +24,7 @@ from torch import nn
 from vidrt.models.config import ModelConfig
 from vidrt.models.family import DIT_CALL
 from vidrt.models.vae import CausalVAE
+from vidrt.runtime.memory import trim_heap
 from vidrt.runtime.onnx_files import EXTERNAL_DATA_THRESHOLD, save_graph  # noqa: F401 (export-engines' default)
 from vidrt.runtime.ort import ort_session
 
@@ -161,6 +162,7 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Pa
         return save_graph(transform(model) if transform else model, path, tmp_dir, external_threshold)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        trim_heap()  # the exporter's buffers: given back now, not held in glibc's arenas through what follows
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_threshold: int | None = None) -> Path:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vidrt.models.config import ConfigError
-from vidrt.runtime.memory import trim_heap
 
 from . import onnx_export as ox
 from .precisions import TOLERANCE, ExportError
@@ -49,7 +48,6 @@ def prepare_dit(d: Path, spec, calib_set: dict, external_threshold: int | None =
     if not fp32.exists():
         with spec.swaps(spec.module):
             ox.export_onnx(spec.module, cases[0], spec.io, fp32, external_threshold)
-        trim_heap()
     return PreparedDit(fp32, None, cal, ox.reference(spec.module, cases), served, external_threshold)
 
 
@@ -59,7 +57,6 @@ def export_base16(d: Path, spec, prep: PreparedDit, qdq_float: str, module16) ->
     prep.base16 = d / f"{spec.name}.{qdq_float}.qdq-base.onnx"
     with spec.swaps(module16):
         ox.export_onnx(module16, prep.val.cases[0], spec.io, prep.base16, prep.threshold, transform=ox.unwrap_scope)
-    trim_heap()
 
 
 def calibrate(prep: PreparedDit, recipe: dict):

@@ -69,10 +69,7 @@ def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: in
     weights may be mapped from safetensors and read later), exceeds the limit. The DiT's last 16-bit type converts it
     in place (torch_phase): only a second 16-bit type makes a copy."""
     from vidrt.models.config import memory_limit
-    types16 = {p for p in precisions if p in ("fp16", "bf16")}
-    if any(p in QUANT for p in precisions) and qdq_float != "fp32":
-        types16.add(qdq_float)
-    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16) > 1)
+    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16(set(precisions), qdq_float)) > 1)
     limit, source = memory_limit()
     need = plan.peak - min(resident, plan.model_bytes)  # the RSS growth of loading also counts imported libraries
     if need > limit:
@@ -175,10 +172,15 @@ def _sixteen_bit(jobs: list, qdq_float: str) -> list[tuple[str, str, bool]]:
     quality report and the pipeline in fp32)."""
     out = []
     for part in dict.fromkeys(p for p, _ in jobs):
-        precs = {prec for p, prec in jobs if p == part}
-        types = [t for t in ("fp16", "bf16") if t in precs or (precs & set(QUANT) and qdq_float == t)]
+        types = types16({prec for p, prec in jobs if p == part}, qdq_float)
         out += [(part, t, is_dit(part) and i == len(types) - 1) for i, t in enumerate(types)]
     return out
+
+
+def types16(precisions: set[str], qdq_float: str) -> list[str]:
+    """The 16-bit types a part exported at `precisions` needs: its fp16/bf16 graphs and, for int8/fp8, TensorRT's
+    Q/DQ base in `qdq_float`."""
+    return [t for t in ("fp16", "bf16") if t in precisions or (precisions & set(QUANT) and qdq_float == t)]
 
 
 def export_float(w, spec, name: str, module, threshold: int) -> Path:
@@ -188,7 +190,6 @@ def export_float(w, spec, name: str, module, threshold: int) -> Path:
     from . import onnx_export as ox
     with spec.swaps(module):
         path = ox.export_onnx(module, spec.example, spec.io, w.dir / f"{name}.onnx", threshold)
-    trim_heap()  # the exporter's buffers
     for rel, src in spec.files.items():
         (w.dir / rel).parent.mkdir(parents=True, exist_ok=True)
         (w.dir / rel).write_bytes(Path(src).read_bytes())
