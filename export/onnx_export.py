@@ -144,9 +144,10 @@ def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int],
 
 
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,
-                external_threshold: int | None = None, transform=None) -> Path:
+                external_threshold: int | None = None, transform=None, custom_opsets: dict | None = None) -> Path:
     """Export `module` at `inputs` with `io` (names, outputs, dynamic axes) to `path` (its weights in `path.data`
-    past the threshold); `transform(model)` edits the graph before it is written (e.g. unwrap_scope). torch's
+    past the threshold); `transform(model)` edits the graph before it is written (e.g. unwrap_scope);
+    `custom_opsets`: {domain: version} of custom nodes the module emits (export/streamed.py's cut). torch's
     exporter writes a graph over 2 GB as one file per tensor: it writes into a private folder, whose tensors are
     streamed into the one side file and which is then removed whole, so nothing stray is left beside `path`."""
     names, outs, axes = io
@@ -157,7 +158,8 @@ def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Pa
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(module.eval(), tuple(inputs[n] for n in names), str(tmp), input_names=names,
-                              output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                              output_names=outs, dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              custom_opsets=custom_opsets)
         model = onnx.load(str(tmp), load_external_data=False)
         return save_graph(transform(model) if transform else model, path, tmp_dir, external_threshold)
     finally:

@@ -76,6 +76,8 @@ def cast_like_diffusers(model: nn.Module, device, dtype) -> None:
     the family's pipeline computes after from_pretrained(torch_dtype=...)."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_meta and device != "meta":
+            continue  # a skeleton's blocks (load_skeleton): read when exported, never run here
         want = torch.float32 if p.is_floating_point() and any(k in name.split(".") for k in keep) else dtype
         p.data = p.data.to(device, want if p.is_floating_point() else p.dtype)
 
@@ -156,3 +158,70 @@ def move(fam, modules, device, dtype) -> None:
         cast_like_diffusers(m, fam.device, dtype)
     if fam.text_model is not None:  # presets have none
         fam.text_model.to(fam.device)
+
+
+class SafetensorsFolder:
+    """The safetensors weights of one diffusers model folder (one file, or shards with their index), read a module
+    at a time (safetensors maps the file: a block's tensors are all that is read)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        self.folder = Path(folder)
+        index = self.folder / "diffusion_pytorch_model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(read_json(index).get("weight_map", {}).values()))
+        else:
+            files = sorted(f.name for f in self.folder.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"{self.folder} has no safetensors weights (no pickle files are read)")
+        if bad := [f for f in files if Path(f).name != f or not f.endswith(".safetensors")]:
+            raise ConfigError(f"{index}: the weight map names {bad[0]!r}, not a .safetensors file in {self.folder}")
+        self.key_file: dict[str, Path] = {}
+        for name in files:
+            try:
+                with safe_open(self.folder / name, framework="pt") as f:
+                    self.key_file.update({k: self.folder / name for k in f.keys()})
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors' own error types
+                raise ConfigError(f"cannot read {self.folder / name}: {e}") from e
+
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, strict: bool = True) -> None:
+        """The tensors under `prefix` ("blocks.3.") become `module`'s parameters and buffers (in `dtype` if float),
+        replacing meta ones; strict: every one of its keys must be there and nothing else under the prefix."""
+        from safetensors import safe_open
+        by_file: dict[Path, list[str]] = {}
+        for k, f in self.key_file.items():
+            if k.startswith(prefix):
+                by_file.setdefault(f, []).append(k)
+        state = {}
+        for f, keys in by_file.items():
+            with safe_open(f, framework="pt") as fh:
+                for k in keys:
+                    t = fh.get_tensor(k)
+                    state[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
+        try:
+            module.load_state_dict(state, strict=strict, assign=True)
+        except RuntimeError as e:
+            raise ConfigError(f"{self.folder}: the weights under {prefix!r} do not match the model's config: "
+                              f"{str(e).splitlines()[0][:300]}") from e
+
+
+def load_skeleton(cls, folder: Path, blocks: str, what: str):
+    """A diffusers model (`cls`) from `folder`'s config with the weights outside its `blocks` ModuleList loaded and
+    the blocks' parameters left on the meta device (buffers, e.g. RoPE tables, are built as the class builds them);
+    returns (model, SafetensorsFolder) for export/streamed.py to read the blocks from."""
+    from accelerate import init_empty_weights
+    try:
+        config = cls.load_config(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the {what} config in {folder}: {e}") from e
+    with init_empty_weights():  # parameters on meta, buffers real
+        model = cls.from_config(config)
+    weights = SafetensorsFolder(folder)
+    outside = {k: f for k, f in weights.key_file.items() if not k.startswith(f"{blocks}.")}
+    sub = SafetensorsFolder.__new__(SafetensorsFolder)
+    sub.folder, sub.key_file = weights.folder, outside
+    sub.load_into(model, "", torch.float32, strict=False)
+    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(f"{blocks}.")]
+    if left:
+        raise ConfigError(f"{folder}: the weights lack {', '.join(left[:3])}{' ...' if len(left) > 3 else ''}")
+    return model.eval(), weights

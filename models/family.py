@@ -50,7 +50,8 @@ class PartSpec:
     `example`: the tracing feed; `swaps`: a context manager of exact export-time module swaps; `files`: files the
     runtime needs beside the graph (bundle name -> source path). `calib_select`: for a DiT part that serves only some
     timesteps (Wan 2.2 A14B's two experts), timestep (N,) -> bool (N,): the timesteps it serves, i.e. the captured
-    calibration samples that calibrate it and the steps it runs in a whole-pipeline report (None: every one)."""
+    calibration samples that calibrate it and the steps it runs in a whole-pipeline report (None: every one).
+    `stream`: set when the module is a skeleton whose blocks are read one at a time (block-streamed export)."""
     name: str
     module: torch.nn.Module
     io: tuple
@@ -60,6 +61,22 @@ class PartSpec:
     swaps: Callable = lambda module: contextlib.nullcontext()  # module -> context manager
     files: dict = field(default_factory=dict)
     calib_select: Callable | None = None
+    stream: "StreamSource | None" = None
+
+
+@dataclass
+class StreamSource:
+    """A DiT part loaded as a skeleton for block-streamed export (export/streamed.py): the parameters of its blocks,
+    the ModuleList at `blocks` (a dotted path in the part's module), stay on the meta device and are read from
+    `weights` (a diffusers_io.SafetensorsFolder of the module at `holder`, whose state-dict keys it uses) one block
+    at a time."""
+    blocks: str
+    holder: str
+    weights: object
+
+    def key_prefix(self, k: int) -> str:
+        rel = self.blocks[len(self.holder) + 1:] if self.holder else self.blocks
+        return f"{rel}.{k}."
 
 
 def batch_profiles(io: tuple, feeds: list[dict]) -> list[dict]:
@@ -234,14 +251,25 @@ def family_config(model: str | Path):
     return resolve_model(model)[0]
 
 
-def load_family(model: str | Path = "tiny", seed: int = 0, device="cpu", dtype=torch.float32):
+STREAMING_FAMILIES = ("wan",)  # whose Family(root, stream_dit=True) loads its DiT as a skeleton (export/streamed.py)
+
+
+def load_family(model: str | Path = "tiny", seed: int = 0, device="cpu", dtype=torch.float32,
+                stream_dit: bool = False):
     """A preset name, `tiny`, a vidrt checkpoint directory or a diffusers pipeline directory -> a loaded family on
-    CPU in float32 (eval mode); a family's real-size random-init preset is built directly on `device` in `dtype`."""
+    CPU in float32 (eval mode); a family's real-size random-init preset is built directly on `device` in `dtype`.
+    `stream_dit`: the DiT as a skeleton whose blocks a block-streamed export reads one at a time."""
+    fam = diffusers_family(Path(str(model)).expanduser()) if _diffusers_dir(model) is not None else None
+    if stream_dit and fam not in STREAMING_FAMILIES:
+        raise ConfigError(f"block-streamed export reads a diffusers directory's safetensors block by block; it is "
+                          f"available for {', '.join(STREAMING_FAMILIES)} directories, and {model} is "
+                          f"{'a ' + fam + ' directory' if fam else 'not a diffusers directory'}")
     if name := _family_preset(model):
         return family_module(name).from_preset(str(model), device, dtype, seed)
     p = Path(str(model)).expanduser()
-    if _diffusers_dir(model) is not None:
-        return family_module(diffusers_family(p)).Family(p, dtype=dtype)
+    if fam is not None:
+        kw = {"stream_dit": True} if stream_dit else {}
+        return family_module(fam).Family(p, dtype=dtype, **kw)
     if p.is_dir() and not any((p / f).is_file() for f in FILES) and str(model) not in PRESETS:
         raise ConfigError(f"{p} is neither a vidrt checkpoint ({', '.join(FILES)}) nor a diffusers pipeline "
                           f"directory (model_index.json with transformer/, vae/, text_encoder/, tokenizer/, "

@@ -161,6 +161,16 @@ class _Served:
         return (timestep >= self.boundary) if self.high else (timestep < self.boundary)
 
 
+def _load_streamed(fam: "WanFamily", sub: str, part: str) -> nn.Module:
+    """The transformer in `sub`/ as a skeleton whose blocks the export reads one at a time (fam.streams[part])."""
+    from .diffusers_io import load_skeleton
+    from .family import StreamSource
+    diffusers, _ = require_diffusers()
+    tr, weights = load_skeleton(diffusers.WanTransformer3DModel, fam.root / sub, "blocks", sub)
+    fam.streams = {**fam.streams, part: StreamSource("transformer.blocks", "transformer", weights)}
+    return tr
+
+
 class WanFamily:
     """A loaded Wan directory: see models/family.py for the contract."""
     solvers = ("default",)
@@ -169,9 +179,13 @@ class WanFamily:
     # output projection (a colleague measured Wan INT8 rel L2 0.087 with nothing skipped, 0.040 with these skipped)
     quant_skip = (r"condition_embedder", r"patch_embedding", r"(^|\.)proj_out(\.|$)")
 
-    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float32):
+    streams: dict = {}  # DiT part name -> StreamSource when loaded with stream_dit (never mutated: one per instance)
+
+    def __init__(self, root: str | Path, dtype: torch.dtype = torch.float32, stream_dit: bool = False):
         """Loads the directory's weights in `dtype` (diffusers keeps its float32 modules), so a 14B model never
-        exists in float32 on the host when the run is bf16; the text encoder loads as saved."""
+        exists in float32 on the host when the run is bf16; the text encoder loads as saved. `stream_dit`: the
+        transformers as skeletons (their blocks on the meta device, read a block at a time by the block-streamed
+        export; nothing else can run them)."""
         from vidrt.models.text import _offline
         self.root = Path(root)
         self.cfg = WanConfig.from_dir(self.root)
@@ -179,12 +193,11 @@ class WanFamily:
         diffusers, _ = require_diffusers()
         self.tokenizer, self.text_model = load_text(self.root, "UMT5EncoderModel")
         self.text_part = WanText(self.text_model)
-        tr = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer", "transformer",
-                             torch_dtype=dtype)
-        tr2 = None
-        if (self.root / "transformer_2").is_dir():
-            tr2 = load_pretrained(diffusers.WanTransformer3DModel, self.root / "transformer_2", "transformer_2",
-                                  torch_dtype=dtype).eval()
+        load = functools.partial(_load_streamed, self) if stream_dit else \
+            (lambda sub, _part: load_pretrained(diffusers.WanTransformer3DModel, self.root / sub, sub,
+                                                torch_dtype=dtype))
+        tr = load("transformer", "dit")
+        tr2 = load("transformer_2", "dit_2").eval() if (self.root / "transformer_2").is_dir() else None
         if tr2 is not None and self.cfg.boundary_ratio is None:
             raise ConfigError(f"{self.root} has transformer_2/ but model_index.json gives no boundary_ratio")
         boundary = None if tr2 is None else _boundary(self.cfg)
@@ -295,7 +308,7 @@ class WanFamily:
                 cases = [feed((b.frames, b.height, b.width), 1, c.text_len, lo, hi) for b in buckets] + per_bucket
                 cases.append(feed(pf, max_batch + 1, max(2, c.text_len // 3), lo, hi))  # probe: batch, shape, text
                 specs.append(PartSpec(name, module.eval(), io, cases, per_bucket[-1], batch_profiles(io, per_bucket),
-                                      swaps=exportable, calib_select=select))
+                                      swaps=exportable, calib_select=select, stream=self.streams.get(name)))
         if "vae_decoder" in parts:  # two streaming step graphs (export/wan_vae.py): first latent frame, the rest
             from vidrt.export.wan_vae import WanDecodeStep, cache_shapes, nearest_for_export, step_io
             z = c.in_channels
