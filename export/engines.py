@@ -9,7 +9,7 @@ import click
 
 # torch, onnx and the model code are imported by the functions that use them: `export-engines --help` answers at once
 from vidrt.models.config import ConfigError, check_memory
-from vidrt.runtime.memory import peak_rss_bytes, rss_bytes
+from vidrt.runtime.memory import peak_rss_bytes, rss_bytes, trim_heap
 
 from .bundle import BundleError, BundleWriter, check_out, load_manifest
 from .tensorrt import Bucket, build_engine, build_notes, trt_unavailable_reason
@@ -41,7 +41,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                    max_batch: int = 2, build: bool = True, overwrite: bool = False, opt_level: int = 3,
                    external_threshold: int | None = None, progress: bool = True,
                    parts: tuple[str, ...] = PARTS, calib: str | Path | None = None, recipe=None,
-                   quality: bool = True, qdq_float: str = "fp16", validate_buckets: bool = False) -> dict:
+                   quality: bool = True, qdq_float: str = "fp16", validate_buckets: bool = False,
+                   stream_blocks: bool = False) -> dict:
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
     is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
     (recipe: calibration.quantize.QuantRecipe fields; the text encoder stays float; int8 also writes onnxruntime's
@@ -50,7 +51,9 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     `qdq_float` (fp16/bf16) export, so its layers outside Q/DQ build in 16 bit (fp32: one graph for both).
     external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's).
     The torch work comes first, then the torch DiT is freed and the onnxruntime work runs (torch_side.torch_phase).
-    A big DiT is validated at reduced shapes (torch_side.validation_buckets) unless `validate_buckets`."""
+    A big DiT is validated at reduced shapes (torch_side.validation_buckets) unless `validate_buckets`.
+    `stream_blocks`: the DiT is read and exported one transformer block at a time (export/streamed.py), so the
+    export holds one block of it, whatever its depth; its assembled graph is checked whole where that fits."""
     from tqdm import tqdm
 
     from vidrt.models.family import VidrtFamily, _family_preset, family_config, load_family
@@ -91,11 +94,12 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                               f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
                               "--bucket or capture a set at a bucket shape")
     before = rss_bytes()
-    fam = load_family(model)
+    fam = load_family(model, stream_dit=stream_blocks)
     cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
     # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
     recipe = {"skip": fam.quant_skip, **(recipe or {})}
-    memory = check_export_memory(fam, precisions, qdq_float, max(0, rss_bytes() - before))
+    memory = check_export_memory(fam, precisions, qdq_float, max(0, rss_bytes() - before),
+                                 fam.streams if stream_blocks else None)
     checked = validation_buckets(fam, buckets, validate_buckets)
     calib_shape = [Bucket(*calib_set["manifest"]["video_shape"])] if quant else []  # int8/fp8 parity, quality
     for b in checked + [c for c in calib_shape if str(c) not in map(str, checked)]:
@@ -150,30 +154,37 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 quantized.setdefault(prec, []).append((spec, path))
             else:
                 path = torch_side.graphs[name]
-                report = _validate_float(w, name, prec, path, torch_side.refs[part], is_dit(part))
+                streamed = torch_side.streamed.get(part) if not memory.whole_graph else None
+                report = _validate_float(w, name, prec, path, torch_side.refs[part], is_dit(part), streamed)
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
                                                  flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
             manifest["validation"][name] = report
+            trim_heap()  # a job's sessions (a whole DiT each) given back before the next job opens its own
         if "int8" in quant and own and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
             _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
         # the quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)
         for prec, dits in quantized.items() if torch_side.quality else ():
             manifest["quality"][f"dit.{prec}"] = Qx.quality(torch_side.pipe, dits, torch_side.quality, prec)
+            trim_heap()
         for prep in torch_side.prepared.values() if "fp32" not in precisions else ():
             for f in w.dir.glob(prep.fp32.name + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's
                 f.unlink()
         for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
             base.unlink()
+        manifest["streamed"] = {p: r.to_dict() for p, r in torch_side.streamed.items()}
         manifest["export_memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the process's, measured: vs the estimate
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
-def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool) -> dict:
+def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool, streamed=None) -> dict:
     """Checker, parity against torch's outputs on every case, polygraphy (all vs basic optimizations); a DiT's fp32
-    graph also gets onnxruntime's CPU flavour beside it. Raises ExportError past the tolerance."""
+    graph also gets onnxruntime's CPU flavour beside it. Raises ExportError past the tolerance. `streamed`: the
+    block-streamed export's report of a DiT too big to run whole here (its blocks and skeleton were checked)."""
     from . import onnx_export as ox
     report = {"graph": ox.check_graph(path), "tolerance_rel_l2": TOLERANCE[prec]}
+    if streamed is not None:
+        return _streamed_validation(name, prec, report, streamed)
     try:
         par = ox.check_parity(ref, path)
         report["parity"] = [p.__dict__ for p in par]
@@ -190,6 +201,24 @@ def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool) -> dict
                           f"> {TOLERANCE[prec]:.0e} at shape {worst.shape}); bundle not written")
     if prec == "fp32" and dit:  # onnxruntime's CPU flavour beside TensorRT's graph, same weights
         report["onnxruntime_cpu"] = {"cpu_flavour": _fp32_flavour(w, ref, path, par)}
+    return report
+
+
+def _streamed_validation(name: str, prec: str, report: dict, streamed) -> dict:
+    """A block-streamed graph not run whole: fp32 passes on its blocks' and skeleton's parity (export/streamed.py);
+    a 16-bit one is checked per block only through the fp32 one (its blocks are the same code, converted)."""
+    if prec != "fp32":
+        return {**report, "passed": None, "skipped": "block-streamed and too big to run whole here; its fp32 graph "
+                "was checked block by block"}
+    tol = TOLERANCE[prec]
+    worst = max([p.rel_l2 for p in streamed.skeleton_parity] + streamed.block_rel_l2)
+    report.update(parity=[p.__dict__ for p in streamed.skeleton_parity], passed=worst <= tol,
+                  checked="block by block: every block's graph and the skeleton's (with block 0) against torch; the "
+                          "assembled graph was not run (it does not fit the memory limit)",
+                  block_rel_l2_max=max(streamed.block_rel_l2, default=0.0))
+    if not report["passed"]:
+        raise ExportError(f"{name}: a block or the skeleton differs from PyTorch (rel L2 {worst:.2e} > {tol:.0e}); "
+                          "bundle not written")
     return report
 
 
@@ -295,6 +324,9 @@ def summary_table(manifest: dict) -> str:
                       + (f", video PSNR {q['psnr_mean']:.1f} dB" if q else "")
                       + (f"; {trt['float_type']} TensorRT graph rel L2 {max(p['rel_l2'] for p in trt['parity']):.2e}"
                          if trt and trt.get("passed") else "") + _flavour_note(rep))
+        elif "checked" in rep:  # block-streamed, not run whole
+            status = f"ok block by block (worst block rel L2 {rep['block_rel_l2_max']:.2e}), skeleton on " \
+                     f"{len(rep['parity'])} shapes; assembled graph not run (memory)"
         else:
             poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
             status = f"ok on {len(rep['parity'])} shapes, {poly}" + _flavour_note(rep)
@@ -328,8 +360,10 @@ def summary_table(manifest: dict) -> str:
               help="int8/fp8: the float type of TensorRT's Q/DQ graph, i.e. what its unquantized layers build in")
 @click.option("--validate-buckets", is_flag=True,
               help="Validate a big model (DiT over 1 GiB) at the buckets themselves, not at reduced shapes")
+@click.option("--stream-blocks", is_flag=True,
+              help="Read and export the DiT one transformer block at a time (Wan): for models bigger than memory")
 def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
-         smoothquant, quantize_all, no_quality, qdq_float, validate_buckets):
+         smoothquant, quantize_all, no_quality, qdq_float, validate_buckets, stream_blocks):
     """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
     from vidrt.models.family import family_config
     try:
@@ -341,7 +375,8 @@ def main(model, out, precision, frames, height, width, buckets, vae_tile, no_bui
         recipe = {"observer": observer, "smoothquant": smoothquant, **({"skip": ()} if quantize_all else {})}
         man = export_engines(model, out, [p.strip() for p in precision.split(",") if p.strip()], bks, tile=vae_tile,
                              build=not no_build, overwrite=overwrite, calib=calib, recipe=recipe,
-                             quality=not no_quality, qdq_float=qdq_float, validate_buckets=validate_buckets)
+                             quality=not no_quality, qdq_float=qdq_float, validate_buckets=validate_buckets,
+                             stream_blocks=stream_blocks)
     except (ConfigError, ExportError, BundleError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(summary_table(man))

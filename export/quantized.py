@@ -28,8 +28,18 @@ class PreparedDit:
 
 def prepare_dit(d: Path, spec, calib_set: dict, external_threshold: int | None = None) -> PreparedDit:
     """The part's fp32 graph (the fp32 job's if it ran), calibration and held-out feeds and torch's outputs on the
-    held-out ones. The samples are the captured DiT calls at the timesteps the part serves (spec.calib_select; all of
-    them for a single DiT); a quarter is held out. The 16-bit base comes later (export_base16)."""
+    held-out ones (dit_samples). The 16-bit base comes later (export_base16)."""
+    cal, cases, served = dit_samples(spec, calib_set)
+    fp32 = d / f"{spec.name}.fp32.onnx"
+    if not fp32.exists():
+        with spec.swaps(spec.module):
+            ox.export_onnx(spec.module, cases[0], spec.io, fp32, external_threshold)
+    return PreparedDit(fp32, None, cal, ox.reference(spec.module, cases), served, external_threshold)
+
+
+def dit_samples(spec, calib_set: dict) -> tuple[list[dict], list[dict], list[float]]:
+    """(calibration feeds, held-out cases as torch tensors, the timesteps served): the captured DiT calls at the
+    timesteps the part serves (spec.calib_select; all of them for a single DiT), a quarter held out."""
     import torch
 
     from vidrt.calibration import quantize as Q
@@ -43,12 +53,7 @@ def prepare_dit(d: Path, spec, calib_set: dict, external_threshold: int | None =
         samples = {k: v[keep] for k, v in samples.items()}
     served = sorted({round(float(t), 3) for t in samples["timestep"]})  # the captured timesteps it is calibrated on
     cal, val = Q.split_samples(samples)
-    cases = [{k: torch.from_numpy(v) for k, v in f.items()} for f in val]
-    fp32 = d / f"{spec.name}.fp32.onnx"
-    if not fp32.exists():
-        with spec.swaps(spec.module):
-            ox.export_onnx(spec.module, cases[0], spec.io, fp32, external_threshold)
-    return PreparedDit(fp32, None, cal, ox.reference(spec.module, cases), served, external_threshold)
+    return cal, [{k: torch.from_numpy(v) for k, v in f.items()} for f in val], served
 
 
 def export_base16(d: Path, spec, prep: PreparedDit, qdq_float: str, module16) -> None:
@@ -145,15 +150,20 @@ def quality_reference(ref_pipe, calib_set: dict, faithfulness: bool = False):
                      num_inference_steps=calib_set["manifest"]["steps"])
 
 
+def graph_dit(dits: list, basic_opt: bool = False):
+    """The DiT parts' graphs [(spec, path)] on onnxruntime behind the runtime's DiT call, each at the timesteps it
+    serves (spec.calib_select)."""
+    from vidrt.models.family import DitCall, RoutedDit
+    from vidrt.runtime.backends import OrtPart
+    return RoutedDit([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=basic_opt), spec.io[0]))
+                      for spec, path in dits])
+
+
 def quality(pipe, dits: list, reference, prec: str) -> dict:
     """The quality report of the quantized DiT parts together (per-step error, video PSNR/SSIM, faithfulness on
     tiny) against the fp32 `reference` (quality_reference); `pipe` supplies the text encoder, sampler and VAE."""
     from vidrt.calibration.report import quality_report
-    from vidrt.models.family import DitCall, RoutedDit
-    from vidrt.runtime.backends import OrtPart
-    dit = RoutedDit([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=prec == "fp8"), spec.io[0]))
-                   for spec, path in dits])
-    qual = quality_report(pipe, dit, reference)
+    qual = quality_report(pipe, graph_dit(dits, basic_opt=prec == "fp8"), reference)
     # both videos are decoded by the reference Pipeline's float VAE: this is the DiT's quality alone (an int8 bundle
     # on onnxruntime decodes with its INT8 VAE where it has one, checked on its own: validation["vae_decoder.int8"])
     return {**qual, "parts": [f"{spec.name}.{prec}" for spec, _ in dits], "vae": "float (the DiT's quality alone)"}

@@ -42,6 +42,8 @@ class MemoryPlan:
     dit_bytes: int
     copy16: bool
 
+    whole_graph = True  # the DiT's graphs are checked whole on onnxruntime (streamed.StreamPlan may not)
+
     @property
     def peak(self) -> int:
         return int(self.model_bytes + self.dit_bytes * (WORKING_PER_DIT_BYTE + COPY16_PER_DIT_BYTE * self.copy16))
@@ -58,19 +60,26 @@ def model_bytes(fam) -> int:
     seen, total = set(), 0
     for m in (v for v in vars(fam).values() if isinstance(v, torch.nn.Module)):
         for t in (*m.parameters(), *m.buffers()):
-            if id(t) not in seen:
+            if id(t) not in seen and not t.is_meta:  # a skeleton's blocks are read one at a time
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
 
 
-def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: int) -> MemoryPlan:
+def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: int, streams: dict | None = None):
     """ConfigError before any work when the plan's peak, less what loading the model made `resident` already (its
     weights may be mapped from safetensors and read later), exceeds the limit. The DiT's last 16-bit type converts it
-    in place (torch_phase): only a second 16-bit type makes a copy."""
+    in place (torch_phase): only a second 16-bit type makes a copy. `streams`: the DiT parts' StreamSources when the
+    DiT is a skeleton exported block by block (streamed.plan_stream)."""
     from vidrt.models.config import memory_limit
-    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16(set(precisions), qdq_float)) > 1)
     limit, source = memory_limit()
+    if streams:
+        from .streamed import plan_stream
+        block = max(sum(p.numel() * 4 for p in fam.dit.get_submodule(s.blocks)[0].parameters())
+                    for s in streams.values())  # fp32 bytes of the widest block
+        return plan_stream(model_bytes(fam), dit_bytes(fam), block, bool(set(precisions) & set(QUANT)), limit,
+                           source, resident)
+    plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16(set(precisions), qdq_float)) > 1)
     need = plan.peak - min(resident, plan.model_bytes)  # the RSS growth of loading also counts imported libraries
     if need > limit:
         gib = lambda n: f"{n / 2 ** 30:.1f} GiB"
@@ -119,6 +128,7 @@ class TorchSide:
     quality: object | None = None
     pipe: object | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    streamed: dict = field(default_factory=dict)  # part -> streamed.StreamReport of its block-streamed fp32 export
 
 
 def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, threshold: int, progress: bool,
@@ -137,6 +147,11 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     side = TorchSide()
     for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] != "fp32"), desc="export fp32", disable=not progress):
         t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
+        if spec.stream is not None:  # a skeleton: its fp32 graph, references and int8/fp8 inputs in one pass
+            if part not in side.streamed:
+                _stream_fp32(w, spec, {p for q, p in jobs if q == part}, calib_set, threshold, side, progress)
+            side.seconds[name] = time.time() - t0
+            continue
         if prec == "fp32":
             side.graphs[name] = export_float(w, spec, name, spec.module, threshold)
         if prec in QUANT and part not in side.prepared:
@@ -146,9 +161,17 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
         side.seconds[name] = time.time() - t0
     if quality:
         side.pipe = Pipeline(fam.cfg.name, family=fam)  # shares the loaded family: no second copy
+        skeleton = fam.dit
+        if side.streamed:  # the torch DiT is a skeleton: its fp32 graphs (checked against torch) stand in for it
+            side.pipe.dit = Qx.graph_dit([(s, side.prepared[s.name].fp32) for s in specs.values() if is_dit(s.name)])
         side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
+        side.pipe.dit = skeleton
     for part, dt, in_place in _sixteen_bit(jobs, qdq_float):
         t0, spec = time.time(), specs[part]
+        if spec.stream is not None:
+            _stream_16bit(w, spec, dt, jobs, qdq_float, side, threshold, progress)
+            side.seconds[f"{part}.{dt}"] = side.seconds.get(f"{part}.{dt}", 0.0) + time.time() - t0
+            continue
         m = (ox.CastIO if in_place else ox.CastIO.copy_of)(spec.module, getattr(torch, FLOAT[dt]))
         if (part, dt) in jobs:
             side.graphs[f"{part}.{dt}"] = export_float(w, spec, f"{part}.{dt}", m, threshold)
@@ -164,6 +187,51 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
             spec.module.to("meta")  # a family may wrap its DiT per part (Wan 2.2's experts): the same weights
     trim_heap()
     return side
+
+
+def _stream_fp32(w, spec, precisions: set[str], calib_set, threshold: int, side: TorchSide, progress: bool) -> None:
+    """A skeleton DiT part (spec.stream) exported block by block (export/streamed.py) in one pass that also gives
+    torch's outputs on its validation cases and, for int8/fp8, on the held-out calibration calls."""
+    from . import onnx_export as ox
+    from . import quantized as Qx
+    from .streamed import export_streamed
+    cal, held, served = Qx.dit_samples(spec, calib_set) if precisions & set(QUANT) else ([], [], [])
+    path, ref, report = export_streamed(spec, spec.stream, w.dir / f"{spec.name}.fp32.onnx", spec.cases + held,
+                                        threshold=threshold, progress=progress)
+    n = len(spec.cases)
+    side.streamed[spec.name] = report
+    side.graphs[f"{spec.name}.fp32"] = path  # the quantizer's input only, when fp32 is not asked (removed then)
+    side.refs[spec.name] = ox.Reference(ref.cases[:n], ref.outputs[:n])
+    if held:
+        side.prepared[spec.name] = Qx.PreparedDit(path, None, cal, ox.Reference(ref.cases[n:], ref.outputs[n:]),
+                                                  served, threshold)
+
+
+def _stream_16bit(w, spec, dt: str, jobs: list, qdq_float: str, side: TorchSide, threshold: int,
+                  progress: bool) -> None:
+    """A skeleton DiT part's `dt` graph, and TensorRT's Q/DQ base when `dt` is --qdq-float: block by block, each
+    block converted as it is read (one export serves both: the base is a copy of the graph)."""
+    import torch
+
+    from .streamed import export_streamed
+    base = spec.name in side.prepared and dt == qdq_float
+    path = w.dir / (f"{spec.name}.{dt}.onnx" if (spec.name, dt) in jobs else f"{spec.name}.{dt}.qdq-base.onnx")
+    export_streamed(spec, spec.stream, path, spec.cases, getattr(torch, FLOAT[dt]), threshold, check_blocks=False,
+                    progress=progress)
+    if (spec.name, dt) in jobs:
+        side.graphs[f"{spec.name}.{dt}"] = path
+    if base:
+        prep = side.prepared[spec.name]
+        prep.base16 = path if path.name.endswith(".qdq-base.onnx") else _copy_graph(path, w.dir / (
+            f"{spec.name}.{dt}.qdq-base.onnx"))
+
+
+def _copy_graph(src: Path, dst: Path) -> Path:
+    """A graph and its side file copied under a new name (the side file's name inside the graph rewritten)."""
+    import onnx
+
+    from vidrt.runtime.onnx_files import save_graph
+    return save_graph(onnx.load(str(src), load_external_data=False), dst, src.parent)
 
 
 def _sixteen_bit(jobs: list, qdq_float: str) -> list[tuple[str, str, bool]]:
