@@ -3,6 +3,7 @@
 wall time, peak RSS, load, the bundle's files, parity and PSNR written to OUT/results.json and OUT/RESULTS.md.
 
     python -m vidrt.benchmarks.real_size --geometry wan2.1-1.3b --out DIR [--model-dir D] [--steps-only a,b] [--keep]
+        [--stream-blocks]
 
 torch, onnx and vidrt's models are imported inside the functions that need them: `--help` stays quick and the parent
 process small while the measured steps run.
@@ -52,6 +53,7 @@ class Options:
     precision: str = "fp32,int8,fp8"
     steps_only: tuple[str, ...] = STEPS
     keep: bool = False
+    stream_blocks: bool = False  # export-engines --stream-blocks
 
 
 @dataclass
@@ -130,7 +132,8 @@ def plan(o: Options, model_dir: Path) -> list[Step]:
     calibrate = [_cli("vidrt"), "calibrate", "--model", str(model_dir), "--out", str(cal), *shape,
                  "--steps", str(o.steps), "--overwrite", *_calibrate_prompts(o)]
     export = [_cli("export-engines"), "--model", str(model_dir), "--out", str(bundle), "--precision", o.precision,
-              *(["--calib", str(cal)] if quant else []), *shape, "--bucket", o.bucket, "--no-build", "--overwrite"]
+              *(["--calib", str(cal)] if quant else []), *shape, "--bucket", o.bucket, "--no-build", "--overwrite",
+              *(["--stream-blocks"] if o.stream_blocks else [])]
     gen_prec = "int8" if "int8" in precisions else precisions[0]
     generate = [py, "-c", GENERATE, str(bundle), gen_prec, str(o.frames), str(o.height), str(o.width), str(o.steps),
                 str(o.out / f"generate-{gen_prec}.mp4")]
@@ -370,6 +373,7 @@ def parse(argv: list[str] | None = None) -> Options:
     ap.add_argument("--precision", default=Options.precision, help="export-engines --precision")
     ap.add_argument("--steps-only", default=",".join(STEPS), help=f"comma list of {','.join(STEPS)}")
     ap.add_argument("--keep", action="store_true", help="keep the model dir, calibration set and bundle")
+    ap.add_argument("--stream-blocks", action="store_true", help="export the DiT block by block (export-engines)")
     a = ap.parse_args(argv)
     only = tuple(s.strip() for s in a.steps_only.split(",") if s.strip())
     if bad := [s for s in only if s not in STEPS]:

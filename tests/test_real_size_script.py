@@ -55,3 +55,25 @@ def test_save_wan_geometry_writes_a_loadable_directory(tmp_path):
     g = R.geometry_record(root)
     assert g["transformer"]["num_layers"] == 3 and g["text_encoder"]["num_layers"] == 1
     assert g["text_encoder"]["num_heads"] == 2 and g["weights"]["text_encoder"]["params"] > 0
+
+
+def test_stream_blocks_reaches_export_and_depth_prediction_arithmetic(tmp_path):
+    """--stream-blocks is passed to export-engines; stream_depth's prediction from two runs of one geometry: the growth
+    per layer, the block loop's working set in blocks (peak less what the plan counts as loaded, over one block),
+    the full depth's peak and each preset's DiT share (its weights outside the blocks + that many blocks)."""
+    from vidrt.benchmarks import stream_depth as S
+    o = R.parse(["--out", str(tmp_path), "--stream-blocks"])
+    export = next(s for s in R.plan(o, tmp_path / "model") if s.name == "export")
+    assert export.argv[-1] == "--stream-blocks"
+    block, outside = S.block_bytes("wan2.1-14b")
+    # fp32 bytes of 2 attentions x 4 projections (5120^2 + bias) + FFN (2 x 5120 x 13824 + biases) + norms + modulation
+    assert block == 4 * (8 * (5120 ** 2 + 5120) + 2 * 5120 * 13824 + 13824 + 5120 + 6 * 5120 + 6 * 5120)
+    assert 0 < outside < block
+    gib = 2 ** 30
+    runs = [{"layers": 2, "rc": 0, "peak_rss_bytes": 7 * gib, "memory": {"model_bytes": 3 * gib}},
+            {"layers": 4, "rc": 0, "peak_rss_bytes": 7 * gib + 2 * 2 ** 20, "memory": {"model_bytes": 3 * gib}}]
+    p = S.predict("wan2.1-14b", runs)
+    assert p["slope_bytes_per_layer"] == 2 ** 20 and p["working_set_in_blocks"] == round((4 * gib + 2 ** 21) / block, 2)
+    assert p["full_depth_process_peak_bytes"] == 7 * gib + 2 * 2 ** 20 + 36 * 2 ** 20
+    b5, o5 = S.block_bytes("wan2.2-5b")
+    assert p["wan2.2-5b"]["predicted_dit_share_bytes"] == int(o5 + (4 * gib + 2 ** 21) / block * b5)
