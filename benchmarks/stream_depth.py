@@ -25,7 +25,7 @@ from vidrt.export.tensorrt import Bucket
 model, out = sys.argv[1:]
 man = export_engines(model, out, ["fp32"], [Bucket(9, 64, 64)], parts=("dit",), stream_blocks=True, progress=False,
                      overwrite=True)
-print(json.dumps({"memory": man["export_memory"], "streamed": man["streamed"]["dit"],
+print(json.dumps({"memory": man["export_memory"], "streamed": man["streamed"]["dit.fp32"],
                   "validation": man["validation"]["dit.fp32"]}))
 """
 # the limit each run is held to, as on a machine with this much free: below the model with its assembled DiT on
@@ -130,7 +130,8 @@ def to_markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--geometry", default="wan2.1-14b", help="a models/wan.py PRESETS name")
+    ap.add_argument("--geometry", default="wan2.1-14b", choices=sorted({p for p, _ in GEOMETRIES.values() if p}),
+                    help="a models/wan.py PRESETS name that benchmarks/real_size.py builds")
     ap.add_argument("--layers", default="2,4", help="comma list of layer counts")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--models", type=Path, help="where the random-init directories are (built if missing)")

@@ -98,8 +98,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
     # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
     recipe = {"skip": fam.quant_skip, **(recipe or {})}
-    memory = check_export_memory(fam, precisions, qdq_float, max(0, rss_bytes() - before),
-                                 fam.streams if stream_blocks else None)
+    resident = max(0, rss_bytes() - before)
     checked = validation_buckets(fam, buckets, validate_buckets)
     calib_shape = [Bucket(*calib_set["manifest"]["video_shape"])] if quant else []  # int8/fp8 parity, quality
     for b in checked + [c for c in calib_shape if str(c) not in map(str, checked)]:
@@ -114,6 +113,8 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if checked != list(buckets):  # validation feeds and tracing input: the reduced shapes
         specs = with_cases(specs, fam.export_parts(parts, checked, max_batch, tile))
     specs = {sp.name: sp for sp in specs}
+    memory = check_export_memory(fam, precisions, qdq_float, resident,
+                                 {n: sp.stream for n, sp in specs.items() if sp.stream is not None})
     skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
                 "validated_at": [str(b) for b in checked], "buckets_validated": checked == list(buckets),
@@ -154,7 +155,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                 quantized.setdefault(prec, []).append((spec, path))
             else:
                 path = torch_side.graphs[name]
-                streamed = torch_side.streamed.get(part) if not memory.whole_graph else None
+                streamed = torch_side.streamed.get(name) if not memory.whole_graph else None
                 report = _validate_float(w, name, prec, path, torch_side.refs[part], is_dit(part), streamed)
                 manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
                                                  flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
@@ -166,12 +167,14 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
         for prec, dits in quantized.items() if torch_side.quality else ():
             manifest["quality"][f"dit.{prec}"] = Qx.quality(torch_side.pipe, dits, torch_side.quality, prec)
             trim_heap()
-        for prep in torch_side.prepared.values() if "fp32" not in precisions else ():
-            for f in w.dir.glob(prep.fp32.name + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's
-                f.unlink()
+        inputs_only = {prep.fp32.name for prep in torch_side.prepared.values()} | \
+            {torch_side.graphs[n].name for n in torch_side.streamed if n.endswith(".fp32")}
+        for graph in inputs_only if "fp32" not in precisions else ():
+            for f in w.dir.glob(graph + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's input
+                f.unlink()  # or the block-streamed export's, which gives the 16-bit graphs' references
         for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
             base.unlink()
-        manifest["streamed"] = {p: r.to_dict() for p, r in torch_side.streamed.items()}
+        manifest["streamed"] = {n: r.to_dict() for n, r in torch_side.streamed.items()}
         manifest["export_memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the process's, measured: vs the estimate
         path = w.finish(manifest)
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
@@ -205,11 +208,11 @@ def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool, streame
 
 
 def _streamed_validation(name: str, prec: str, report: dict, streamed) -> dict:
-    """A block-streamed graph not run whole: fp32 passes on its blocks' and skeleton's parity (export/streamed.py);
-    a 16-bit one is checked per block only through the fp32 one (its blocks are the same code, converted)."""
-    if prec != "fp32":
-        return {**report, "passed": None, "skipped": "block-streamed and too big to run whole here; its fp32 graph "
-                "was checked block by block"}
+    """A block-streamed graph not run whole: it passes on its blocks' and skeleton's parity against torch in the
+    same type (export/streamed.py); bf16, which onnxruntime's CPU cannot run, is reported not validated."""
+    if not streamed.skeleton_parity:
+        return {**report, "passed": None, "skipped": "block-streamed, too big to run whole here, and onnxruntime's "
+                "CPU has no bf16 kernels; validate it with TensorRT"}
     tol = TOLERANCE[prec]
     worst = max([p.rel_l2 for p in streamed.skeleton_parity] + streamed.block_rel_l2)
     report.update(parity=[p.__dict__ for p in streamed.skeleton_parity], passed=worst <= tol,

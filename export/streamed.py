@@ -18,6 +18,7 @@ Nothing is computed that the module does not compute: the blocks' and the skelet
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import tempfile
 import time
@@ -183,10 +184,15 @@ def _dynamic_axes(calls: list) -> dict[str, dict[int, str]]:
 
 
 def _check_block(path: Path, carry: list, outs: list) -> float:
-    """Worst rel L2 of the block graph on onnxruntime vs torch's outputs, over the cases."""
+    """Worst rel L2 of the block graph on onnxruntime vs torch's outputs, over the cases (the exporter drops inputs
+    a block does not use: each is fed by its name, x<i>)."""
     sess, worst = ox.ort_session(path), 0.0
+    names = [i.name for i in sess.get_inputs()]
     for leaves, ref in zip(carry, outs):
-        got = sess.run(None, {f"x{i}": x.numpy() for i, x in enumerate(leaves)})[0]
+        try:
+            got = sess.run(None, {n: leaves[int(n[1:])].numpy() for n in names})[0]
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types
+            raise RuntimeError(f"{path.stem}: onnxruntime cannot run the block graph: {str(e)[:300]}") from e
         worst = max(worst, ox.compare(ref.float().numpy(), np.asarray(got, np.float32), "").rel_l2)
     return worst
 
@@ -196,7 +202,7 @@ def export_streamed(spec, stream, out: Path, cases: list[dict], dtype: torch.dty
                     progress: bool = False) -> tuple[Path, ox.Reference, StreamReport]:
     """The part `spec` (its module a skeleton; `stream` its models.family.StreamSource) exported to `out` block by
     block, in `dtype` inside with float32 IO (a 16-bit dtype: each block converted as it is loaded); returns (path,
-    torch's outputs on `cases` (cases[0] is traced), the report). `check_blocks`: each block graph run on
+    torch's outputs on `cases`, the report); traced at spec.example. `check_blocks`: each block graph run on
     onnxruntime against torch on the cases, and the skeleton's ops through a graph of it with block 0 alone: the
     whole part checked without ever holding its weights (the caller checks the assembled graph too where it fits).
     The cases must differ in every axis that is dynamic inside the blocks (batch, frames, height, width, text)."""
@@ -208,15 +214,16 @@ def export_streamed(spec, stream, out: Path, cases: list[dict], dtype: torch.dty
     try:
         path = f"module.{stream.blocks}" if dtype != torch.float32 else stream.blocks
         with _replaced(module, path, nn.ModuleList([cut])) as blocks, torch.no_grad():
-            carry, tree, axes = _capture(spec, module, cut, cases)
+            # traced at the part's example (the largest bucket at max batch, as the whole export), then the cases
+            carry, tree, axes = _capture(spec, module, cut, [spec.example, *cases])
             cut.mode = "export"
             with spec.swaps(module):
-                ox.export_onnx(module, cases[0], spec.io, tmp / "skeleton.onnx", 0, custom_opsets={"vidrt": 1},
+                ox.export_onnx(module, spec.example, spec.io, tmp / "skeleton.onnx", 0, custom_opsets={"vidrt": 1},
                                transform=None if dtype == torch.float32 else ox.unwrap_scope)
             report = StreamReport(len(blocks))
             first = _blocks(spec, stream, blocks, (carry, tree, axes), dtype, tmp, report, check, progress)
             cut.mode = "replay"
-            refs, refs1 = (_replay(module, cut, cases, outs) for outs in ([x[0] for x in carry], first))
+            refs, refs1 = (_replay(module, cut, cases, outs[1:]) for outs in ([x[0] for x in carry], first))
         out_path = assemble(tmp, report.blocks, stream.blocks, out, threshold)
         if check:  # the skeleton's own ops: the graph with block 0 alone
             one = assemble(tmp, 1, stream.blocks, tmp / "one_block.onnx", 0)
@@ -248,22 +255,32 @@ def _blocks(spec, stream, blocks: nn.ModuleList, captured: tuple, dtype: torch.d
     io, first = ([f"x{i}" for i in range(len(carry[0]))], ["y"], axes), []
     for k in tqdm(range(len(blocks)), desc=f"{spec.name} blocks", disable=not progress):
         t0 = time.time()
-        stream.weights.load_into(blocks[k], stream.key_prefix(k), dtype)
-        block = _Block(blocks[k], tree).eval()
-        with spec.swaps(block):
-            ox.export_onnx(block, {f"x{i}": x for i, x in enumerate(carry[0])}, io, tmp / f"block{k}.onnx", 0)
-        outs = [block(*leaves) for leaves in carry]
-        if check:
-            report.block_rel_l2.append(_check_block(tmp / f"block{k}.onnx", carry, outs))
+        try:
+            stream.weights.load_into(blocks[k], stream.key_prefix(k), dtype)
+            block = _Block(blocks[k], tree).eval()
+            with spec.swaps(block):
+                ox.export_onnx(block, {f"x{i}": x for i, x in enumerate(carry[0])}, io, tmp / f"block{k}.onnx", 0)
+            outs = [block(*leaves) for leaves in carry]
+            if check:
+                report.block_rel_l2.append(_check_block(tmp / f"block{k}.onnx", carry, outs))
+        finally:
+            _free(blocks[k])  # its weights given back, also on failure: the next block's take their place
         for leaves, o in zip(carry, outs):
             leaves[0] = o
         first = first if k else outs
-        blocks[k].to("meta")  # its weights freed: the next block's take their place
         del block, outs
         trim_heap()
         report.block_seconds.append(time.time() - t0)
         report.peak_rss_after_block.append(peak_rss_bytes())
     return first
+
+
+def _free(block: nn.Module) -> None:
+    """The block's parameters back on the meta device (its buffers, if any, stay: they are built, not read)."""
+    for m in block.modules():
+        for name, p in m._parameters.items():
+            if p is not None and not p.is_meta:
+                m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
 def _replay(module: nn.Module, cut: _Cut, cases: list[dict], outs: list) -> list[list[np.ndarray]]:
@@ -292,16 +309,16 @@ def _renamer(k: int, blocks_path: str, inputs: dict[str, str]):
     return ren
 
 
-def _rename_node(n: onnx.NodeProto, ren, i: int) -> None:
+def _rename_node(n: onnx.NodeProto, ren, count) -> None:
     """A node's name, inputs and outputs through `ren`, and everything inside its subgraphs (an If's branches read
-    the block's values by name)."""
-    n.name = ren(n.name or f"/block/{n.op_type}_{i}")
+    the block's values by name); `count` numbers the nodes that have no name."""
+    n.name = ren(n.name or f"/block/{n.op_type}_unnamed_{next(count)}")
     n.input[:] = [ren(s) for s in n.input]
     n.output[:] = [ren(s) for s in n.output]
     for a in n.attribute:
         for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            for j, sub in enumerate(g.node):
-                _rename_node(sub, ren, j)
+            for sub in g.node:
+                _rename_node(sub, ren, count)
             for v in (*g.input, *g.output, *g.value_info, *g.initializer):
                 v.name = ren(v.name)
 
@@ -315,23 +332,25 @@ def assemble(tmp: Path, count: int, blocks_path: str, out: Path, threshold: int 
     if len(at) != 1:
         raise RuntimeError(f"the skeleton graph has {len(at)} vidrt::Blocks nodes (one expected)")
     cut = g.node[at[0]]
-    feed, nodes = list(cut.input), []
+    feed, nodes, unnamed = list(cut.input), [], itertools.count()
+    imports = {o.domain: o.version for o in skel.opset_import if o.domain != "vidrt"}
     for k in range(count):
-        b = onnx.load(str(tmp / f"block{k}.onnx"), load_external_data=False).graph
+        m = onnx.load(str(tmp / f"block{k}.onnx"), load_external_data=False)
+        b = m.graph
         last = cut.output[0] if k == count - 1 else f"/{blocks_path.replace('.', '/')}.{k}/output_0"
-        ren = _renamer(k, blocks_path, {**{x.name: feed[i] for i, x in enumerate(b.input)}, b.output[0].name: last})
+        ren = _renamer(k, blocks_path, {**{x.name: feed[int(x.name[1:])] for x in b.input}, b.output[0].name: last})
         for t in b.initializer:
             t.name = ren(t.name)
             g.initializer.append(t)
         for n in b.node:
-            _rename_node(n, ren, len(nodes))
+            _rename_node(n, ren, unnamed)
             nodes.append(n)
+        imports.update({o.domain: o.version for o in m.opset_import})
         feed[0] = last
     merged = [*g.node[:at[0]], *nodes, *g.node[at[0] + 1:]]
     del g.node[:]
     g.node.extend(merged)
     del g.value_info[:]
-    keep = [o for o in skel.opset_import if o.domain != "vidrt"]
     del skel.opset_import[:]
-    skel.opset_import.extend(keep)
+    skel.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in imports.items())
     return save_graph(skel, out, tmp, threshold)

@@ -7,12 +7,16 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vidrt.models.config import ConfigError
 from vidrt.runtime.memory import trim_heap
 
 from .precisions import FLOAT, QUANT, is_dit
 from .tensorrt import Bucket
+
+if TYPE_CHECKING:
+    from .streamed import StreamPlan
 
 # Past this many bytes of fp32 DiT weights, a torch + onnxruntime run at a real bucket on a CPU build machine takes
 # minutes to hours per case (Wan 1.3B at 81x480x832: 186 TFLOP a DiT call): validate at VALIDATION_SHAPES instead.
@@ -66,7 +70,8 @@ def model_bytes(fam) -> int:
     return total
 
 
-def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: int, streams: dict | None = None):
+def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: int,
+                        streams: dict | None = None) -> "MemoryPlan | StreamPlan":
     """ConfigError before any work when the plan's peak, less what loading the model made `resident` already (its
     weights may be mapped from safetensors and read later), exceeds the limit. The DiT's last 16-bit type converts it
     in place (torch_phase): only a second 16-bit type makes a copy. `streams`: the DiT parts' StreamSources when the
@@ -75,10 +80,8 @@ def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: in
     limit, source = memory_limit()
     if streams:
         from .streamed import plan_stream
-        block = max(sum(p.numel() * 4 for p in fam.dit.get_submodule(s.blocks)[0].parameters())
-                    for s in streams.values())  # fp32 bytes of the widest block
-        return plan_stream(model_bytes(fam), dit_bytes(fam), block, bool(set(precisions) & set(QUANT)), limit,
-                           source, resident)
+        return plan_stream(model_bytes(fam), dit_bytes(fam), max(s.block_bytes for s in streams.values()),
+                           bool(set(precisions) & set(QUANT)), limit, source, resident)
     plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16(set(precisions), qdq_float)) > 1)
     need = plan.peak - min(resident, plan.model_bytes)  # the RSS growth of loading also counts imported libraries
     if need > limit:
@@ -128,7 +131,7 @@ class TorchSide:
     quality: object | None = None
     pipe: object | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    streamed: dict = field(default_factory=dict)  # part -> streamed.StreamReport of its block-streamed fp32 export
+    streamed: dict = field(default_factory=dict)  # job name -> streamed.StreamReport of its block-streamed export
 
 
 def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, threshold: int, progress: bool,
@@ -148,7 +151,7 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] != "fp32"), desc="export fp32", disable=not progress):
         t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
         if spec.stream is not None:  # a skeleton: its fp32 graph, references and int8/fp8 inputs in one pass
-            if part not in side.streamed:
+            if f"{part}.fp32" not in side.streamed:
                 _stream_fp32(w, spec, {p for q, p in jobs if q == part}, calib_set, threshold, side, progress)
             side.seconds[name] = time.time() - t0
             continue
@@ -164,8 +167,10 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
         skeleton = fam.dit
         if side.streamed:  # the torch DiT is a skeleton: its fp32 graphs (checked against torch) stand in for it
             side.pipe.dit = Qx.graph_dit([(s, side.prepared[s.name].fp32) for s in specs.values() if is_dit(s.name)])
-        side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
-        side.pipe.dit = skeleton
+        try:
+            side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
+        finally:
+            side.pipe.dit = skeleton
     for part, dt, in_place in _sixteen_bit(jobs, qdq_float):
         t0, spec = time.time(), specs[part]
         if spec.stream is not None:
@@ -199,7 +204,7 @@ def _stream_fp32(w, spec, precisions: set[str], calib_set, threshold: int, side:
     path, ref, report = export_streamed(spec, spec.stream, w.dir / f"{spec.name}.fp32.onnx", spec.cases + held,
                                         threshold=threshold, progress=progress)
     n = len(spec.cases)
-    side.streamed[spec.name] = report
+    side.streamed[f"{spec.name}.fp32"] = report
     side.graphs[f"{spec.name}.fp32"] = path  # the quantizer's input only, when fp32 is not asked (removed then)
     side.refs[spec.name] = ox.Reference(ref.cases[:n], ref.outputs[:n])
     if held:
@@ -216,10 +221,11 @@ def _stream_16bit(w, spec, dt: str, jobs: list, qdq_float: str, side: TorchSide,
     from .streamed import export_streamed
     base = spec.name in side.prepared and dt == qdq_float
     path = w.dir / (f"{spec.name}.{dt}.onnx" if (spec.name, dt) in jobs else f"{spec.name}.{dt}.qdq-base.onnx")
-    export_streamed(spec, spec.stream, path, spec.cases, getattr(torch, FLOAT[dt]), threshold, check_blocks=False,
-                    progress=progress)
+    *_, report = export_streamed(spec, spec.stream, path, spec.cases, getattr(torch, FLOAT[dt]), threshold,
+                                 progress=progress)
     if (spec.name, dt) in jobs:
         side.graphs[f"{spec.name}.{dt}"] = path
+        side.streamed[f"{spec.name}.{dt}"] = report
     if base:
         prep = side.prepared[spec.name]
         prep.base16 = path if path.name.endswith(".qdq-base.onnx") else _copy_graph(path, w.dir / (

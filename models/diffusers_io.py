@@ -177,17 +177,46 @@ class SafetensorsFolder:
         if bad := [f for f in files if Path(f).name != f or not f.endswith(".safetensors")]:
             raise ConfigError(f"{index}: the weight map names {bad[0]!r}, not a .safetensors file in {self.folder}")
         self.key_file: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
             try:
                 with safe_open(self.folder / name, framework="pt") as f:
-                    self.key_file.update({k: self.folder / name for k in f.keys()})
+                    for k in f.keys():
+                        if k in self.key_file:  # e.g. an fp16 variant file beside the fp32 one
+                            raise ConfigError(f"{self.folder}: {k} is in both {self.key_file[k].name} and {name}")
+                        self.key_file[k], self.shapes[k] = self.folder / name, tuple(f.get_slice(k).get_shape())
+            except ConfigError:
+                raise
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors' own error types
                 raise ConfigError(f"cannot read {self.folder / name}: {e}") from e
+
+    def subset(self, keep) -> "SafetensorsFolder":
+        """The same folder with only the keys for which keep(key) is true."""
+        sub = SafetensorsFolder.__new__(SafetensorsFolder)
+        sub.folder = self.folder
+        sub.key_file = {k: f for k, f in self.key_file.items() if keep(k)}
+        sub.shapes = {k: self.shapes[k] for k in sub.key_file}
+        return sub
+
+    def check(self, module: nn.Module, prefix: str) -> None:
+        """ConfigError naming the keys when the tensors under `prefix` are not exactly `module`'s parameters and
+        persistent buffers with their shapes (checked on the meta device, before anything is read)."""
+        want = {prefix + k: tuple(t.shape) for k, t in module.state_dict().items()}
+        have = {k: s for k, s in self.shapes.items() if k.startswith(prefix)}
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        for what, keys in (("lack", missing), ("have unexpected", extra), ("have other shapes for", wrong)):
+            if keys:
+                raise ConfigError(f"{self.folder}: the weights {what} {', '.join(keys[:3])}"
+                                  f"{f' and {len(keys) - 3} more' if len(keys) > 3 else ''} (the model's config "
+                                  "and its weights do not match)")
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, strict: bool = True) -> None:
         """The tensors under `prefix` ("blocks.3.") become `module`'s parameters and buffers (in `dtype` if float),
         replacing meta ones; strict: every one of its keys must be there and nothing else under the prefix."""
         from safetensors import safe_open
+        if strict:
+            self.check(module, prefix)
         by_file: dict[Path, list[str]] = {}
         for k, f in self.key_file.items():
             if k.startswith(prefix):
@@ -198,11 +227,7 @@ class SafetensorsFolder:
                 for k in keys:
                     t = fh.get_tensor(k)
                     state[k[len(prefix):]] = t.to(dtype) if t.is_floating_point() else t
-        try:
-            module.load_state_dict(state, strict=strict, assign=True)
-        except RuntimeError as e:
-            raise ConfigError(f"{self.folder}: the weights under {prefix!r} do not match the model's config: "
-                              f"{str(e).splitlines()[0][:300]}") from e
+        module.load_state_dict(state, strict=strict, assign=True)
 
 
 def load_skeleton(cls, folder: Path, blocks: str, what: str):
@@ -217,11 +242,6 @@ def load_skeleton(cls, folder: Path, blocks: str, what: str):
     with init_empty_weights():  # parameters on meta, buffers real
         model = cls.from_config(config)
     weights = SafetensorsFolder(folder)
-    outside = {k: f for k, f in weights.key_file.items() if not k.startswith(f"{blocks}.")}
-    sub = SafetensorsFolder.__new__(SafetensorsFolder)
-    sub.folder, sub.key_file = weights.folder, outside
-    sub.load_into(model, "", torch.float32, strict=False)
-    left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(f"{blocks}.")]
-    if left:
-        raise ConfigError(f"{folder}: the weights lack {', '.join(left[:3])}{' ...' if len(left) > 3 else ''}")
+    weights.check(model, "")  # every block's keys and shapes too, before any export work
+    weights.subset(lambda k: not k.startswith(f"{blocks}.")).load_into(model, "", torch.float32, strict=False)
     return model.eval(), weights

@@ -28,7 +28,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -36,6 +36,9 @@ from vidrt.runtime.fp8 import SENSITIVE_MODULES
 
 from .checkpoint import FILES, load_model
 from .config import PRESETS, ConfigError, ModelConfig, check_memory
+
+if TYPE_CHECKING:
+    from .diffusers_io import SafetensorsFolder
 
 # model_index.json _class_name -> family module (vidrt.models.<module>; it defines Family and Config)
 DIFFUSERS_FAMILIES = {"WanPipeline": "wan", "LTXPipeline": "ltx"}
@@ -72,7 +75,8 @@ class StreamSource:
     at a time."""
     blocks: str
     holder: str
-    weights: object
+    weights: "SafetensorsFolder"
+    block_bytes: int  # fp32 bytes of its widest block (the memory plan's unit)
 
     def key_prefix(self, k: int) -> str:
         rel = self.blocks[len(self.holder) + 1:] if self.holder else self.blocks

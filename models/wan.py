@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError, SampleDefaults, refuse_over_limit
-from .diffusers_io import (DirConfig, bundle_dit, load_pretrained, load_text, move, random_init, read_configs,
-                           read_json, require_diffusers, text_spec)
+from .diffusers_io import (DirConfig, bundle_dit, load_pretrained, load_skeleton, load_text, move, random_init,
+                           read_configs, read_json, require_diffusers, text_spec)
 
 PIPELINES = ("WanPipeline",)  # model_index.json _class_name values this family loads
 TEXT_LEN = 512  # WanPipeline's max_sequence_length default
@@ -163,11 +163,10 @@ class _Served:
 
 def _load_streamed(fam: "WanFamily", sub: str, part: str) -> nn.Module:
     """The transformer in `sub`/ as a skeleton whose blocks the export reads one at a time (fam.streams[part])."""
-    from .diffusers_io import load_skeleton
     from .family import StreamSource
-    diffusers, _ = require_diffusers()
-    tr, weights = load_skeleton(diffusers.WanTransformer3DModel, fam.root / sub, "blocks", sub)
-    fam.streams = {**fam.streams, part: StreamSource("transformer.blocks", "transformer", weights)}
+    tr, weights = load_skeleton(require_diffusers()[0].WanTransformer3DModel, fam.root / sub, "blocks", sub)
+    block = max(sum(p.numel() * 4 for p in b.parameters()) for b in tr.blocks)
+    fam.streams = {**fam.streams, part: StreamSource("transformer.blocks", "transformer", weights, block)}
     return tr
 
 
@@ -178,7 +177,6 @@ class WanFamily:
     # kept in float by FP8/INT8 (module-name regexes): the time/text condition embedders, the patch embedding and the
     # output projection (a colleague measured Wan INT8 rel L2 0.087 with nothing skipped, 0.040 with these skipped)
     quant_skip = (r"condition_embedder", r"patch_embedding", r"(^|\.)proj_out(\.|$)")
-
     streams: dict = {}  # DiT part name -> StreamSource when loaded with stream_dit (never mutated: one per instance)
 
     def __init__(self, root: str | Path, dtype: torch.dtype = torch.float32, stream_dit: bool = False):
@@ -196,8 +194,8 @@ class WanFamily:
         load = functools.partial(_load_streamed, self) if stream_dit else \
             (lambda sub, _part: load_pretrained(diffusers.WanTransformer3DModel, self.root / sub, sub,
                                                 torch_dtype=dtype))
-        tr = load("transformer", "dit")
-        tr2 = load("transformer_2", "dit_2").eval() if (self.root / "transformer_2").is_dir() else None
+        tr, tr2 = load("transformer", "dit"), load("transformer_2", "dit_2") if (self.root / "transformer_2").is_dir() \
+            else None
         if tr2 is not None and self.cfg.boundary_ratio is None:
             raise ConfigError(f"{self.root} has transformer_2/ but model_index.json gives no boundary_ratio")
         boundary = None if tr2 is None else _boundary(self.cfg)
