@@ -100,6 +100,12 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     recipe = {"skip": fam.quant_skip, **(recipe or {})}
     resident = max(0, rss_bytes() - before)
     checked = validation_buckets(fam, buckets, validate_buckets)
+    specs = fam.export_parts(parts, buckets, max_batch, tile)  # profiles: the buckets
+    if checked != list(buckets):  # validation feeds and tracing input: the reduced shapes
+        specs = with_cases(specs, fam.export_parts(parts, checked, max_batch, tile))
+    specs = {sp.name: sp for sp in specs}
+    memory = check_export_memory(fam, precisions, qdq_float, resident,
+                                 {n: sp.stream for n, sp in specs.items() if sp.stream is not None})
     calib_shape = [Bucket(*calib_set["manifest"]["video_shape"])] if quant else []  # int8/fp8 parity, quality
     for b in checked + [c for c in calib_shape if str(c) not in map(str, checked)]:
         # clear errors before any work; validation runs onnxruntime, which materialises attention
@@ -109,12 +115,6 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
             fam.check_memory(SimpleNamespace(prompts=["-"] * max(1, max_batch // 2), guidance_scale=2.0,
                                              num_frames=b.frames, height=b.height, width=b.width, decode_tile=None),
                              "cpu", None, "onnxruntime")
-    specs = fam.export_parts(parts, buckets, max_batch, tile)  # profiles: the buckets
-    if checked != list(buckets):  # validation feeds and tracing input: the reduced shapes
-        specs = with_cases(specs, fam.export_parts(parts, checked, max_batch, tile))
-    specs = {sp.name: sp for sp in specs}
-    memory = check_export_memory(fam, precisions, qdq_float, resident,
-                                 {n: sp.stream for n, sp in specs.items() if sp.stream is not None})
     skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
                 "validated_at": [str(b) for b in checked], "buckets_validated": checked == list(buckets),
