@@ -121,7 +121,8 @@ def to_markdown(res: dict) -> str:
                       f"the block loop's working set is {p['working_set_in_blocks']} blocks beyond what the memory "
                       f"plan counts as loaded. This geometry at full depth: predicted process peak "
                       f"{g(p['full_depth_process_peak_bytes'])}.", "",
-                  "| full model | layers | DiT fp32 | one block | predicted DiT share of the peak (+ text encoder, VAE) |",
+                  "| full model | layers | DiT fp32 | one block | predicted DiT share of the peak "
+                  "(+ text encoder, VAE) |",
                   "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['layers']} | {g(v['dit_fp32_bytes'])} | {g(v['block_bytes'])} | "
                   f"{g(v['predicted_dit_share_bytes'])} |" for k, v in p.items() if isinstance(v, dict)]

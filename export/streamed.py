@@ -167,8 +167,9 @@ def plan_stream(model_bytes: int, dit_bytes: int, block_bytes: int, quant: bool,
     plan.whole_graph = False
     if plan.peak > limit:
         raise ConfigError(f"a block-streamed export needs about {gib(plan.peak)} (the model outside the DiT's blocks "
-                          f"{gib(model_bytes)}, one block's working set {gib(plan.block_bytes * STREAM_PER_BLOCK_BYTE)})"
-                          f", over the limit of {gib(limit)} ({source})")
+                          f"{gib(model_bytes)}, one block's working set "
+                          f"{gib(plan.block_bytes * STREAM_PER_BLOCK_BYTE)}), over the limit of {gib(limit)} "
+                          f"({source})")
     return plan
 
 

@@ -87,9 +87,9 @@ def test_one_block_is_read_at_a_time(dirs, tmp_path, monkeypatch):
 
 def test_export_engines_streams_fp32_fp16_int8_fp8(dirs, tmp_path):
     """--stream-blocks through export-engines: fp32 and fp16 graphs validated whole where they fit (rel L2 measured
-    2.4e-7 and 6.4e-3, bounds 1e-4 / 1e-2, as every fp16 export's), int8/fp8 calibrated on the streamed fp32 graph with the fp32 graph as
-    the quality report's reference: held-out rel L2 int8 0.0032, fp8 0.0113 (bounds 0.03 / 0.05, as the whole
-    export's test), video PSNR int8 51.8 dB, fp8 45.7 dB (bound 35)."""
+    2.4e-7 and 6.4e-3, bounds 1e-4 / 1e-2, as every fp16 export's), int8/fp8 calibrated on the streamed fp32 graph
+    with the fp32 graph as the quality report's reference: held-out rel L2 int8 0.0032, fp8 0.0113 (bounds 0.03 /
+    0.05, as the whole export's test), video PSNR int8 51.8 dB, fp8 45.7 dB (bound 35)."""
     from vidrt.calibration.capture import capture
     from vidrt.export.engines import export_engines
     from vidrt.runtime.pipeline import Pipeline
