@@ -224,12 +224,13 @@ def export_streamed(spec, stream, out: Path, cases: list[dict], dtype: torch.dty
             report = StreamReport(len(blocks))
             first = _blocks(spec, stream, blocks, (carry, tree, axes), dtype, tmp, report, check, progress)
             cut.mode = "replay"
-            refs, refs1 = (_replay(module, cut, cases, outs[1:]) for outs in ([x[0] for x in carry], first))
+            ref = _replay(module, cut, cases, [x[0] for x in carry])
+            ref1 = _replay(module, cut, cases, first) if check else None
         out_path = assemble(tmp, report.blocks, stream.blocks, out, threshold)
         if check:  # the skeleton's own ops: the graph with block 0 alone
             one = assemble(tmp, 1, stream.blocks, tmp / "one_block.onnx", 0)
-            report.skeleton_parity = ox.check_parity(ox.Reference(cases, refs1), one)
-        return out_path, ox.Reference(cases, refs), report
+            report.skeleton_parity = ox.check_parity(ref1, one)
+        return out_path, ref, report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         trim_heap()
@@ -284,13 +285,11 @@ def _free(block: nn.Module) -> None:
                 m._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
-def _replay(module: nn.Module, cut: _Cut, cases: list[dict], outs: list) -> list[list[np.ndarray]]:
-    """3. The part's outputs per case, the cut returning `outs` (the blocks' output of each case)."""
-    cut.outputs, refs = list(outs), []
-    for case in cases:
-        r = module(*case.values())
-        refs.append([x.float().numpy() for x in (r if isinstance(r, (tuple, list)) else [r])])
-    return refs
+def _replay(module: nn.Module, cut: _Cut, cases: list[dict], outs: list) -> ox.Reference:
+    """3. The part's outputs per case, the cut returning `outs` (the blocks' output of the traced example, then of
+    each case)."""
+    cut.outputs = list(outs[1:])
+    return ox.reference(module, cases)
 
 
 def _renamer(k: int, blocks_path: str, inputs: dict[str, str]):

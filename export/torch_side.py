@@ -175,14 +175,13 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
         t0, spec = time.time(), specs[part]
         if spec.stream is not None:
             _stream_16bit(w, spec, dt, jobs, qdq_float, side, threshold, progress)
-            side.seconds[f"{part}.{dt}"] = side.seconds.get(f"{part}.{dt}", 0.0) + time.time() - t0
-            continue
-        m = (ox.CastIO if in_place else ox.CastIO.copy_of)(spec.module, getattr(torch, FLOAT[dt]))
-        if (part, dt) in jobs:
-            side.graphs[f"{part}.{dt}"] = export_float(w, spec, f"{part}.{dt}", m, threshold)
-        if part in side.prepared and dt == qdq_float:
-            Qx.export_base16(w.dir, spec, side.prepared[part], qdq_float, m)
-        del m
+        else:
+            m = (ox.CastIO if in_place else ox.CastIO.copy_of)(spec.module, getattr(torch, FLOAT[dt]))
+            if (part, dt) in jobs:
+                side.graphs[f"{part}.{dt}"] = export_float(w, spec, f"{part}.{dt}", m, threshold)
+            if part in side.prepared and dt == qdq_float:
+                Qx.export_base16(w.dir, spec, side.prepared[part], qdq_float, m)
+            del m
         share = [j for j in jobs if j[0] == part and (j[1] == dt or (j[1] in QUANT and dt == qdq_float))]
         for j in share:  # the time of one export, on each job it served
             side.seconds[f"{j[0]}.{j[1]}"] += (time.time() - t0) / len(share)

@@ -213,10 +213,9 @@ class SafetensorsFolder:
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, strict: bool = True) -> None:
         """The tensors under `prefix` ("blocks.3.") become `module`'s parameters and buffers (in `dtype` if float),
-        replacing meta ones; strict: every one of its keys must be there and nothing else under the prefix."""
+        replacing meta ones; strict: every one of its keys must be there and nothing else under the prefix
+        (load_skeleton checked every block's keys and shapes up front, with `check`)."""
         from safetensors import safe_open
-        if strict:
-            self.check(module, prefix)
         by_file: dict[Path, list[str]] = {}
         for k, f in self.key_file.items():
             if k.startswith(prefix):
