@@ -1,6 +1,8 @@
 from setuptools import setup
 
-AREAS = ["models", "runtime", "export", "calibration", "benchmarks", "app"]
+# the layers, lowest first (ARCHITECTURE.md); families/ holds one subpackage per model family
+AREAS = ["core", "models", "export", "families", "families.vidrt", "families.wan", "families.ltx", "runtime",
+         "calibration", "builder", "app", "benchmarks"]
 
 setup(
     name="vidrt",
@@ -21,5 +23,5 @@ setup(
     # load Wan's transformer (low_cpu_mem_usage)
     extras_require={"test": ["pytest", "hypothesis"], "ray": ["ray[serve]>=2.40"],
                     "diffusers": ["diffusers>=0.35", "accelerate"]},
-    entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.export.engines:main"]},
+    entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.builder.cli:main"]},
 )

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import click
 
-from vidrt.export.bundle import sha256, write_atomic
-from vidrt.models.config import ConfigError
-
-from .batch_files import Results, _lock  # noqa: F401  (_lock: tests use it here)
+from vidrt.app.batch_files import Results, _lock  # noqa: F401  (_lock: tests use it here)
+from vidrt.core.bundle import sha256, write_atomic
+from vidrt.core.errors import ConfigError
 
 # .jsonl keys -> Pipeline keyword arguments (the CLI's option names, so a suite line reads like a command line)
 FIELDS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "frames": "num_frames",
@@ -39,7 +38,7 @@ class Engine:
     def load(self):
         import torch
 
-        from vidrt.runtime.pipeline import Pipeline
+        from vidrt.runtime.pipeline import Pipeline  # lazy: --help speed (torch)
         torch.set_num_threads(max(1, int(self.cpus)))  # actors share a node: no oversubscription
         device = "cuda" if self.gpus > 0 else "cpu"
         if self.bundle:
@@ -115,8 +114,8 @@ class Worker:
 
     def run(self, line: int, params: dict, callback=None) -> dict:
         """`callback(step, of)` after each step; returning False cancels (status "cancelled")."""
-        from vidrt.runtime.backends import BackendError
-        from vidrt.runtime.pipeline import Cancelled, VideoOutput
+        from vidrt.core.backends import BackendError  # lazy: --help speed (torch)
+        from vidrt.runtime.pipeline import Cancelled, VideoOutput  # lazy: --help speed (torch)
         t = [time.perf_counter()]
         self.state.update(item=line, step=0, of=0)
         self.callback = callback

@@ -1,12 +1,12 @@
 """`vidrt batch`'s files: results.jsonl (append + fsync, atomic rewrite) and one driver per folder (a lock the kernel
-drops when the driver dies, even by SIGKILL). Videos go through export.bundle.write_atomic."""
+drops when the driver dies, even by SIGKILL). Videos go through core/bundle.write_atomic."""
 import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from vidrt.models.config import ConfigError
+from vidrt.core.errors import ConfigError
 
 
 class Results:

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from vidrt.models.config import ConfigError
+from vidrt.core.errors import ConfigError
 
 
 def _fail(e: Exception):
@@ -47,9 +47,9 @@ def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
     # Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a busy machine the spinning thread
     # steals the core its partner needs, and the tiny default took 5-20 s instead of 0.4 s (benchmarks/COLD_START.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from vidrt.models.config import memory_limit
-    from vidrt.runtime.pipeline import Pipeline
-    from vidrt.runtime.video import check_output
+    from vidrt.core.memory import memory_limit  # lazy: --help speed
+    from vidrt.core.video import check_output  # lazy: --help speed
+    from vidrt.runtime.pipeline import Pipeline  # lazy: --help speed
     try:
         if max_memory_gb is not None:
             memory_limit(max_memory_gb)  # validates
@@ -77,9 +77,9 @@ def generate(prompt, out, model, scale, overwrite, max_memory_gb, **kw):
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Write the full report (every video) as JSON")
 def evaluate(model, seeds, json_out):
     """Prompt-faithfulness (colour, motion direction) on the held-out synthetic prompts."""
-    from vidrt.runtime.evaluate import evaluate_faithfulness
-    from vidrt.runtime.pipeline import Pipeline
-    from vidrt.runtime.video import check_output
+    from vidrt.calibration.evaluate import evaluate_faithfulness  # lazy: --help speed
+    from vidrt.core.video import check_output  # lazy: --help speed
+    from vidrt.runtime.pipeline import Pipeline  # lazy: --help speed
     try:
         seeds = tuple(int(s) for s in seeds.split(","))
     except ValueError:
@@ -111,9 +111,9 @@ def evaluate(model, seeds, json_out):
 def calibrate(model, prompts_file, num_prompts, out, seeds, overwrite, **kw):
     """Capture DiT and VAE-decoder inputs on real sampling trajectories (calibration set for INT8/FP8). After the
     first trajectory an ETA for the rest goes to stderr."""
-    from vidrt.calibration.capture import CalibrationError, capture, default_prompts, read_prompts
-    from vidrt.export.bundle import BundleError, check_out
-    from vidrt.runtime.pipeline import Pipeline
+    from vidrt.calibration.capture import CalibrationError, capture, default_prompts, read_prompts  # lazy: --help speed
+    from vidrt.core.bundle import BundleError, check_out  # lazy: --help speed
+    from vidrt.runtime.pipeline import Pipeline  # lazy: --help speed
     try:
         try:
             seed_list = tuple(int(x) for x in seeds.split(","))
@@ -183,13 +183,13 @@ def bench(model, bundle, runners, device, out, **kw):
     # wins. The report records which.
     if "OMP_WAIT_POLICY" not in os.environ and bench_wait_policy(runners, os.getloadavg()[0], os.cpu_count() or 1):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    from vidrt.benchmarks.bench import parse_runners, run
+    from vidrt.app.bench import parse_runners, run  # lazy: --help speed
     try:
         rep = run(model, parse_runners(runners), out, bundle=bundle, device=device,
                   **{k: v for k, v in kw.items() if v is not None})
     except (ConfigError, ValueError) as e:
         _fail(e)
-    from vidrt.benchmarks.bench_report import to_markdown
+    from vidrt.app.bench_report import to_markdown  # lazy: --help speed
     click.echo(to_markdown(rep))
     click.echo(f"wrote {out}/results.json, results.md, results.png")
 
@@ -204,7 +204,7 @@ def bench(model, bundle, runners, device, out, **kw):
 @click.option("--vae-dir", help="Start from this checkpoint's VAE: skip the first VAE stage")
 def train(out, **kw):
     """Train the tiny model on the synthetic world (CPU, about 50 min on 2 cores)."""
-    from vidrt.models.train import train_tiny
+    from vidrt.models.train import train_tiny  # lazy: --help speed
     train_tiny(out, **kw)
 
 

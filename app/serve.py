@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from vidrt.app.batch import Engine, replica_options
+from vidrt.app.batch import Engine, connect, replica_options
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ServeConfig:
 
 def app(cfg: ServeConfig):
     """The Serve application graph (serve.run it); imports Ray Serve only when called."""
-    from vidrt.app.serve_api import Api, Generator
+    from vidrt.app.serve_api import Api, Generator  # lazy: --help speed (fastapi, torch)
     e = cfg.engine
     gen = Generator.options(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": e.cpus, "num_gpus": e.gpus},
                             max_queued_requests=cfg.max_queued + cfg.replicas).bind(e)
@@ -45,7 +45,6 @@ def start(cfg: ServeConfig) -> str:
     """Deploy on Ray (starting a local cluster if none is connected); returns the base URL."""
     from ray import serve
 
-    from vidrt.app.batch import connect
     if cfg.replicas < 1 or cfg.max_queued < 0 or cfg.ttl_s <= 0 or cfg.queue_timeout_s <= 0 or cfg.retries < 0:
         raise ValueError(f"replicas >= 1, max_queued >= 0, retries >= 0, ttl_s and queue_timeout_s > 0; got {cfg}")
     connect(cfg.address)

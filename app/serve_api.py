@@ -16,7 +16,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError
 
 from vidrt.app.batch import Engine, Worker
-from vidrt.models.config import ConfigError
+from vidrt.core.errors import ConfigError
 
 
 @ray.remote(num_cpus=0)
@@ -154,7 +154,7 @@ class Api:
         pipe = Engine(engine.model, engine.bundle, "onnxruntime", engine.precision).load()
         self.check, self.fps = pipe.request, pipe.cfg.sample.fps
         # frames are k * (the VAE's time factor) + 1: 4 for vidrt and Wan, 8 for LTX
-        self.tf = getattr(pipe.cfg, "temporal_factor", None) or pipe.cfg.vae.temporal_factor
+        self.tf = pipe.cfg.temporal_factor
         self.generator, self.model = generator.options(method_name="generate", stream=True), model_name
         self.max_queued, self.ttl_s, self.queue_timeout_s = max_queued, ttl_s, queue_timeout_s
         self.jobs, self.sweeper, self.retries = {}, None, retries

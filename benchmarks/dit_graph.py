@@ -4,7 +4,7 @@
     flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle before --bundle after --calib cal
     flock /tmp/vidrt-measure.lock python -m vidrt.benchmarks.dit_graph --bundle b --calib cal --unprofiled
 
-Sessions are opened like the runtime's OrtPart (runtime/ort.py: same options), on one captured DiT input (a
+Sessions are opened like the runtime's OrtPart (core/ort.py: same options), on one captured DiT input (a
 validation sample of the calibration set, CFG batch 2). The onnxruntime profiler's per-node kernel times, means over
 --runs calls (all graphs interleaved call by call), are bucketed on the session's optimized graph: weight GEMM (a GEMM
 whose B input is constant), attention (activation x activation MatMul, Softmax, fused attention), quantize, norm,
@@ -33,6 +33,13 @@ from pathlib import Path
 
 import click
 
+from vidrt.app.bench import dit_flops, gemm_peak_gflops
+from vidrt.calibration import quantize as Q
+from vidrt.calibration.capture import load_set
+from vidrt.core.bundle import load_manifest
+from vidrt.core.ort import EXACT_INT8, cpu_isa, int8_saturates, no_spinning, ort_session
+from vidrt.models.checkpoint import load_model
+
 BUCKETS = ("weight GEMM", "attention", "quantize", "norm", "elementwise", "layout", "other", "between nodes")
 GEMM_OPS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm",
             "MatMulInteger", "QLinearMatMul", "Conv", "FusedConv", "QLinearConv", "ConvInteger", "MatMulNBits"}
@@ -49,10 +56,9 @@ ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Cast", "Where", "Gelu", "
 
 
 def isa() -> dict:
-    """ISA as torch sees it, avx512_vnni in lscpu's flags, and vidrt's own reading (runtime/ort.cpu_isa)."""
+    """ISA as torch sees it, avx512_vnni in lscpu's flags, and vidrt's own reading (core/ort.cpu_isa)."""
     import torch
 
-    from vidrt.runtime.ort import cpu_isa
     try:
         flags = next(ln for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
                      if ln.startswith("Flags:")).split()
@@ -67,10 +73,9 @@ def load() -> float:
 
 
 def session_options(profile_prefix: str | None = None, optimized_path: str | None = None):
-    """runtime/ort.ort_session's options (no spinning, quiet, exact int8 where the CPU needs it) plus profiling."""
+    """core/ort.ort_session's options (no spinning, quiet, exact int8 where the CPU needs it) plus profiling."""
     import onnxruntime as ort
 
-    from vidrt.runtime.ort import EXACT_INT8, int8_saturates, no_spinning
     so = ort.SessionOptions()
     no_spinning(so)
     if int8_saturates():
@@ -198,10 +203,9 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 def round_robin(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
-    """Unprofiled sessions as the runtime opens them (runtime/ort.ort_session), one call each per round, the first
+    """Unprofiled sessions as the runtime opens them (core/ort.ort_session), one call each per round, the first
     graph of a round rotating. Median ms per graph, and medians of paired ratios (same round): int8 vs fp32 of a
     bundle, and every later bundle's graph vs the first bundle's."""
-    from vidrt.runtime.ort import ort_session
     ts = rotate({k: functools.partial(ort_session(p).run, None, feed) for k, p in paths.items()}, rounds)
     names = list(ts)
     out = {"median_ms": {k: 1000 * statistics.median(v) for k, v in ts.items()}, "speedups": {}}
@@ -284,7 +288,6 @@ def unprofiled(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
     "elementwise + layout + norm" and "between nodes" (step - all buckets) from per-round sums."""
     import numpy as np
 
-    from vidrt.runtime.ort import ort_session
     calls, err, counts = {}, {}, {}
     for k, p in paths.items():
         model = optimized_model(p)
@@ -315,14 +318,9 @@ def unprofiled(paths: dict[str, Path], feed: dict, rounds: int) -> dict:
 
 def feed_and_flops(bundle: Path, calib: str) -> tuple[dict, int, str]:
     """A captured DiT input (a validation sample, CFG batch 2) as numpy, the FLOPs of one call counted like
-    benchmarks/bench.py (torch's FlopCounterMode on the module), and the model name."""
+    app/bench.py (torch's FlopCounterMode on the module), and the model name."""
     import torch
 
-    from vidrt.benchmarks.bench import dit_flops
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.capture import load_set
-    from vidrt.export.bundle import load_manifest
-    from vidrt.models.checkpoint import load_model
     man = load_manifest(bundle)
     cfg, dit, _ = load_model(man["model_source"])
     feed = Q.split_samples(load_set(calib, cfg)["dit"])[1][0]
@@ -376,7 +374,6 @@ def unprofiled_table(graphs: dict) -> str:
 def main(bundles, calib, runs, rounds, json_out, unprofiled_):
     import torch
 
-    from vidrt.benchmarks.bench import gemm_peak_gflops
     paths = {}
     for b in bundles:
         parts = json.loads((Path(b) / "manifest.json").read_text())["parts"]

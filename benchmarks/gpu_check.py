@@ -19,7 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .gpu_step import KERNEL_KINDS, _err, check_dit_step, p50_ms
+from vidrt.benchmarks.gpu_step import KERNEL_KINDS, _err, check_dit_step, p50_ms
+from vidrt.builder.engines import export_engines
+from vidrt.core.backends import OrtPart
+from vidrt.core.buckets import Bucket
+from vidrt.core.schedulers import FlowEuler
+from vidrt.core.trt import trt_version
+from vidrt.export import onnx_export as ox
+from vidrt.families.vidrt import export as vx
+from vidrt.families.wan.tiny import save_wan
+from vidrt.models.checkpoint import load_model
+from vidrt.runtime.pipeline import Pipeline
 
 BUDGET_S = 540  # checks not started by then are skipped: the kit ends inside 10 minutes
 
@@ -81,7 +91,6 @@ def probe_env() -> dict:
         env["onnxruntime_cuda"] = "CUDAExecutionProvider" in ort.get_available_providers()
     except ImportError:
         pass
-    from vidrt.export.tensorrt import trt_version
     env["tensorrt"] = trt_version()
     try:
         import diffusers
@@ -99,8 +108,6 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> dict:
 # ------------------------------------------------------------------------------------------------ the checks
 
 def check_cuda_graph_parity(cfg: KitConfig, ctx: dict) -> dict:
-    from vidrt.runtime.pipeline import Pipeline
-    from vidrt.runtime.schedulers import FlowEuler
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         pipe = Pipeline("tiny", device="cuda", dtype=dtype)
@@ -139,8 +146,6 @@ def check_gemm_peak(cfg: KitConfig, ctx: dict) -> dict:
 def check_wan_parity(cfg: KitConfig, ctx: dict) -> dict:
     from diffusers import WanPipeline
 
-    from vidrt.models.tiny_dirs import save_wan
-    from vidrt.runtime.pipeline import Pipeline
     prompt, neg, (f, h, w), steps, g = "a red circle moving left", "blue", (9, 32, 32), 4, 5.0
     res = {}
     with tempfile.TemporaryDirectory() as d:
@@ -160,7 +165,6 @@ def check_wan_parity(cfg: KitConfig, ctx: dict) -> dict:
         sol = bf.family.solver("default", 8, None)
         eager = bf.denoise(lat.cuda().bfloat16(), text, mask, g, sol, progress=False)
         bf.cuda_graphs = True  # UniPC keeps host history: graphs fall back; euler from the same sigmas is graphed
-        from vidrt.runtime.schedulers import FlowEuler
         eu = FlowEuler.from_sigmas(sol.timesteps, sol.model_t)
         bf.cuda_graphs = False
         e2 = bf.denoise(lat.cuda().bfloat16(), text, mask, g, eu, progress=False)
@@ -175,11 +179,8 @@ def check_wan_parity(cfg: KitConfig, ctx: dict) -> dict:
 
 
 def check_onnxruntime_cuda(cfg: KitConfig, ctx: dict) -> dict:
-    from vidrt.export import onnx_export as ox
-    from vidrt.models.checkpoint import load_model
-    from vidrt.runtime.backends import OrtPart
     mc, dit, _ = load_model("tiny")
-    inputs = ox.dit_inputs(mc, 2, mc.latent_shape(*_tiny_shape(mc))[1:])
+    inputs = vx.dit_inputs(mc, 2, mc.latent_shape(*_tiny_shape(mc))[1:])
     with tempfile.TemporaryDirectory() as d:
         path = ox.export_onnx(dit, inputs, ox.DIT_IO, Path(d) / "dit.fp32.onnx")
         cpu = OrtPart("dit", path, device="cpu", io_binding=False)
@@ -196,10 +197,6 @@ def check_onnxruntime_cuda(cfg: KitConfig, ctx: dict) -> dict:
 
 
 def check_tensorrt(cfg: KitConfig, ctx: dict) -> dict:
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
-    from vidrt.runtime.pipeline import Pipeline
-    from vidrt.runtime.schedulers import FlowEuler
     ref = Pipeline("tiny", device="cuda")
     c = ref.cfg
     shape = _tiny_shape(c)

@@ -7,6 +7,12 @@ import statistics
 
 import torch
 
+from vidrt.app.bench import dit_flops
+from vidrt.core.backends import TorchPart
+from vidrt.core.fp8 import Fp8Linear, quantize_act, to_fp8
+from vidrt.families.registry import family_config, load_family
+from vidrt.runtime.cudagraph import GraphedStep
+
 
 def p50_ms(fn, warmup: int, runs: int) -> dict:
     """Median of `runs` timed calls (CUDA events around each), after `warmup` untimed ones."""
@@ -29,15 +35,10 @@ def _err(e: BaseException) -> str:
 
 def check_dit_step(cfg, ctx: dict) -> dict:
     """cfg: gpu_check.KitConfig; ctx: what earlier checks measured (the bf16 GEMM peak)."""
-    from vidrt.benchmarks.bench import dit_flops
-    from vidrt.models.family import family_config, load_family
-    from vidrt.runtime.backends import TorchPart
-    from vidrt.runtime.cudagraph import GraphedStep
-    from vidrt.runtime.fp8 import Fp8Linear, quantize_act, to_fp8
     mc = family_config(cfg.model)
     f, h, w = cfg.frames or mc.sample.num_frames, cfg.height or mc.sample.height, cfg.width or mc.sample.width
     c, t, hh, ww = mc.latent_shape(f, h, w)
-    (L, D), arch = mc.text_shape, getattr(mc, "family", "vidrt")
+    (L, D), arch = mc.text_shape, mc.family
     torch.manual_seed(0)
     fam = load_family(cfg.model, device="cuda", dtype=torch.bfloat16).to("cuda", torch.bfloat16)
     dit = fam.dit.eval()

@@ -22,18 +22,25 @@ from pathlib import Path
 
 import click
 
+from vidrt.benchmarks.isa_emulate import EmulatedOrtPart
+from vidrt.calibration import quantize as Q
+from vidrt.calibration.capture import load_set
+from vidrt.calibration.report import quality_report
+from vidrt.core.backends import OrtPart
+from vidrt.core.bundle import load_manifest
+from vidrt.core.ort import cpu_int8, ort_session
+from vidrt.models.synthetic import split_scenes
+from vidrt.runtime.pipeline import Pipeline
+
 MODES = {"runtime (auto)": None, "exact int8 (u8u8)": True, "default kernels (u8s8)": False}
 
 
 def _feed(calib: str, cfg) -> dict:
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.capture import load_set
     return Q.split_samples(load_set(calib, cfg)["dit"])[1][0]
 
 
 def step_ms(graphs: dict[str, tuple[Path, bool | None]], feed: dict, reps: int) -> dict[str, float]:
     """Median ms per DiT call on this CPU, sessions timed round-robin (one rep of each, then the next)."""
-    from vidrt.runtime.ort import ort_session
     sess = {n: ort_session(p, exact_int8=e) for n, (p, e) in graphs.items()}
     for s in sess.values():
         s.run(None, feed)
@@ -60,8 +67,6 @@ def _weights7(fp32: Path, calib: str, cfg, recipe: dict, out: Path) -> None:
     """The bundle's int8 recipe with 7-bit weights, from the same calibration feeds as export-engines uses."""
     import onnx
 
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.capture import load_set
     cal, _ = Q.split_samples(load_set(calib, cfg)["dit"])
     rec = Q.QuantRecipe(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()},
                            "weight_qmax": 63})
@@ -72,7 +77,6 @@ def _child(path: str, exact: str, calib: str, n: str) -> None:
     """Open the session like the runtime does (one thread) and run the DiT n times."""
     from safetensors.numpy import load_file
 
-    from vidrt.runtime.ort import ort_session
     sess = ort_session(path, exact_int8={"None": None, "True": True, "False": False}[exact], threads=1)
     shard = load_file(str(Path(calib) / "shard_0000.safetensors"))
     feed = {k: shard[f"dit.{k}"][0] for k in ("latents", "timestep", "text", "text_mask")}
@@ -95,13 +99,6 @@ def _child(path: str, exact: str, calib: str, n: str) -> None:
               help="Emulated AVX2 quality rows: a comma list of auto, default, w7 (empty: none)")
 @click.option("--weights7", is_flag=True, help="Also measure a 7-bit-weight int8 graph (the other possible fix)")
 def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_prompts, here, emulate, weights7):
-    from vidrt.benchmarks.isa_emulate import EmulatedOrtPart
-    from vidrt.calibration.report import quality_report
-    from vidrt.export.bundle import load_manifest
-    from vidrt.runtime.backends import OrtPart
-    from vidrt.runtime.ort import cpu_int8
-    from vidrt.runtime.pipeline import Pipeline
-
     man, root = load_manifest(bundle), Path(bundle)
     pipe = Pipeline(man["model_source"])
     f, h, w = man["calibration"]["video_shape"]
@@ -128,7 +125,6 @@ def main(bundle, calib, out, reps, no_emulation, no_instructions, emulated_promp
         quality(f"this CPU ({cpu['isa']})", mode, OrtPart("dit", g, exact_int8=e))
     few = {}
     if emulated_prompts:
-        from vidrt.models.synthetic import split_scenes
         few = {"prompts": [s.prompt for s in split_scenes()[1]][::4][:emulated_prompts], "faithfulness": False}
     short = dict(zip(graphs, ("auto", "default", "w7")))
     if not no_emulation:

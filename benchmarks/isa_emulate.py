@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vidrt.core.ort import int8_saturates, ort_session
+
 EMULATORS = {"valgrind": ["valgrind", "--tool=none", "-q"],
              "qemu": ["qemu-x86_64", "-cpu", "EPYC-Milan"]}  # AMD Zen 3: AVX2, FMA, no AVX-512, no VNNI
 
@@ -57,7 +59,7 @@ def _recv(f) -> dict | None:
 
 class EmulatedOrtPart:
     """An OrtPart whose session lives in a child on an emulated AVX2 CPU. `exact_int8` is passed to
-    vidrt.runtime.ort.ort_session: None lets the runtime decide as it would on that machine."""
+    vidrt.core.ort.ort_session: None lets the runtime decide as it would on that machine."""
     backend = "onnxruntime"
 
     def __init__(self, name: str, path: str | Path, emulator: str = "valgrind", basic_opt: bool = False,
@@ -104,7 +106,6 @@ def _serve(path: str, opt: str, int8: str) -> None:
     """Child: open the session the way the runtime does, then answer requests until stdin closes."""
     import numpy as np
 
-    from vidrt.runtime.ort import int8_saturates, ort_session
     exact = {"auto": None, "exact": True, "default": False}[int8]
     sess = ort_session(path, basic_opt=opt == "basic", exact_int8=exact)
     sat = int8_saturates()

@@ -13,6 +13,11 @@ import click
 import numpy as np
 import torch
 
+from vidrt.calibration import quantize as Q
+from vidrt.calibration.capture import load_set
+from vidrt.export import onnx_export as ox
+from vidrt.models.checkpoint import load_model
+
 
 @click.command()
 @click.option("--model", default="tiny", show_default=True)
@@ -21,10 +26,6 @@ import torch
 def main(model, calib, out_prefix):
     from modelopt.onnx.quantization import quantize
 
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.capture import load_set
-    from vidrt.export import onnx_export as ox
-    from vidrt.models.checkpoint import load_model
     cfg, dit, _ = load_model(model)
     cal, val = Q.split_samples(load_set(calib, cfg)["dit"], n_val=20)  # the same split quant_compare uses
     fp32 = ox.export_onnx(dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO,

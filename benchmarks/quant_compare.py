@@ -17,12 +17,21 @@ import numpy as np
 import onnx
 import torch
 
+from vidrt.calibration import quantize as Q
+from vidrt.calibration.capture import load_set
+from vidrt.calibration.qdq_check import check_tensorrt_qdq
+from vidrt.calibration.report import quality_report
+from vidrt.core.backends import OrtPart
+from vidrt.core.ort import cpu_int8, ort_session
+from vidrt.export import onnx_export as ox
+from vidrt.runtime.pipeline import Pipeline
+
 
 def _ort_int8(fp32: Path, cal: list[dict], out: Path, method: str) -> Path:
     """onnxruntime.quantization.quantize_static, configured for TensorRT: QDQ, symmetric int8 activations and
     per-channel int8 weights, MatMul/Gemm only (the same layer types as ours)."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -44,7 +53,6 @@ def _ort_int8(fp32: Path, cal: list[dict], out: Path, method: str) -> Path:
 
 def _step_ms(graphs: dict[str, tuple[Path, bool]], feed: dict, reps: int) -> dict[str, float]:
     """Median ms per graph, timed round-robin (rep r of every graph, then rep r + 1) so drift hits all alike."""
-    from vidrt.runtime.ort import ort_session
     sess = {n: ort_session(p, basic_opt=b) for n, (p, b) in graphs.items()}
     for s in sess.values():
         s.run(None, feed)
@@ -66,15 +74,6 @@ def _step_ms(graphs: dict[str, tuple[Path, bool]], feed: dict, reps: int) -> dic
 @click.option("--reps", type=int, default=10, show_default=True)
 @click.option("--quick", is_flag=True, help="Only the default recipes")
 def main(model, calib, out, steps, extra, reps, quick):
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.capture import load_set
-    from vidrt.calibration.qdq_check import check_tensorrt_qdq
-    from vidrt.calibration.report import quality_report
-    from vidrt.export import onnx_export as ox
-    from vidrt.runtime.backends import OrtPart
-    from vidrt.runtime.pipeline import Pipeline
-    from vidrt.runtime.ort import cpu_int8, ort_session
-
     pipe = Pipeline(model)
     cal, val = Q.split_samples(load_set(calib, pipe.cfg)["dit"], n_val=20)
     d = Path(tempfile.mkdtemp(prefix="vidrt-quant-"))

@@ -23,8 +23,16 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from vidrt.app.cli import main as cli
+from vidrt.calibration.capture import default_prompts
+from vidrt.core.memory import machine_memory
+from vidrt.core.onnx_files import data_files
+from vidrt.core.ort import cpu_isa
+from vidrt.families.wan import tiny
+from vidrt.families.wan.config import PRESETS
+
 STEPS = ("build", "calibrate", "export", "generate", "bench")
-# geometry -> (models/wan.py PRESETS entry, default num_layers: None keeps the preset's); "tiny": tiny_dirs.save_wan
+# geometry -> (families/wan/config.py PRESETS entry, default num_layers: None keeps the preset's); "tiny": tiny.save_wan
 GEOMETRIES = {"wan2.1-1.3b": ("wan2.1-1.3b", None), "wan2.1-14b-4l": ("wan2.1-14b", 4), "tiny": (None, None)}
 QUANT = ("int8", "fp8")
 BENCH_TIMING = ["--warmup", "1", "--runs", "3", "--e2e-runs", "1"]  # a few runs: minutes per run at real size
@@ -89,17 +97,15 @@ class BundleStats:
 
 def build_model_dir(geometry: str, out: str, layers: int | None = None) -> None:
     """Write the geometry's random-init diffusers directory to `out` (via out.partial, renamed when complete)."""
-    from vidrt.models import tiny_dirs
-    from vidrt.models.wan import PRESETS
     tmp = Path(str(out) + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     preset, default_layers = GEOMETRIES[geometry]
     if preset is None:
-        tiny_dirs.save_wan(tmp)
+        tiny.save_wan(tmp)
     else:
         p = PRESETS[preset]
         tr = {**p["transformer"], "num_layers": layers or default_layers or p["transformer"]["num_layers"]}
-        tiny_dirs.save_wan_geometry(tmp, tr, p["vae"], flow_shift=p["flow_shift"])
+        tiny.save_wan_geometry(tmp, tr, p["vae"], flow_shift=p["flow_shift"])
     tmp.rename(out)
 
 
@@ -111,10 +117,8 @@ def _cli(name: str) -> str:
 
 def _calibrate_prompts(o: Options) -> list[str]:
     """--num-prompts N when `vidrt calibrate` has it, else a file of the first N default prompts."""
-    from vidrt.app.cli import main as cli
     if any(p.name == "num_prompts" for p in cli.commands["calibrate"].params):
         return ["--num-prompts", str(o.num_prompts)]
-    from vidrt.calibration.capture import default_prompts  # older CLI: no --num-prompts, same prompts via a file
     path = o.out / "prompts.txt"
     path.write_text("\n".join(default_prompts()[:o.num_prompts]) + "\n")
     return ["--prompts", str(path)]
@@ -174,7 +178,6 @@ def _stray(rel: str) -> bool:
 def bundle_stats(bundle: Path) -> BundleStats:
     """Files, bytes and stray files of a bundle; the external-data files each graph references; the manifest's worst
     parity rel L2 per part and its quality report's mean PSNR."""
-    from vidrt.runtime.onnx_files import data_files
     files = sorted(p for p in bundle.rglob("*") if p.is_file())
     rel = [p.relative_to(bundle).as_posix() for p in files]
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -225,8 +228,6 @@ def machine() -> dict:
     """Where the numbers come from: machine, ISA, versions, the threading environment, the code's commit."""
     import torch
 
-    from vidrt.models.config import machine_memory
-    from vidrt.runtime.ort import cpu_isa
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "")
     root = Path(__file__).resolve().parents[1]

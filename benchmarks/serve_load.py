@@ -17,6 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vidrt.app.batch import Engine, Worker
+from vidrt.app.serve import ServeConfig, app, start
+from vidrt.core.ort import cpu_isa
+from vidrt.runtime.pipeline import Pipeline
+
 PROMPT = "a red circle moving left on a blue background"
 
 
@@ -59,10 +64,6 @@ def run(cfg: LoadConfig) -> dict:
     import torch
     from ray import serve
 
-    from vidrt.app.batch import Engine, Worker
-    from vidrt.app.serve import ServeConfig, start
-    from vidrt.runtime.ort import cpu_isa
-    from vidrt.runtime.pipeline import Pipeline
     torch.set_num_threads(1)  # like one replica with one CPU: the ratios compare equal compute
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
@@ -112,7 +113,6 @@ def run(cfg: LoadConfig) -> dict:
 
 def _burst(cfg: LoadConfig, base: str, port: int) -> dict:
     """`burst` requests at once, 1 replica vs 2 (redeployed in turn, interleaved): wall time until all are done."""
-    from vidrt.app.serve import ServeConfig, app
     from ray import serve
     walls = {1: [], 2: []}
     for r in range(cfg.burst_rounds):

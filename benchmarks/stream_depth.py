@@ -17,10 +17,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .real_size import GEOMETRIES, Step, build_model_dir, machine, run_step
+from vidrt.benchmarks.real_size import GEOMETRIES, Step, build_model_dir, machine, run_step
+from vidrt.families.wan.family import PRESETS
 
 EXPORT = """import json, sys
-from vidrt.export.engines import export_engines
+from vidrt.builder.engines import export_engines
 from vidrt.export.tensorrt import Bucket
 model, out = sys.argv[1:]
 man = export_engines(model, out, ["fp32"], [Bucket(9, 64, 64)], parts=("dit",), stream_blocks=True, progress=False,
@@ -31,7 +32,7 @@ print(json.dumps({"memory": man["export_memory"], "streamed": man["streamed"]["d
 # the limit each run is held to, as on a machine with this much free: below the model with its assembled DiT on
 # onnxruntime at 2 layers of the 14B width (export-engines then checks it block by block), above one block's work
 LIMIT_GB = "8"
-PREDICT = ("wan2.1-14b", "wan2.2-5b", "wan2.1-1.3b")  # full depth, from models/wan.py PRESETS
+PREDICT = ("wan2.1-14b", "wan2.2-5b", "wan2.1-1.3b")  # full depth, from families/wan/config.py PRESETS
 
 
 def block_bytes(preset: str) -> tuple[int, int]:
@@ -40,7 +41,6 @@ def block_bytes(preset: str) -> tuple[int, int]:
     import diffusers
     import torch
 
-    from vidrt.models.wan import PRESETS
     with torch.device("meta"):
         m = diffusers.WanTransformer3DModel(**{**PRESETS[preset]["transformer"], "num_layers": 1})
     size = lambda ps: sum(p.numel() * 4 for p in ps)
@@ -77,7 +77,6 @@ def predict(preset: str, runs: list[dict]) -> dict:
     each full model, the DiT's share of a streamed export's peak = its weights outside the blocks + that many of
     its blocks (the text encoder and VAE come on top, as loaded); for this geometry at full depth also the whole
     process's peak: the deepest run's + the measured growth per layer for the layers it lacks."""
-    from vidrt.models.wan import PRESETS
     ok = [r for r in runs if r["rc"] == 0]
     if not ok:
         return {}
@@ -132,7 +131,7 @@ def to_markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--geometry", default="wan2.1-14b", choices=sorted({p for p, _ in GEOMETRIES.values() if p}),
-                    help="a models/wan.py PRESETS name that benchmarks/real_size.py builds")
+                    help="a families/wan/config.py PRESETS name that benchmarks/real_size.py builds")
     ap.add_argument("--layers", default="2,4", help="comma list of layer counts")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--models", type=Path, help="where the random-init directories are (built if missing)")

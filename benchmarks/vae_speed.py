@@ -21,11 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidrt.calibration.capture import load_set
+from vidrt.core.backends import make_part
+from vidrt.core.bundle import load_manifest
+from vidrt.core.ort import cpu_isa, ort_session
+from vidrt.export import onnx_export as ox
+from vidrt.families.vidrt import export as vx
+from vidrt.families.registry import load_family
+from vidrt.runtime.pipeline import Pipeline
+
 PROMPT = "a red circle moving left on a blue background"
 
 
 def isa() -> dict:
-    from vidrt.runtime.ort import cpu_isa
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_isa": cpu_isa(),
             "avx512_vnni": "avx512_vnni" in flags, "avx512_bf16": "avx512_bf16" in flags, "cores": os.cpu_count()}
@@ -37,26 +45,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def prepare(bundle: Path, calib: Path, work: Path, n_calib: int) -> dict:
-    from vidrt.calibration.capture import load_set
-    from vidrt.export import onnx_export as ox
-    from vidrt.export.bundle import load_manifest
-    from vidrt.models.family import load_family
     m = load_manifest(bundle)
     fam = load_family(m["model_source"])
     cfg = fam.cfg
     lat = load_set(calib, cfg)["vae"]["latents"].numpy()
     cal, held = lat[:n_calib], lat[n_calib:]
-    part = ox.DecoderPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    part = vx.DecoderPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     part3d = Conv3dPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     example = {"latents": torch.from_numpy(lat[:1])}
     work.mkdir(parents=True, exist_ok=True)
-    ox.export_onnx(part3d, example, ox.VAE_IO, work / "3d.onnx")
-    ox.export_onnx(part, example, ox.VAE_IO, work / "2d.onnx")
+    ox.export_onnx(part3d, example, vx.VAE_IO, work / "3d.onnx")
+    ox.export_onnx(part, example, vx.VAE_IO, work / "2d.onnx")
     for name in ("3d", "2d"):
         ox.quantize_vae_decoder(work / f"{name}.onnx", cal, work / f"{name}_int8.onnx")
     np.save(work / "held_out_latents.npy", held)
     # quality on held-out latents, against the bundle's own fp32 decoder graph
-    from vidrt.runtime.ort import ort_session
     if "vae_decoder.fp32" not in m["parts"]:
         raise SystemExit(f"{bundle} has no vae_decoder.fp32 (the quality reference): export it with --precision "
                          "fp32,...")
@@ -99,12 +102,10 @@ def op_summary(path: Path) -> dict:
 
 
 def run_timing(bundle: Path, work: Path, rounds: int, steps: int, names: list[str]) -> dict:
-    from vidrt.runtime.backends import make_part
-    from vidrt.runtime.pipeline import Pipeline
     pipe = Pipeline.from_bundle(bundle, precision="int8", vae_precision="fp32")  # "bundle": its float VAE graph
     own = pipe.vae_part
     cfg = pipe.cfg
-    sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
+    sf, tf = cfg.spatial_factor, cfg.temporal_factor
     out_shape = lambda z: (z.shape[0], 3, (z.shape[2] - 1) * tf + 1, z.shape[3] * sf, z.shape[4] * sf)
     parts = {"bundle": own, **{n: make_part("onnxruntime", "vae_decoder", work / f"{n}.onnx", "cpu",
                                             out_shape=out_shape) for n in names}}

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vidrt.export.bundle import BundleWriter
+from vidrt.core.bundle import BundleError, BundleWriter, load_manifest
+from vidrt.core.dit_call import DIT_CALL
 from vidrt.models.config import ModelConfig
-from vidrt.models.family import DIT_CALL
 from vidrt.models.synthetic import split_scenes
 from vidrt.runtime.pipeline import NonFiniteError
 
@@ -185,7 +185,6 @@ def _read_shard(path, name: str) -> dict[str, torch.Tensor]:
 def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, int] | None = None) -> dict:
     """Verify and load a calibration set: {'dit': {name: (N, ...)}, 'vae': {'latents': (M, ...)}, 'manifest'}.
     Refuses a set captured on another model or shape, a corrupt shard, or NaN/inf values."""
-    from vidrt.export.bundle import BundleError, load_manifest
     try:
         m = load_manifest(path, check_versions=False, fmt=FORMAT, kind="calibration set")
     except BundleError as e:

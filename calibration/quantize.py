@@ -30,14 +30,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from vidrt.runtime.fp8 import SENSITIVE_MODULES
-from vidrt.runtime.onnx_files import all_tensors, load_inline, tensor_array
+from vidrt.core.fp8 import QUANT_SKIP
+from vidrt.core.onnx_files import all_tensors, load_inline, tensor_array
+from vidrt.core.ort import ort_session
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
-# Layers that see the raw conditioning or produce the output, which quantization hurts most (measured in
-# benchmarks/QUANTIZATION.md): the patch embedding, timestep and caption embedders, adaLN modulation, final projection.
-SENSITIVE = SENSITIVE_MODULES  # one list for the torch FP8 path and these graphs (it matches the dotted node names)
 
 
 @dataclass
@@ -46,7 +44,7 @@ class QuantRecipe:
     observer: str = "max"            # max | percentile | mse (activation amax)
     percentile: float = 99.99        # for observer="percentile"
     smoothquant: float | None = None  # SmoothQuant alpha (migrates activation outliers into weights); None = off
-    skip: tuple[str, ...] = SENSITIVE  # regexes on node names left in float
+    skip: tuple[str, ...] = QUANT_SKIP  # regexes on node names left in float
     ops: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     rows: int = 1 << 18              # activation values kept per tensor for percentile/mse/SmoothQuant
     # int8 weight range: 127 (full); 63 = 7 bits, whose u8 x s8 pair sums cannot overflow int16 in onnxruntime's
@@ -128,7 +126,6 @@ def collect(fp32_path, samples, recipe: QuantRecipe, progress: bool = False) -> 
     activations as outputs is written beside `fp32_path` (reading the same weights file) and removed after."""
     from tqdm import tqdm
 
-    from vidrt.runtime.ort import ort_session
     fp32_path = Path(fp32_path)
     model = onnx.load(str(fp32_path), load_external_data=False)
     tg, _ = targets(model, QuantRecipe(recipe.precision, skip=(), ops=recipe.ops))

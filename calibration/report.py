@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vidrt.calibration.capture import Recorder, swap_dit
+from vidrt.calibration.evaluate import evaluate_faithfulness
 from vidrt.export.onnx_export import compare
 from vidrt.models.synthetic import split_scenes
 
@@ -67,7 +68,6 @@ def quality_reference(pipe, prompts: list[str] | None = None, seeds: tuple[int, 
             runs.append(ReferenceRun(prompt, seed, list(tap.calls), frames))
     faith = None
     if faithfulness:
-        from vidrt.runtime.evaluate import evaluate_faithfulness
         ref = evaluate_faithfulness(pipe, seeds=faith_seeds, **call_kwargs)
         faith = {"color": ref.color_accuracy, "direction": ref.direction_accuracy}
     return QualityReference(runs, call_kwargs, faith, faith_seeds)
@@ -95,7 +95,6 @@ def quality_report(pipe, quant_dit, reference: QualityReference | None = None, *
            "ssim_mean": float(np.mean([v["ssim"] for v in videos])),
            "step_rel_l2_max": max(s["rel_l2"] for s in per_step), "step_cosine_min": min(s["cosine"] for s in per_step)}
     if ref.faithfulness is not None:
-        from vidrt.runtime.evaluate import evaluate_faithfulness
         with swap_dit(pipe, quant_dit):
             q = evaluate_faithfulness(pipe, seeds=ref.faith_seeds, **ref.call_kwargs)
         rep["faithfulness"] = {"fp32": ref.faithfulness,

@@ -21,12 +21,10 @@ import onnx
 import torch
 from torch import nn
 
-from vidrt.models.config import ModelConfig
-from vidrt.models.family import DIT_CALL
-from vidrt.models.vae import CausalVAE
-from vidrt.runtime.memory import trim_heap
-from vidrt.runtime.onnx_files import EXTERNAL_DATA_THRESHOLD, save_graph  # noqa: F401 (export-engines' default)
-from vidrt.runtime.ort import ort_session
+from vidrt.core.dit_call import DIT_CALL
+from vidrt.core.memory import trim_heap
+from vidrt.core.onnx_files import EXTERNAL_DATA_THRESHOLD, save_graph  # noqa: F401 (export-engines' default)
+from vidrt.core.ort import ort_session
 
 OPSET = 18
 
@@ -44,12 +42,6 @@ def dit_io(inputs: tuple[str, ...] = DIT_CALL) -> tuple:
 
 # (input names, output names, dynamic axes) per part
 DIT_IO = dit_io()
-VAE_IO = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
-                                   "video": {0: "batch", 2: "video_frames", 3: "video_height", 4: "video_width"}})
-TEXT_IO = (["input_ids", "attention_mask"], ["text"], {
-    "input_ids": {0: "batch", 1: "text_len"}, "attention_mask": {0: "batch", 1: "text_len"},
-    "text": {0: "batch", 1: "text_len"}})
-IO = {"text_encoder": TEXT_IO, "dit": DIT_IO, "vae_decoder": VAE_IO}
 
 
 class CastIO(nn.Module):
@@ -83,19 +75,6 @@ def unwrap_scope(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-class DecoderPart(nn.Module):
-    """The VAE decoder as exported: de-normalised DiT latents in, video in [-1, 1] out (one temporal tile). It runs
-    the decoder's 2-D form (Decoder.forward_2d: the same function, only Conv2d), which onnxruntime's CPU runs in its
-    blocked layout: small, 17x64x64, 1.2-1.3x faster than the Conv3d graph (benchmarks/VAE_SPEED.md)."""
-
-    def __init__(self, vae: CausalVAE, mean: float, std: float):
-        super().__init__()
-        self.decoder, self.mean, self.std = vae.decoder, mean, std
-
-    def forward(self, latents):
-        return self.decoder.forward_2d(latents * self.std + self.mean).clamp(-1, 1)
-
-
 def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | Path,
                          keep_float: tuple[str, ...] = (), weight_7bit: bool = True) -> Path:
     """INT8 VAE decoder graph for onnxruntime's CPU, calibrated on `latents` (N, z, T, H, W: normalised latents, e.g.
@@ -105,7 +84,7 @@ def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | 
     weight_7bit: weights in [-64, 64] (onnxruntime's reduce_range), so onnxruntime's u8 x s8 kernels on CPUs without
     VNNI (AVX2), which add pairs of products in a saturating int16, cannot overflow (255 * 64 * 2 = 32640 < 32767);
     the same graph is then exact on every x86 ISA (the DiT's int8 graphs need a runtime probe instead:
-    runtime/ort.py)."""
+    core/ort.py)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Feeds(CalibrationDataReader):
@@ -124,23 +103,6 @@ def quantize_vae_decoder(fp32_path: str | Path, latents: np.ndarray, out: str | 
     finally:
         root.setLevel(level)
     return Path(out)
-
-
-def dit_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int], text_len: int | None = None,
-               seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    L = text_len or cfg.text.max_length
-    mask = torch.zeros(batch, L, dtype=torch.bool)
-    mask[:, : max(2, L // 3)] = True
-    return {"latents": torch.randn(batch, cfg.dit.in_channels, *latent_shape, generator=g),
-            "timestep": torch.rand(batch, generator=g),
-            "text": torch.randn(batch, L, cfg.dit.text_dim, generator=g) * mask[..., None],
-            "text_mask": mask}
-
-
-def vae_inputs(cfg: ModelConfig, batch: int, latent_shape: tuple[int, int, int], seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return {"latents": torch.randn(batch, cfg.vae.z_channels, *latent_shape, generator=g)}
 
 
 def export_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], io, path: Path,

@@ -2,7 +2,7 @@
 onnxruntime's CPU runs faster. Only for a graph onnxruntime alone opens: int8/fp8 `dit.<prec>.onnx` in place (TensorRT
 builds `dit.<prec>.fp16.onnx`), and `dit.fp32.cpu.onnx` beside the standard `dit.fp32.onnx` TensorRT builds (one
 weights file for both). Each rewrite matches one form the export writes (models/dit.py) and leaves anything else as
-it is; write_checked keeps the result only where its parity is the standard graph's (export/engines.py, quantized.py).
+it is; write_checked keeps the result only where its parity is the standard graph's (builder/engines.py, quantized.py).
 
     counts = cpu_flavour(path, out, feed)   # {"MatMulIntegerToFloat+bias": 56, "MultiHeadAttention": 16, ...}
     report, parity = write_checked(reference, path, out, standard_parity)   # export-engines' use
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from vidrt.export import onnx_export as ox
 
 MS = "com.microsoft"
 
@@ -304,7 +306,6 @@ def write_checked(ref, path: Path, out: Path, standard: list, basic_opt: bool = 
     when it is not kept."""
     import os
 
-    from . import onnx_export as ox
     tmp = out.with_name(out.name + ".cpu-flavour.tmp")
     feed = {k: v.numpy() for k, v in ref.cases[0].items()}
     try:

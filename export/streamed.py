@@ -1,7 +1,7 @@
 """Block-streamed export of a DiT part: its graph is written one transformer block at a time, so the export holds the
 part's weights outside its blocks plus one block, whatever the depth (a 14B DiT on a 24 GiB build machine).
 
-The part's module comes as a skeleton (models/family.StreamSource: its blocks' parameters on the meta device, read
+The part's module comes as a skeleton (families/parts.StreamSource: its blocks' parameters on the meta device, read
 from the safetensors files one block at a time). Its ModuleList of blocks is replaced by a cut, and the part's own
 forward runs three times:
 
@@ -12,7 +12,7 @@ forward runs three times:
 
 The skeleton is exported with the cut as one custom node (vidrt::Blocks). The assembly replaces that node by the
 block graphs in order, named as the whole module's export names them ("/transformer/blocks.3/attn1/to_q/MatMul",
-"transformer.blocks.3.attn1.to_q.bias"), and streams every tensor into the one side file (runtime/onnx_files).
+"transformer.blocks.3.attn1.to_q.bias"), and streams every tensor into the one side file (core/onnx_files).
 Nothing is computed that the module does not compute: the blocks' and the skeleton's own code is what is traced.
 """
 from __future__ import annotations
@@ -31,11 +31,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from vidrt.models.config import ConfigError
-from vidrt.runtime.memory import peak_rss_bytes, trim_heap
-from vidrt.runtime.onnx_files import save_graph
-
-from . import onnx_export as ox
+from vidrt.core.errors import ConfigError
+from vidrt.core.memory import peak_rss_bytes, trim_heap
+from vidrt.core.onnx_files import save_graph
+from vidrt.export import onnx_export as ox
 
 
 class _BlocksOp(torch.autograd.Function):
@@ -201,7 +200,7 @@ def _check_block(path: Path, carry: list, outs: list) -> float:
 def export_streamed(spec, stream, out: Path, cases: list[dict], dtype: torch.dtype = torch.float32,
                     threshold: int | None = None, check_blocks: bool = True,
                     progress: bool = False) -> tuple[Path, ox.Reference, StreamReport]:
-    """The part `spec` (its module a skeleton; `stream` its models.family.StreamSource) exported to `out` block by
+    """The part `spec` (its module a skeleton; `stream` its families/parts.StreamSource) exported to `out` block by
     block, in `dtype` inside with float32 IO (a 16-bit dtype: each block converted as it is loaded); returns (path,
     torch's outputs on `cases`, the report); traced at spec.example. `check_blocks`: each block graph run on
     onnxruntime against torch on the cases, and the skeleton's ops through a graph of it with block 0 alone: the

@@ -7,117 +7,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from vidrt.models.config import ModelConfig
-
-from .bundle import write_atomic
+from vidrt.core.buckets import Profile
+from vidrt.core.bundle import write_atomic
 
 log = logging.getLogger("vidrt")
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """A video shape the bundle serves: frames (4k+1), height, width."""
-    frames: int
-    height: int
-    width: int
-
-    @classmethod
-    def parse(cls, s: str) -> "Bucket":
-        try:
-            f, h, w = (int(v) for v in s.lower().split("x"))
-        except ValueError as e:
-            raise ValueError(f"bucket {s!r} must be FRAMESxHEIGHTxWIDTH, e.g. 9x32x32") from e
-        return cls(f, h, w)
-
-    def __str__(self):
-        return f"{self.frames}x{self.height}x{self.width}"
-
-
-Shape = tuple[int, ...]
-Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
-
-
-def profiles_for(part: str, cfg: ModelConfig, buckets: list[Bucket], max_batch: int = 2,
-                 vae_tile: int = 4) -> list[Profile]:
-    """One optimization profile per bucket: spatial/temporal dims exact (the fastest kernels for each video shape),
-    batch 1..max_batch (opt = max_batch, the CFG batch), text length fixed at the tokenizer's padded length."""
-    if not buckets:
-        raise ValueError("at least one shape bucket is needed")
-    L, B = cfg.text.max_length, max_batch
-    profiles = []
-    for b in buckets:
-        c, t, h, w = cfg.latent_shape(b.frames, b.height, b.width)  # validates the bucket
-        if part == "dit":
-            profiles.append({
-                "latents": ((1, c, t, h, w), (B, c, t, h, w), (B, c, t, h, w)),
-                "timestep": ((1,), (B,), (B,)),
-                "text": ((1, L, cfg.text.dim), (B, L, cfg.text.dim), (B, L, cfg.text.dim)),
-                "text_mask": ((1, L), (B, L), (B, L))})
-        elif part == "vae_decoder":
-            ctx = _vae_context(cfg)  # past context frames of a temporal tile
-            tmax = min(t, vae_tile + ctx)
-            profiles.append({"latents": ((1, c, 1, h, w), (1, c, tmax, h, w), (1, c, tmax, h, w))})
-        elif part == "text_encoder":
-            profiles.append({"input_ids": ((1, L), (B, L), (B, L)), "attention_mask": ((1, L), (B, L), (B, L))})
-        else:
-            raise ValueError(f"unknown part {part!r}")
-    unique = []
-    for p in profiles:  # buckets that share a shape for this part share a profile
-        if p not in unique:
-            unique.append(p)
-    return unique
-
-
-def _vae_context(cfg: ModelConfig) -> int:
-    import torch
-    from vidrt.models.vae import Decoder
-    with torch.device("meta"):
-        return Decoder(cfg.vae).tile_context()
-
-
-def trt_version() -> str | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return getattr(tensorrt, "__version__", "unknown")
-
-
-def trt_unavailable_reason() -> str | None:
-    """None if TensorRT can build here, else why not (shown to the user when engines are skipped)."""
-    if trt_version() is None:
-        return ("the tensorrt Python package is not installed (it needs an NVIDIA GPU machine with TensorRT 10 or "
-                "11); the ONNX bundle was written and validated with onnxruntime")
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            return "TensorRT is installed but no CUDA device is visible"
-    except ImportError:
-        pass
-    return None
-
-
-def _release(v: str) -> tuple[int, ...]:
-    """'10.13.0.35' -> (10, 13, 0, 35); non-numeric parts (e.g. 'unknown') count as 0."""
-    return tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
-
-
-def engine_incompatibility(built: str, here: str, version_compatible: bool = False) -> str | None:
-    """Why an engine built by TensorRT `built` cannot load on TensorRT `here`, or None. A plain engine loads only on
-    the exact version that built it; a VERSION_COMPATIBLE one on that version or a later one of the same major, and
-    across majors only 8 -> 10 and 10 -> 11 (the TensorRT 11.4 support matrix, "Engine Portability")."""
-    b, h = _release(built), _release(here)
-    if not version_compatible:
-        return None if b == h else (f"its engines were built with TensorRT {built} and load only on that exact "
-                                    f"version (this machine has {here}); rebuild them here with export-engines")
-    if h < b:
-        return f"its version-compatible engines need TensorRT {built} or later; this machine has {here}"
-    if b[0] != h[0] and (b[0], h[0]) not in ((8, 10), (10, 11)):
-        return f"version-compatible engines of TensorRT {b[0]} do not load on TensorRT {h[0]} ({here}); rebuild"
-    return None
 
 
 # --- timing cache: one file per (GPU, compute capability, TensorRT version), written atomically, never fatal ---

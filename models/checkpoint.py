@@ -6,9 +6,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import PRESETS, ConfigError, ModelConfig, all_presets, preset
-from .dit import VideoDiT
-from .vae import CausalVAE
+from vidrt.core.errors import ConfigError
+from vidrt.models.config import PRESETS, ModelConfig, preset
+from vidrt.models.dit import VideoDiT
+from vidrt.models.vae import CausalVAE
 
 TINY_DIR = Path(__file__).resolve().parent / "weights" / "tiny"
 FILES = ("config.json", "dit.safetensors", "vae.safetensors")
@@ -45,7 +46,7 @@ def resolve_model(model: str | Path) -> tuple[ModelConfig, Path | None]:
     p = Path(model).expanduser()
     if not p.exists():
         raise ConfigError(f"checkpoint path {str(p)!r} does not exist; pass a directory with {', '.join(FILES)} "
-                          f"or a preset ({', '.join(all_presets())})")
+                          f"or a preset ({', '.join(PRESETS)})")
     missing = [f for f in FILES if not (p / f).is_file()]
     if missing:
         raise ConfigError(f"checkpoint directory {str(p)!r} lacks {', '.join(missing)}")

@@ -1,4 +1,4 @@
-"""What every diffusers-directory family (models/wan.py, models/ltx.py) shares: reading the directory's configs and
+"""What every diffusers-directory family (families/wan/family.py, families/ltx/family.py) shares: reading the directory's configs and
 safetensors weights (local files only, never a pickle), dtype casting as diffusers loads models, random-init models
 at real sizes built on the meta device, the text encoder's export declaration, and the tiny word-level tokenizer of
 the tiny test directories (the memory refusal is models.config.refuse_over_limit)."""
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError
+from vidrt.core.errors import ConfigError
+from vidrt.models.config import SampleDefaults
 
 TINY_WORDS = ("a red green blue yellow circle square moving left right up down on the background slowly fast over "
               "under bright dark small big").split()
@@ -46,7 +47,6 @@ class DirConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
-        from .config import SampleDefaults
         return cls(**{**d, "patch": tuple(d["patch"]), "sample": SampleDefaults(**d["sample"])})
 
 
@@ -103,24 +103,6 @@ def random_init(cls, kw: dict, device, dtype, seed: int):
     return m.eval()
 
 
-def text_spec(module: nn.Module, tokenizer, root: Path, inputs: tuple[str, ...], text_len: int, max_batch: int):
-    """The text encoder's PartSpec: `inputs` of the tokenizer's output (input_ids, and attention_mask where the
-    family's encoder takes it) -> text; validated at batch 1, max_batch, and a shorter text at a larger batch; the
-    tokenizer's files travel in the bundle."""
-    from .family import PartSpec, batch_profiles
-    axes = {n: {0: "batch", 1: "text_len"} for n in (*inputs, "text")}
-    io = (list(inputs), ["text"], axes)
-
-    def feed(n, length):
-        tok = tokenizer((TEXT_PROMPTS * n)[:n], padding="max_length", max_length=length, truncation=True,
-                        return_attention_mask=True, return_tensors="pt")
-        return {k: tok[k] for k in inputs}
-    full = feed(max_batch, text_len)
-    cases = [feed(1, text_len), full, feed(min(3, max_batch + 1), max(2, text_len // 3))]
-    files = {f"tokenizer/{p.name}": p for p in sorted((root / "tokenizer").iterdir()) if p.is_file()}
-    return PartSpec("text_encoder", module, io, cases, full, batch_profiles(io, [full]), files=files)
-
-
 def tiny_tokenizer(max_length: int | None = None):
     """A word-level tokenizer over TINY_WORDS with T5's special tokens (<pad> 0, </s> 1, <unk> 2), built locally."""
     _, transformers = require_diffusers()
@@ -141,23 +123,16 @@ def load_text(root: Path, encoder: str):
     return tokenizer, load_pretrained(getattr(transformers, encoder), root / "text_encoder", "text encoder").eval()
 
 
-def bundle_dit(pick, part, precision: str, name: str = "dit"):
-    """A bundle's DiT graph behind the runtime's DiT call, fed the inputs its manifest entry declares."""
-    from .family import DitCall
-    entry = pick(name, precision)
-    return DitCall(part(name, entry, lambda x, *_: x.shape), entry["inputs"])
-
-
-def move(fam, modules, device, dtype) -> None:
-    """A family's torch parts to `device` in `dtype` (diffusers' float32 modules stay float32); its text encoder
+def move(fam, modules, text: nn.Module | None, device, dtype) -> None:
+    """A family's torch parts to `device` in `dtype` (diffusers' float32 modules stay float32); its `text` encoder
     moves and stays float32. Bundles (fam.vae is None) keep their parts in their backend."""
     if fam.vae is None:
         return
     fam.device = torch.device(device)
     for m in modules:
         cast_like_diffusers(m, fam.device, dtype)
-    if fam.text_model is not None:  # presets have none
-        fam.text_model.to(fam.device)
+    if text is not None:  # presets have none
+        text.to(fam.device)
 
 
 class SafetensorsFolder:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DiTConfig
+from vidrt.models.config import DiTConfig
 
 
 def exporting() -> bool:

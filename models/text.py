@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ConfigError, TextConfig
+from vidrt.core.errors import ConfigError
+from vidrt.models.config import TextConfig
 
 
 def resolve_text_encoder_path(name: str) -> Path:
@@ -34,7 +35,7 @@ def resolve_text_encoder_path(name: str) -> Path:
     return p
 
 
-def _offline() -> None:
+def offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -73,6 +74,7 @@ class PromptTokenizer:
         self.max_length, self.hf = cfg.max_length, None
         if _small_bert(path, _hf_config(path)):
             from tokenizers import Tokenizer
+
             # two instances, because truncation and padding are settings of the tokenizer, not of the call
             self.full = Tokenizer.from_file(str(path / "tokenizer.json"))
             self.full.no_truncation()
@@ -81,7 +83,7 @@ class PromptTokenizer:
             self.fixed.enable_truncation(self.max_length)
             self.fixed.enable_padding(length=self.max_length, pad_id=self.fixed.token_to_id("[PAD]"), pad_token="[PAD]")
         else:
-            _offline()
+            offline()
             from transformers import AutoTokenizer
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
@@ -187,7 +189,7 @@ class TextEncoder(nn.Module):
 
     @staticmethod
     def _hf_model(path: Path, model_type: str) -> nn.Module:
-        _offline()
+        offline()
         if model_type in ("t5", "umt5", "mt5"):
             from transformers import T5EncoderModel, UMT5EncoderModel
             return (UMT5EncoderModel if model_type == "umt5" else T5EncoderModel).from_pretrained(

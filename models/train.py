@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import _load_into, save_checkpoint
-from .config import ModelConfig, preset
-from .dit import VideoDiT
-from .synthetic import Scene, render, split_scenes, to_tensor_range
-from .text import TextEncoder
-from .vae import CausalVAE
+from vidrt.models.checkpoint import _load_into, save_checkpoint
+from vidrt.models.config import ModelConfig, preset
+from vidrt.models.dit import VideoDiT
+from vidrt.models.synthetic import Scene, render, split_scenes, to_tensor_range
+from vidrt.models.text import TextEncoder
+from vidrt.models.vae import CausalVAE
 
 
 def render_batch(scenes: list[Scene], cfg: ModelConfig, rng: np.random.Generator) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VAEConfig
+from vidrt.models.config import VAEConfig
 
 
 class ChannelRMSNorm(nn.Module):

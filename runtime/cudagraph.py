@@ -6,7 +6,7 @@ warm-up, with static buffers, then replayed for every step (host work per step: 
 
 Works for torch modules and TensorRT engines: TrtPart runs on its own stream, which joins the capture (fork/join on
 events); each captured shape has its own execution context, kept for its graph, and the shared scratch is pinned
-once a graph holds it (runtime/backends.py). Falls back, with the reason in `pipe.graph_fallback`, on CPU, for
+once a graph holds it (core/backends.py). Falls back, with the reason in `pipe.graph_fallback`, on CPU, for
 onnxruntime parts, for multistep solvers (their history lives on the host) and when capture raises.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .schedulers import FlowEuler
+from vidrt.core.schedulers import FlowEuler
 
 log = logging.getLogger("vidrt")
 
@@ -24,11 +24,11 @@ def unsupported(pipe, latents: torch.Tensor, solver) -> str | None:
     """Why the step cannot be graphed here, or None."""
     if latents.device.type != "cuda":
         return "CUDA graphs need a CUDA device (running on " + latents.device.type + ")"
-    if getattr(pipe.dit, "backend", "torch") not in ("torch", "tensorrt"):
-        return f"the {pipe.dit.backend} DiT part cannot be captured (onnxruntime runs its own CUDA graphs)"
+    if pipe.backend not in ("torch", "tensorrt"):
+        return f"the {pipe.backend} DiT part cannot be captured (onnxruntime runs its own CUDA graphs)"
     if not isinstance(solver, FlowEuler):
         return f"solver {solver.name} keeps its multistep history on the host; only euler is graphed"
-    if getattr(pipe.family, "expert_boundary", None) is not None:
+    if pipe.family.expert_boundary is not None:
         return "two experts (Wan 2.2 A14B) are chosen per step on the host; one graph would hold one expert"
     return None
 

@@ -10,12 +10,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vidrt.models.config import MAX_GUIDANCE, ConfigError, ModelConfig, max_steps
-from vidrt.models.family import VidrtFamily, load_family
+from vidrt.core.backends import BACKENDS, BackendError
+from vidrt.core.bundle import load_manifest
+from vidrt.core.bundle_parts import BundleParts
+from vidrt.core.errors import ConfigError
+from vidrt.core.memory import MAX_GUIDANCE, max_steps
+from vidrt.core.request import Request
+from vidrt.core.schedulers import SHIFT_RANGE
+from vidrt.core.trt import trt_unavailable_reason
+from vidrt.core.video import save_video
+from vidrt.families.base import Family, FamilyConfig
+from vidrt.families.registry import load_bundle_family, load_family
 from vidrt.models.text import check_prompts
-
-from .schedulers import SHIFT_RANGE
-from .video import save_video
+from vidrt.runtime.cudagraph import graphed_step
 
 
 @dataclass
@@ -27,21 +34,13 @@ class VideoOutput:
         return save_video(self.frames[index], path, fps=self.fps, scale=scale, overwrite=overwrite)
 
 
-@dataclass
-class Request:
-    """A validated generation request with every default resolved (Pipeline.request)."""
-    prompts: list[str]
-    negative_prompts: list[str]
-    num_frames: int
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    seed: int
-    solver: str  # one of the family's solvers ("default" for a diffusers family: its shipped scheduler)
-    shift: float
-    decode_tile: int | None = None  # None: the pipeline's own
-    guidance_scale_2: float | None = None  # two-expert models (Wan 2.2 A14B): the low-noise expert's; None: the same
+@dataclass(frozen=True)
+class Served:
+    """What a bundle serves: its directory, its buckets ("FxHxW": TensorRT profiles are exact per bucket) and the
+    largest DiT batch its engines take."""
+    bundle: str
+    buckets: list[str]
+    max_batch: int
 
 
 class Cancelled(RuntimeError):
@@ -74,18 +73,6 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"{what}: {int(bad.sum())} of {x.numel()} values are NaN or inf")
 
 
-class _BundleTextEncoder:
-    """Tokenizer + the text-encoder part of a bundle (same encode() contract as TextEncoder)."""
-
-    def __init__(self, cfg, part):
-        from vidrt.models.text import PromptTokenizer
-        self.part, self.tokenizer = part, PromptTokenizer(cfg)
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(prompts)
-        return self.part(tok["input_ids"], tok["attention_mask"]).float(), tok["attention_mask"].bool()
-
-
 class Pipeline:
     """`Pipeline("tiny")(prompt, ...)` -> VideoOutput; `Pipeline.from_bundle(dir, backend=...)` runs an exported
     bundle. Safe to share between threads: a lock runs one call at a time (parts hold bound buffers and sessions);
@@ -93,30 +80,31 @@ class Pipeline:
     against before any work (default: VIDRT_MAX_MEMORY_GB, else 80% of the memory available; models.config)."""
 
     def __init__(self, model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 text_encoder=None, max_memory_gb: float | None = None, family=None):
+                 text_encoder=None, max_memory_gb: float | None = None, family: Family | None = None,
+                 backend: str = "torch", served: Served | None = None):
         """model: a preset, `tiny`, a vidrt checkpoint directory, or a diffusers pipeline directory of a supported
-        family (models/family.py). family: `model` already loaded (load_family), whose weights this Pipeline then
-        shares instead of loading a second copy (export-engines' reference pipeline)."""
+        family (families/registry.py). family: `model` already loaded (load_family), whose weights this Pipeline then
+        shares instead of loading a second copy (export-engines' reference pipeline), or a bundle's (from_bundle,
+        with its `backend` and what it `served`)."""
         self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
         self.family = family if family is not None else load_family(model, device=device, dtype=dtype)
-        self.device, self.dtype = torch.device(device), dtype
-        self.family.to(self.device, dtype)
+        self.device, self.backend = torch.device(device), backend
+        self.dtype = dtype if served is None else torch.float32  # a bundle's graphs take float32 in and out
+        if served is None:
+            self.family.to(self.device, dtype)
         if text_encoder is not None:
-            if not isinstance(self.family, VidrtFamily):
-                raise ConfigError(f"text_encoder= replaces vidrt's own text encoder; {self.cfg.name} encodes prompts "
-                                  "with its directory's own (text_encoder/ and tokenizer/)")
-            self.family._text_encoder = text_encoder
-        self.backend = "torch"
+            self.family.use_text_encoder(text_encoder)
         self.cuda_graphs, self.graph_fallback = False, None  # see runtime/cudagraph.py
-        self.buckets, self.max_batch = None, None  # bundles: what their engines serve
+        self.served = served
+        self.bundle, self.buckets, self.max_batch = (None, None, None) if served is None else \
+            (served.bundle, served.buckets, served.max_batch)
 
     # the family's parts, under the names the runtime's users know (bench, calibration and tests swap `dit`)
     cfg = property(lambda self: self.family.cfg)
     vae = property(lambda self: self.family.vae)
     dit = property(lambda self: self.family.dit, lambda self, m: setattr(self.family, "dit", m))
-    vae_part = property(lambda self: getattr(self.family, "vae_part", None),
-                        lambda self, m: setattr(self.family, "vae_part", m))
-    decode_tile = property(lambda self: getattr(self.family, "decode_tile", None))
+    vae_part = property(lambda self: self.family.vae_part, lambda self, m: setattr(self.family, "vae_part", m))
+    decode_tile = property(lambda self: self.family.decode_tile)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "onnxruntime", precision: str = "fp32",
@@ -126,84 +114,26 @@ class Pipeline:
         precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision`, else, for an int8 DiT
         on onnxruntime's CPU, the bundle's validated INT8 VAE where it has one, else its first float one. The Pipeline API
         is unchanged."""
-        from vidrt.export.bundle import load_manifest
-        from vidrt.models.vae import CausalVAE
-
-        from .backends import BACKENDS, BackendError, SharedDeviceMemory, make_part
         if backend not in BACKENDS or backend == "torch":
             raise BackendError(f"backend {backend!r} cannot load a bundle; choose onnxruntime or tensorrt "
                                "(backend torch is Pipeline(model))")
         if backend == "tensorrt":
-            from vidrt.export.tensorrt import trt_unavailable_reason
             reason = trt_unavailable_reason()
             if reason:
                 raise BackendError(f"backend tensorrt cannot run here: {reason}; use backend='onnxruntime'")
         m = load_manifest(bundle)
-        root, parts = Path(bundle), m["parts"]
         if vae_precision is None and precision == "int8" and backend == "onnxruntime" and \
-                torch.device(device).type == "cpu" and "vae_decoder.int8" in parts:
-            vae_precision = "int8"  # a CPU form, written only after its PSNR check (export/quantized.int8_vae)
-
-        def pick(part: str, prec: str | None) -> dict:
-            names = [n for n in parts if parts[n]["part"] == part]
-            name = f"{part}.{prec}" if prec else next((n for n in names if parts[n]["precision"] in
-                                                       ("fp32", "fp16", "bf16")), None)
-            if name not in parts:
-                raise BackendError(f"bundle {root} has no {part} at {prec or 'a float precision'} (it has "
-                                   f"{', '.join(names) or 'none'}); export it with export-engines --precision")
-            e = parts[name]
-            if backend == "tensorrt" and "tensorrt" not in e.get("runtimes", {"tensorrt": {}}):
-                raise BackendError(f"{name} in bundle {root} is an onnxruntime-only graph; pick a float precision for "
-                                   "it on backend='tensorrt'")
-            if backend == "tensorrt" and not e.get("engine"):
-                raise BackendError(f"bundle {root} has no TensorRT engine for {name} ({m['engines']['skipped_reason']})"
-                                   "; use backend='onnxruntime' or rebuild on a TensorRT machine")
-            return e
-
-        self = cls.__new__(cls)
-        self._lock, self.max_memory_gb = threading.RLock(), max_memory_gb
-        self.device, self.dtype, self.backend = torch.device(device), torch.float32, backend
-        self.cuda_graphs, self.graph_fallback = False, None
-        self.bundle, self.buckets, self.max_batch = str(root), list(m["buckets"]), m["max_batch"]
-        shared = SharedDeviceMemory(self.device) if backend == "tensorrt" else None
-
-        def part(name: str, e: dict, out_shape, reuse: bool = False):
-            if backend == "tensorrt":
-                return make_part(backend, name, root / e["engine"], device, shared=shared)
-            rt = e["runtimes"]["onnxruntime"]  # the bundle says which graph onnxruntime runs, and how
-            return make_part(backend, name, root / rt["graph"], device, basic_opt=rt["graph_optimization"] == "basic",
-                             out_shape=out_shape, reuse_output=reuse)
-
-        if m["model"].get("family"):  # a diffusers family (models/<family>.py) builds itself from its parts
-            from vidrt.models.family import DIFFUSERS_FAMILIES, family_module
-            fam = m["model"]["family"]
-            if fam not in DIFFUSERS_FAMILIES.values():
-                raise BackendError(f"bundle {root} is of model family {fam!r}, which this vidrt does not know "
-                                   f"({', '.join(sorted(set(DIFFUSERS_FAMILIES.values())))}); re-export it")
-            if backend != "onnxruntime":
-                raise BackendError(f"{fam} bundles run on backend='onnxruntime' (their TensorRT path is not built)")
-            self.family = family_module(fam).Family.from_bundle(root, m, pick, part, precision, vae_precision,
-                                                                device)
-            return self
-        cfg = ModelConfig.from_dict(m["model"])
-        sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
-        dit = part("dit", pick("dit", precision), lambda x, *_: x.shape, reuse=True)
-        vae_part = part("vae_decoder", pick("vae_decoder", vae_precision), lambda z: (
-            z.shape[0], 3, (z.shape[2] - 1) * tf + 1, z.shape[3] * sf, z.shape[4] * sf))
-        te = part("text_encoder", pick("text_encoder", None), lambda ids, _: (*ids.shape, cfg.text.dim))
-        with torch.device("meta"):  # tiling logic only (tile context, temporal factor): no weights
-            vae = CausalVAE(cfg.vae)
-        # the VAE decoder's profiles are sized for the bundle's tile
-        self.family = VidrtFamily(cfg, dit, vae, _BundleTextEncoder(cfg.text, te), vae_part, m["vae_tile"])
-        self.family.device = self.device
-        return self
+                torch.device(device).type == "cpu" and "vae_decoder.int8" in m["parts"]:
+            vae_precision = "int8"  # a CPU form, written only after its PSNR check (build/quantized.int8_vae)
+        family = load_bundle_family(BundleParts(bundle, m, backend, device), precision, vae_precision)
+        served = Served(str(bundle), list(m["buckets"]), m["max_batch"])
+        return cls(family=family, device=device, max_memory_gb=max_memory_gb, backend=backend, served=served)
 
     def _check_bundle_shape(self, frames: int, height: int, width: int, dit_batch: int) -> None:
         """Bundles serve their buckets only (TensorRT profiles are exact per bucket); the onnxruntime backend
         enforces the same, so a request that works on CPU works on the engines."""
         if self.buckets is None:
             return
-        from .backends import BackendError
         if f"{frames}x{height}x{width}" not in self.buckets:
             raise BackendError(f"{frames}x{height}x{width} is not a shape this bundle serves ({', '.join(self.buckets)}"
                                f"); re-export with --bucket {frames}x{height}x{width}")
@@ -212,17 +142,13 @@ class Pipeline:
                                f"{dit_batch} requested: generate fewer prompts per call")
 
     @property
-    def config(self) -> ModelConfig:
+    def config(self) -> FamilyConfig:
         return self.cfg
 
     @property
     def text_encoder(self):
         """The family's text encoder (loaded on first use): encode(prompts) -> (text, text_mask)."""
         return self.family.text_encoder
-
-    @property
-    def _text_encoder(self):
-        return getattr(self.family, "_text_encoder", None)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         emb, mask = self.family.encode(prompts)
@@ -245,16 +171,15 @@ class Pipeline:
         _check_finite(text, "text embeddings (text encoder output)")
         graphed = None
         if self.cuda_graphs:
-            from .cudagraph import graphed_step
             graphed = graphed_step(self, latents, text, mask, guidance_scale, solver)
         cfg_on = text.shape[0] == 2 * latents.shape[0]
         solver.reset()
         x = latents
         ts = solver.timesteps
-        model_t = getattr(solver, "model_t", ts)  # the DiT's timestep per step (a family's scheduler may differ)
+        model_t = solver.model_t  # the DiT's timestep per step (a family's scheduler may differ from sigma)
         steps = len(ts) - 1
         # two experts (Wan 2.2 A14B): the low-noise one, below the family's boundary timestep, may guide differently
-        boundary = getattr(self.family, "expert_boundary", None)
+        boundary = self.family.expert_boundary
         for i in tqdm(range(steps), desc="denoise", disable=not progress, leave=False):
             where = f"step {i + 1} of {steps}"
             g = guidance_scale_2 if guidance_scale_2 is not None and boundary is not None and model_t[i] < boundary \
@@ -333,7 +258,7 @@ class Pipeline:
             raise ConfigError(f"guidance_scale={r.guidance_scale} must be 1 (no guidance) to {MAX_GUIDANCE:g}")
         if guidance_scale_2 is not None:
             r.guidance_scale_2 = _real("guidance_scale_2", guidance_scale_2)
-            if getattr(self.family, "expert_boundary", None) is None:
+            if self.family.expert_boundary is None:
                 raise ConfigError(f"guidance_scale_2 is the low-noise expert's guidance of two-expert models (Wan 2.2 "
                                   f"A14B); {self.cfg.name} has one DiT: use guidance_scale")
             if not 1 <= r.guidance_scale_2 <= MAX_GUIDANCE:
@@ -348,12 +273,9 @@ class Pipeline:
         if r.decode_tile is not None and r.decode_tile < 1:
             raise ConfigError(f"decode_tile={r.decode_tile} must be >= 1 latent frame")
         self.cfg.latent_shape(r.num_frames, r.height, r.width)  # validates, naming the fix
-        self._check_bundle_shape(r.num_frames, r.height, r.width, self._dit_batch(r))
+        self._check_bundle_shape(r.num_frames, r.height, r.width, r.dit_batch)
         self.check_memory(r)
         return r
-
-    def _dit_batch(self, r: Request) -> int:
-        return len(r.prompts) * (2 if r.guidance_scale > 1 else 1)
 
     def check_memory(self, r: Request, scale: int = 1) -> int:
         """Estimated peak bytes of `r` (saved at `scale`); ConfigError naming it and the limit when over the limit."""
@@ -378,7 +300,7 @@ class Pipeline:
         with self._lock:  # one request at a time: parts reuse bound buffers (see the class docstring)
             # diffusers families keep latents (and the solver's arithmetic) in float32 whatever the model's dtype, as
             # their pipelines do; vidrt's own DiT runs them in its dtype
-            dtype = getattr(self.family, "latent_dtype", None) or self.dtype
+            dtype = self.family.latent_dtype or self.dtype
             latents = torch.randn((len(r.prompts), *shape), generator=gen).to(self.device, dtype)
             g = r.guidance_scale
             text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)

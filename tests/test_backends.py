@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from vidrt.benchmarks.bench import Runner, parse_runners, run
-from vidrt.export.engines import export_engines
-from vidrt.export.tensorrt import Bucket
-from vidrt.runtime.backends import BackendError, OrtPart, TrtPart, make_part, pick_profile
+from vidrt.app.bench import Runner, parse_runners, run
+from vidrt.builder.engines import export_engines
+from vidrt.core.backends import BackendError, OrtPart, TrtPart, make_part, pick_profile
+from vidrt.core.buckets import Bucket
 from vidrt.runtime.pipeline import Cancelled, Pipeline
 
 PROMPT = "a green square moving up on a black background"
@@ -41,7 +41,7 @@ def test_full_pipeline_parity_torch_vs_onnxruntime(bundle, torch_pipe):
 
 def test_io_binding_with_preallocated_output_matches_plain_run(bundle):
     cfg = Pipeline.from_bundle(bundle).cfg
-    from vidrt.export.onnx_export import dit_inputs
+    from vidrt.families.vidrt.export import dit_inputs
     x = dit_inputs(cfg, 2, (3, 4, 4), seed=1)
     plain = OrtPart("dit", bundle / "dit.fp32.onnx")(*x.values())
     bound = OrtPart("dit", bundle / "dit.fp32.onnx", io_binding=True, out_shape=lambda z, *_: z.shape,
@@ -66,7 +66,7 @@ def test_bundle_serves_its_buckets_only(bundle):
 def test_pipeline_calls_fit_the_bundle_profiles(bundle):
     """What TensorRT would be asked at run time: every part call of a real pipeline run falls inside the optimization
     profiles written to the manifest (the ones the engines are built with); other shapes are refused by name."""
-    from vidrt.export.bundle import load_manifest
+    from vidrt.core.bundle import load_manifest
     man = load_manifest(bundle)
     pipe = Pipeline.from_bundle(bundle)
     seen = {}
@@ -79,7 +79,7 @@ def test_pipeline_calls_fit_the_bundle_profiles(bundle):
         return call
 
     pipe.dit, pipe.vae_part = tap(pipe.dit), tap(pipe.vae_part)
-    pipe._text_encoder.part = tap(pipe._text_encoder.part)
+    pipe.text_encoder.part = tap(pipe.text_encoder.part)
     pipe(PROMPT, progress=False)
     pipe(PROMPT, guidance_scale=1.0, num_inference_steps=2, progress=False)  # no CFG: batch 1
     assert set(seen) == {"dit", "vae_decoder", "text_encoder"} and len(seen["dit"]) == 2
@@ -108,7 +108,7 @@ def test_torch_fp8_scaled_mm_path(torch_pipe):
     """FP8 linears via torch._scaled_mm (the GPU FP8 path; CPU runs torch's reference kernel): sensitive layers stay
     float, and the video stays close to fp32."""
     from vidrt.calibration.report import psnr
-    from vidrt.runtime.fp8 import Fp8Linear, to_fp8
+    from vidrt.core.fp8 import Fp8Linear, to_fp8
     pipe = Pipeline("tiny")
     names = to_fp8(pipe.dit)
     assert len(names) == 7 * pipe.cfg.dit.depth and all(n.startswith("blocks.") and "adaLN" not in n for n in names)
@@ -196,7 +196,7 @@ def test_bench_report_is_computed_from_measured_runs(bundle, tmp_path):
 
 def test_fp8_activation_scale_stays_finite_in_float16():
     """448 / amax overflows float16 once amax < ~0.007: the scale must stay finite (a zero one gave zeros or NaN)."""
-    from vidrt.runtime.fp8 import quantize_act
+    from vidrt.core.fp8 import quantize_act
     for x in (torch.full((4, 16), 1e-3, dtype=torch.float16), torch.zeros(4, 16, dtype=torch.float16)):
         q, scale = quantize_act(x)
         y = q.float() * scale
@@ -209,7 +209,7 @@ def test_bench_one_runner_at_a_time(bundle, tmp_path):
     """--one-at-a-time (what a big model gets when its runners do not fit together): each runner loaded, timed and
     freed before the next; speedups are ratios of medians, said so in the report. The int8 GEMM peak the int8 rows
     are stated against is measured on onnxruntime's integer kernel."""
-    from vidrt.benchmarks.bench import int8_gemm_peak_gops
+    from vidrt.app.bench import int8_gemm_peak_gops
     rep = run("tiny", parse_runners("torch:fp32,onnxruntime:fp32"), tmp_path / "b", bundle=str(bundle), steps=2,
               warmup=1, runs=3, e2e_runs=1, progress=False, together=False)
     assert "one runner resident at a time (asked)" in rep["timing"] and rep["memory_fit"] is None
@@ -236,8 +236,8 @@ def test_bench_keeps_going_when_a_runner_fails_mid_run(bundle, tmp_path):
 def test_cli_messages(tmp_path):
     from click.testing import CliRunner
 
-    from vidrt.export.engines import main as export_main
     from vidrt.app.cli import main as vidrt_main
+    from vidrt.builder.cli import main as export_main
     r = CliRunner().invoke(export_main, ["--out", str(tmp_path / "x"), "--precision", "int8"])
     assert r.exit_code == 1 and "need a calibration set: run `vidrt calibrate --model tiny" in r.output
     r = CliRunner().invoke(vidrt_main, ["bench", "--model", "tiny", "--runners", "torch-fp32", "--out", str(tmp_path)])

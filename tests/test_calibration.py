@@ -4,11 +4,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vidrt.calibration.capture import CalibrationError, capture, default_prompts, load_set, read_prompts
-from vidrt.models.config import preset
 from vidrt.app.cli import main
+from vidrt.calibration.capture import CalibrationError, capture, default_prompts, load_set, read_prompts
+from vidrt.core.schedulers import flow_timesteps
+from vidrt.models.config import preset
 from vidrt.runtime.pipeline import Pipeline
-from vidrt.runtime.schedulers import flow_timesteps
 
 PROMPTS = ["a red circle moving left on a blue background", "A litter of golden retriever puppies playing in the snow"]
 

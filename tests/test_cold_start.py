@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vidrt.export import onnx_export as ox
+from vidrt.families.vidrt import export as vx
 from vidrt.models.config import TextConfig
 from vidrt.models.text import TextEncoder, resolve_text_encoder_path
 
@@ -59,7 +60,7 @@ def test_truncation_warning_counts_tokens(encoder):
 def test_onnx_export_serves_other_lengths(encoder, tmp_path):
     tok = encoder.tokenize(PROMPTS[:2])
     path = ox.export_onnx(encoder, {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]},
-                          ox.TEXT_IO, tmp_path / "text.onnx")
+                          vx.TEXT_IO, tmp_path / "text.onnx")
     assert ox.check_graph(path)["checker"] == "ok"
     short = encoder.tokenize(PROMPTS[2:4] + PROMPTS[5:6])
     cases = [{"input_ids": t["input_ids"][:, :n], "attention_mask": t["attention_mask"][:, :n]}
@@ -80,7 +81,7 @@ def test_encoder_imports_no_transformers():
     assert "transformers" not in mods and "torch" in mods
 
 
-@pytest.mark.parametrize("module", ["vidrt.app.cli", "vidrt.export.engines"])
+@pytest.mark.parametrize("module", ["vidrt.app.cli", "vidrt.builder.cli"])
 def test_help_imports_no_torch(module):
     mods = _modules_after(f"from {module} import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass")
     assert "click" in mods

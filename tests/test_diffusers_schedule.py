@@ -4,7 +4,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from vidrt.runtime.schedulers import FlowEuler, FlowUniPC, solver_from_diffusers  # noqa: E402
+from vidrt.core.schedulers import FlowEuler, FlowUniPC, solver_from_diffusers  # noqa: E402
 
 UNIPC = {  # as in Wan2.1 diffusers checkpoints' scheduler/scheduler_config.json
     "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,

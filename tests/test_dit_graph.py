@@ -154,7 +154,7 @@ def tiny_onnx(tiny, tmp_path_factory):
 
 
 def ort_optimized(path, tmp_path) -> onnx.ModelProto:
-    """The graph onnxruntime runs on CPU after its session-time fusions (default level, as runtime/ort.py opens)."""
+    """The graph onnxruntime runs on CPU after its session-time fusions (default level, as core/ort.py opens)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -194,7 +194,7 @@ def test_int8_finds_the_same_layers(tiny, tiny_onnx):
 
 def test_exported_graph_serves_other_shapes(tiny, tiny_onnx):
     """Exported at 3x4x4 latents, 32 text tokens; run at other frame/size/batch/text lengths against torch."""
-    from vidrt.runtime.ort import ort_session
+    from vidrt.core.ort import ort_session
     sess = ort_session(tiny_onnx)
     for shape, L, b in (((5, 6, 8), 32, 2), ((1, 2, 2), 12, 1), ((2, 8, 4), 20, 3)):
         args = inputs(tiny.cfg, shape=shape, L=L, seed=1)
@@ -211,7 +211,7 @@ def test_bucket_graphs_recompute_the_step(tiny, tiny_onnx):
     com.microsoft kernels included), and each bucket's graph alone (optimizations off) computes exactly what the
     whole step computes."""
     from vidrt.benchmarks import dit_graph as dg
-    from vidrt.runtime.ort import ort_session
+    from vidrt.core.ort import ort_session
     args = inputs(tiny.cfg, shape=(3, 4, 4), L=32, seed=2)
     feed = {n: a.numpy() for n, a in zip(ox.DIT_IO[0], args)}
     model = dg.optimized_model(tiny_onnx)

@@ -7,12 +7,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from vidrt.builder.cli import main
+from vidrt.builder.engines import export_engines
+from vidrt.core.buckets import Bucket
+from vidrt.core.bundle import BundleError, BundleWriter, load_manifest
+from vidrt.core.errors import ConfigError
+from vidrt.core.trt import trt_unavailable_reason
 from vidrt.export import onnx_export as ox
-from vidrt.export.bundle import BundleError, BundleWriter, load_manifest
-from vidrt.export.engines import export_engines, main
-from vidrt.export.tensorrt import Bucket, profiles_for, trt_unavailable_reason
+from vidrt.families.vidrt import export as vx
+from vidrt.families.vidrt.export import profiles_for
 from vidrt.models.checkpoint import load_model
-from vidrt.models.config import ConfigError, preset
+from vidrt.models.config import preset
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,7 @@ def test_fp32_dit_has_an_onnxruntime_cpu_flavour_on_the_same_weights(tiny_bundle
                 if t.data_location == onnx.TensorProto.EXTERNAL} == {"dit.fp32.onnx.data"}
     assert part["external_data"] == ["dit.fp32.onnx.data"] and (out / "dit.fp32.cpu.onnx").stat().st_size < 1_000_000
     assert "dit.fp16" not in [k for k, p in man["parts"].items() if p["runtimes"]["onnxruntime"].get("cpu_flavour")]
-    cases = [ox.dit_inputs(cfg, b, s, seed=b) for b, s in ((1, (5, 4, 8)), (2, (9, 2, 2)))]
+    cases = [vx.dit_inputs(cfg, b, s, seed=b) for b, s in ((1, (5, 4, 8)), (2, (9, 2, 2)))]
     for p in ox.parity(dit, out / "dit.fp32.cpu.onnx", cases):
         assert p.rel_l2 < 1e-5, p  # measured 3.5-3.7e-7
 
@@ -64,7 +69,7 @@ def test_one_graph_serves_every_shape(tiny_bundle):
     """Shapes outside the export-time shape (other frames, H != W, batch) are right: RoPE/patch grids are dynamic."""
     out, _ = tiny_bundle
     cfg, dit, _ = load_model("tiny")
-    cases = [ox.dit_inputs(cfg, b, s, seed=b) for b, s in ((1, (5, 4, 8)), (2, (2, 8, 4)), (2, (9, 2, 2)))]
+    cases = [vx.dit_inputs(cfg, b, s, seed=b) for b, s in ((1, (5, 4, 8)), (2, (2, 8, 4)), (2, (9, 2, 2)))]
     for p in ox.parity(dit, out / "dit.fp32.onnx", cases):
         assert p.rel_l2 < 1e-4, p
 
@@ -143,7 +148,7 @@ def test_corrupt_partial_or_edited_bundles_are_refused(tiny_bundle, tmp_path):
 
 
 def test_version_mismatch_refused(tiny_bundle, tmp_path):
-    from vidrt.export.bundle import _digest
+    from vidrt.core.bundle import _digest
     b = _copy(tiny_bundle[0], tmp_path / "v")
     m = json.loads((b / "manifest.json").read_text())
     m["versions"]["onnx"] = "0.9.0"
@@ -205,7 +210,7 @@ def test_onnx_tiles_reproduce_the_full_pytorch_decode(tiny_bundle):
     cfg, _, vae = load_model("tiny")
     sess = ox.ort_session(out / "vae_decoder.fp32.onnx")
     z = torch.randn(1, 8, 23, 4, 4, generator=torch.Generator().manual_seed(0))  # 89 frames, > one tile
-    dec = ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    dec = vx.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     with torch.no_grad():
         full = dec(z)
     tiled = vae.decode_tiled(z, tile=man["vae_tile"],
@@ -218,7 +223,7 @@ def test_export_memory_plan_checked_before_any_work(tmp_path, monkeypatch):
     """The export's peak (the loaded model, its working memory, a 16-bit copy of the DiT where a second 16-bit
     type needs one) is estimated and refused before anything is written when it cannot fit; a bundle records the
     plan and its measured peak."""
-    from vidrt.export.torch_side import WORKING_PER_DIT_BYTE
+    from vidrt.builder.torch_side import WORKING_PER_DIT_BYTE
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "0.000001")
     with pytest.raises(ConfigError, match="16-bit copy of the DiT .*one 16-bit type for the DiT"):
         export_engines("tiny", tmp_path / "a", ["fp32", "fp16", "bf16"], [Bucket(9, 32, 32)], progress=False)

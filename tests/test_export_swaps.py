@@ -1,4 +1,4 @@
-"""export/swaps.py: exact export-time swaps that let diffusers' WanTransformer3DModel export with the TorchScript
+"""export/swaps.py and families/wan/export.py: exact export-time swaps that let diffusers' WanTransformer3DModel export with the TorchScript
 exporter (opset 18) as one shape-generic graph. Tiny random model, float32, CPU only."""
 import pytest
 
@@ -11,7 +11,8 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vidrt.export import onnx_export as ox  # noqa: E402
-from vidrt.export.swaps import SWAPS, apply_rotary, exportable, rms_norm  # noqa: E402
+from vidrt.export.swaps import exportable, rms_norm, swap_rms_norm  # noqa: E402
+from vidrt.families.wan.export import WAN_SWAPS, apply_rotary  # noqa: E402
 
 CFG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
@@ -61,9 +62,9 @@ def max_diff(a, b):
 def test_swaps_are_exact(part, swaps):
     cases = [inputs(*s, seed=i) for i, s in enumerate(SHAPES[:2])]
     refs = [run(part, x) for x in cases]
-    with exportable(part, swaps) as counts:
+    with exportable(part, {k: WAN_SWAPS[k] for k in swaps or WAN_SWAPS}) as counts:
         # 2 blocks x (self + cross attention): 8 RMSNorms (norm_q, norm_k), 4 attention modules
-        assert counts == {k: {"rms_norm": 8, "wan_rope": 4}[k] for k in (swaps or SWAPS)}
+        assert counts == {k: {"rms_norm": 8, "wan_rope": 4}[k] for k in (swaps or WAN_SWAPS)}
         outs = [run(part, x) for x in cases]
     for ref, out in zip(refs, outs):
         assert max_diff(ref, out) <= 1e-6
@@ -89,7 +90,7 @@ def test_pieces_match_torch():
 def test_onnx_export_is_shape_generic(part, tmp_path):
     cases = [inputs(*s, seed=i) for i, s in enumerate(SHAPES)]
     refs = [run(part, x).numpy() for x in cases]  # unpatched
-    with exportable(part):
+    with exportable(part, WAN_SWAPS):
         path = ox.export_onnx(part, cases[0], IO, tmp_path / "wan.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs = [max_diff(sess.run(None, {k: v.numpy() for k, v in x.items()})[0], ref) for x, ref in zip(cases, refs)]
@@ -103,7 +104,7 @@ def test_blockers_without_swaps(part, tmp_path):
     a, b = inputs(*SHAPES[0]), inputs(*SHAPES[1], seed=1)
     with pytest.raises(Exception, match="rms_norm"):
         ox.export_onnx(part, a, IO, tmp_path / "plain.onnx")
-    with exportable(part, ["rms_norm"]):
+    with exportable(part, {"rms_norm": swap_rms_norm}):
         path = ox.export_onnx(part, a, IO, tmp_path / "baked.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert max_diff(sess.run(None, {k: v.numpy() for k, v in a.items()})[0], run(part, a)) <= 1e-4
@@ -126,15 +127,17 @@ def test_restored_after_exit_and_on_exception(part):
         assert list(part.state_dict()) == keys and torch.equal(run(part, x), ref)
 
     try:
-        with exportable(part):
+        with exportable(part, WAN_SWAPS):
             assert sum("forward" in m.__dict__ for m in part.modules()) == 8 + 4
         untouched()
         with pytest.raises(RuntimeError, match="boom"):
-            with exportable(part):
+            with exportable(part, WAN_SWAPS):
                 raise RuntimeError("boom")
         untouched()
-        with pytest.raises(ValueError, match="unknown swaps"):
-            with exportable(part, ["rms_norm", "nope"]):
+        def failing(module, stack):  # a swap that fails after rms_norm patched its modules
+            raise ValueError("cannot swap")
+        with pytest.raises(ValueError, match="cannot swap"):
+            with exportable(part, {"rms_norm": swap_rms_norm, "failing": failing}):
                 pass
         untouched()
     finally:

@@ -1,4 +1,4 @@
-"""The LTX-Video family (models/ltx.py) on tiny random directories written by diffusers' save_pretrained: parity
+"""The LTX-Video family (families/ltx/family.py) on tiny random directories written by diffusers' save_pretrained: parity
 with diffusers' own LTXPipeline (torch, and an exported bundle on onnxruntime), the frame/size rules, the errors."""
 import json
 
@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from vidrt.models.config import ConfigError  # noqa: E402
-from vidrt.models.tiny_dirs import save_ltx  # noqa: E402
+from vidrt.core.errors import ConfigError  # noqa: E402
+from vidrt.families.ltx.tiny import save_ltx  # noqa: E402
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT, NEG = "a red circle moving left", "blue"
@@ -81,7 +81,7 @@ def test_generate_cli_writes_the_video(dirs, tmp_path):
     from click.testing import CliRunner
 
     from vidrt.app.cli import main
-    from vidrt.runtime.video import read_video
+    from vidrt.core.video import read_video
     out = tmp_path / "ltx.mp4"
     res = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(dirs["v090"]), "--frames", "9", "--height",
                                     "32", "--width", "64", "--steps", "2", "-o", str(out)])
@@ -120,8 +120,8 @@ BUCKETS = ((9, 32, 32), (17, 32, 64))
 
 @pytest.fixture(scope="module")
 def bundle(dirs, tmp_path_factory):
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
     out = tmp_path_factory.mktemp("ltxb") / "b"
     return out, export_engines(str(dirs["v090"]), out, ["fp32"], [Bucket(*b) for b in BUCKETS], progress=False)
 
@@ -144,7 +144,7 @@ def test_export_validates_every_graph_beyond_its_buckets(bundle):
 def test_bundle_on_onnxruntime_matches_diffusers(dirs, bundle):
     """The exported bundle on onnxruntime vs diffusers' LTXPipeline at both buckets (measured max abs 9.5e-7 and
     1.2e-6; bound 1e-2)."""
-    from vidrt.runtime.backends import BackendError
+    from vidrt.core.backends import BackendError
     pipe = Pipeline.from_bundle(bundle[0])
     diffs = []
     for f, h, w in BUCKETS:
@@ -160,21 +160,21 @@ def test_export_swaps_are_exact_and_needed(dirs, tmp_path, monkeypatch):
     """The LTX swaps change no value (torch output with and without them: equal) and each is needed: without
     ltx_rope the exporter rewrites the timestep embedding's Concat axis to 2 on rank-2 tensors; without ltx_movedim
     the VAE's movedim(-1, 1) becomes Transpose perm (0, -1, 1, 2, 3). Both graphs fail ONNX's checker."""
-    from vidrt.export import swaps
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
-    from vidrt.models.ltx import LTXFamily
-    fam = LTXFamily(dirs["tconf"])
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
+    from vidrt.export.swaps import exportable
+    from vidrt.families.ltx import export as ltx_export
+    from vidrt.families.ltx.family import LTXFamily
+    fam = LTXFamily.from_dir(dirs["tconf"])
     for spec in fam.export_parts(("dit", "vae_decoder"), [Bucket(9, 32, 32)], 2, 4):
         with torch.no_grad():
             x = spec.cases[-1]
             ref = spec.module(*x.values())
-            with swaps.exportable(spec.module, swaps.LTX) as n:
+            with exportable(spec.module, ltx_export.LTX_SWAPS) as n:
                 assert torch.equal(spec.module(*x.values()), ref), spec.name
         assert n["ltx_rope" if spec.name == "dit" else "ltx_movedim"] >= 1
-    real = swaps.exportable
     for drop, part, match in (("ltx_rope", "dit", "axis must be in"), ("ltx_movedim", "vae_decoder", "perm")):
-        monkeypatch.setattr(swaps, "exportable", lambda m, names, _drop=drop: real(m, [k for k in names if k != _drop]))
+        monkeypatch.setattr(ltx_export, "LTX_SWAPS", {k: v for k, v in ltx_export.LTX_SWAPS.items() if k != drop})
         with pytest.raises(Exception, match=match):
             export_engines(str(dirs["v090"]), tmp_path / drop, ["fp32"], [Bucket(9, 32, 32)], parts=(part,),
                            progress=False)
@@ -190,10 +190,10 @@ def test_int8_and_fp8_bundles_with_the_ltx_recipe(dirs, tmp_path):
     rel L2 0.008 / 0.03 (about 2.6x margin, and below the nothing-kept values), PSNR 51 / 42 dB (3 dB margin)."""
     import re
 
+    from vidrt.builder.engines import export_engines
     from vidrt.calibration.capture import capture
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
-    from vidrt.models.ltx import LTXFamily
+    from vidrt.core.buckets import Bucket
+    from vidrt.families.ltx.family import LTXFamily
     pipe = Pipeline(dirs["v090"])
     linears = [n for n, m in pipe.dit.named_modules() if isinstance(m, torch.nn.Linear)]
     kept = sorted(n for n in linears if any(re.search(p, n) for p in LTXFamily.quant_skip))
@@ -227,9 +227,8 @@ def test_real_size_preset_matches_the_published_model():
     defaults at LTXPipeline's 161x512x704; every family's presets are found by name."""
     from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
 
-    from vidrt.models import ltx
-    from vidrt.models.config import all_presets
-    from vidrt.models.family import _family_preset, family_config
+    from vidrt.families.ltx import config as ltx
+    from vidrt.families.registry import all_presets, family_config, resolve
     p = ltx.PRESETS["ltx-video"]
     with torch.device("meta"):
         tr = LTXVideoTransformer3DModel(**p["transformer"])
@@ -247,15 +246,15 @@ def test_real_size_preset_matches_the_published_model():
     with pytest.raises(ConfigError, match="multiple of 32 for LTX-Video"):
         cfg.latent_shape(161, 500, 704)
     assert "ltx-video" in all_presets() and "wan2.1-14b" in all_presets()
-    assert (_family_preset("ltx-video"), _family_preset("wan2.1-1.3b"), _family_preset("tiny")) == ("ltx", "wan", None)
+    assert [resolve(m)[0].name for m in ("ltx-video", "wan2.1-1.3b", "tiny")] == ["ltx", "wan", "vidrt"]
 
 
 def test_preset_builds_on_the_device_in_the_dtype_and_runs(monkeypatch):
     """A preset is built the Wan way (meta device, materialised on the device in the run's dtype); here a tiny one
     registered like "ltx-video", through Pipeline: bf16 parameters, a finite CPU forward of the random-init
     transformer and VAE, and encode refusing (no T5 is built)."""
-    from vidrt.models import ltx
-    from vidrt.models.family import load_family
+    from vidrt.families.ltx import config as ltx
+    from vidrt.families.registry import load_family
     monkeypatch.setitem(ltx.PRESETS, "ltx-test", dict(transformer=TINY_TR, vae=TINY_VAE, scheduler=ltx.LTX_SCHEDULER))
     fam = load_family("ltx-test", device="cpu", dtype=torch.bfloat16)
     assert {x.dtype for x in fam.dit.parameters()} == {x.dtype for x in fam.vae.parameters()} == {torch.bfloat16}

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from vidrt.core.errors import ConfigError
 from vidrt.models.checkpoint import load_model
-from vidrt.models.config import ConfigError, ModelConfig, preset
+from vidrt.models.config import ModelConfig, preset
 from vidrt.models.dit import SelfAttention, VideoDiT, apply_rope, rope_cos_sin, rope_dims
 from vidrt.models.vae import CausalVAE
 
@@ -152,6 +153,7 @@ def test_vae_causal_and_tiled_decode_is_exact():
 
 def test_object_weights_mark_exactly_the_object():
     import numpy as np
+
     from vidrt.models.synthetic import BACKGROUNDS, Scene, render, to_tensor_range
     from vidrt.models.train import object_weights
     frames = render(Scene("white", "square", "up", "gray"))

@@ -9,10 +9,10 @@ import torch
 from onnx import helper, numpy_helper
 
 from vidrt.calibration import quantize as Q
+from vidrt.core.ort import ort_session
 from vidrt.export import onnx_export as ox
 from vidrt.export.ort_cpu import cpu_flavour
 from vidrt.models.checkpoint import load_model
-from vidrt.runtime.ort import ort_session
 
 
 def feed(cfg, shape=(3, 4, 4), L=32, batch=2, seed=0) -> dict:

@@ -4,13 +4,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vidrt.models.config import ConfigError, TextConfig
+from vidrt.app.cli import main
+from vidrt.calibration.evaluate import evaluate_faithfulness
+from vidrt.core.errors import ConfigError
+from vidrt.core.video import read_video, save_video
+from vidrt.models.config import TextConfig
 from vidrt.models.synthetic import Scene, detect, render, split_scenes, to_tensor_range
 from vidrt.models.text import TextEncoder
-from vidrt.app.cli import main
-from vidrt.runtime.evaluate import evaluate_faithfulness
 from vidrt.runtime.pipeline import Pipeline
-from vidrt.runtime.video import read_video, save_video
 
 PROMPT = "a yellow square moving right on a black background"
 

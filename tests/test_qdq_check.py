@@ -1,12 +1,13 @@
 """TensorRT Q/DQ rules, checked on graphs that onnxruntime.quantization really produces from the tiny DiT."""
+import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from vidrt.calibration.qdq_check import check_tensorrt_qdq
 from vidrt.export import onnx_export as ox
+from vidrt.families.vidrt import export as vx
 from vidrt.models.checkpoint import load_model
 
 
@@ -14,7 +15,7 @@ from vidrt.models.checkpoint import load_model
 def graphs(tmp_path_factory):
     d = tmp_path_factory.mktemp("q")
     cfg, dit, _ = load_model("tiny")
-    cases = [ox.dit_inputs(cfg, 2, (3, 4, 4), seed=i) for i in range(3)]
+    cases = [vx.dit_inputs(cfg, 2, (3, 4, 4), seed=i) for i in range(3)]
     fp32 = ox.export_onnx(dit, cases[0], ox.DIT_IO, d / "dit.onnx")
 
     class Reader(CalibrationDataReader):

@@ -8,15 +8,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from vidrt.builder.engines import export_engines
 from vidrt.calibration import quantize as Q
 from vidrt.calibration.capture import capture, default_prompts, load_set
 from vidrt.calibration.qdq_check import check_tensorrt_qdq
+from vidrt.core.buckets import Bucket
+from vidrt.core.errors import ConfigError
+from vidrt.core.onnx_files import tensor_array
+from vidrt.core.ort import int8_saturates, ort_session
 from vidrt.export import onnx_export as ox
-from vidrt.export.engines import export_engines
-from vidrt.export.tensorrt import Bucket
-from vidrt.models.config import ConfigError
-from vidrt.runtime.onnx_files import tensor_array
-from vidrt.runtime.ort import int8_saturates, ort_session
+from vidrt.families.vidrt import export as vx
 from vidrt.runtime.pipeline import Pipeline
 
 
@@ -214,8 +215,8 @@ def test_quantized_graphs_with_external_data(calib, bundle, tmp_path):
     goes through the path-based code (statistics, Q/DQ, 16-bit base, CPU flavour, parity, quality): forced here on
     the tiny model by a threshold of 1 byte. One .data per graph (the fp32 CPU flavour reads its standard graph's),
     nothing stray, the manifest names what each graph reads, and the weights and quality equal the inline bundle's."""
-    from vidrt.export.bundle import load_manifest
-    from vidrt.runtime.onnx_files import data_files
+    from vidrt.core.bundle import load_manifest
+    from vidrt.core.onnx_files import data_files
     out = tmp_path / "b"
     man = export_engines("tiny", out, ["fp32", "int8"], [Bucket(9, 32, 32)], calib=calib, progress=False,
                          parts=("dit",), external_threshold=1)  # fp8 takes the same paths (and 30 s more)
@@ -243,7 +244,7 @@ def test_graph_over_2gb_by_path(tmp_path):
     crosses 2 GB for real.)"""
     from onnx import TensorProto, helper
 
-    from vidrt.runtime.onnx_files import ALIGN, data_files, save_graph
+    from vidrt.core.onnx_files import ALIGN, data_files, save_graph
     k, h, rng = 16384, 17408, np.random.default_rng(0)
     data, inits, ws = tmp_path / "big.onnx.data", [], []
     with open(data, "wb") as f:
@@ -340,9 +341,9 @@ def test_conv_layers_quantize_per_output_channel(calib, tmp_path):
     held-out captured latents."""
     from vidrt.models.checkpoint import load_model
     cfg, _, vae = load_model("tiny")
-    part = ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    part = vx.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     lat = load_set(calib, cfg)["vae"]["latents"]
-    fp32 = ox.export_onnx(part, {"latents": lat[:1]}, ox.VAE_IO, tmp_path / "vae.onnx")
+    fp32 = ox.export_onnx(part, {"latents": lat[:1]}, vx.VAE_IO, tmp_path / "vae.onnx")
     rec = Q.QuantRecipe("int8")
     m = Q.quantize(fp32, Q.collect(fp32, [{"latents": lat[i:i + 1].numpy()} for i in range(4)], rec), rec)
     convs = [n for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
@@ -396,8 +397,8 @@ def test_int8_vae_is_exact_on_cpus_without_vnni(calib, tmp_path):
     from vidrt.models.checkpoint import load_model
     cfg, _, vae = load_model("tiny")
     lat = load_set(calib, cfg)["vae"]["latents"]
-    fp32 = ox.export_onnx(ox.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std), {"latents": lat[:1]},
-                          ox.VAE_IO, tmp_path / "vae.onnx")
+    fp32 = ox.export_onnx(vx.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std), {"latents": lat[:1]},
+                          vx.VAE_IO, tmp_path / "vae.onnx")
     err = {}
     for w7 in (True, False):
         path = ox.quantize_vae_decoder(fp32, lat[:-2].numpy(), tmp_path / f"vae.{w7}.onnx", weight_7bit=w7)
@@ -417,7 +418,7 @@ def test_int8_vae_is_exact_on_cpus_without_vnni(calib, tmp_path):
 def test_int8_probe_exact_path():
     """The probe graph runs exactly with the exact-int8 session option on any CPU, and the probe agrees with what the
     default kernels do on this one."""
-    from vidrt.runtime import ort as R
+    from vidrt.core import ort as R
     blob, x, ref = R._probe_model()
     exact = R.ort_session(blob, exact_int8=True).run(None, {"x": x})[0]
     default = R.ort_session(blob, exact_int8=False).run(None, {"x": x})[0]

@@ -61,7 +61,7 @@ def records(folder: Path) -> list[dict]:
 
 def test_batch_reads_txt_and_allows_one_driver_per_folder(tmp_path):
     from vidrt.app.batch import _lock
-    from vidrt.models.config import ConfigError
+    from vidrt.core.errors import ConfigError
     (tmp_path / "p.txt").write_text(f"# a comment\n\n{RED}\n  {YELLOW}  \n")
     items = read_items(tmp_path / "p.txt", seed=100)
     assert [(i.line, i.params) for i in items] == [(3, {"prompt": RED, "seed": 103}),

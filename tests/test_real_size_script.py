@@ -7,8 +7,8 @@ import json
 import sys
 
 from vidrt.benchmarks import real_size as R
-from vidrt.models.tiny_dirs import save_wan_geometry
-from vidrt.models.wan import WanConfig
+from vidrt.families.wan.family import WanConfig
+from vidrt.families.wan.tiny import save_wan_geometry
 
 TINY = ["--geometry", "tiny", "--frames", "5", "--height", "16", "--width", "16", "--bucket", "5x16x32", "--steps", "2",
         "--precision", "int8"]

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vidrt.app.cli import main as vidrt_main
+from vidrt.builder.cli import main as export_main
+from vidrt.builder.engines import export_engines
 from vidrt.calibration.capture import CalibrationError, capture, load_set
-from vidrt.export.bundle import KEY_ENV, BundleError, BundleWriter, _digest, check_out, load_manifest, sha256
-from vidrt.export.engines import export_engines, main as export_main
-from vidrt.export.tensorrt import Bucket
+from vidrt.core.buckets import Bucket
+from vidrt.core.bundle import KEY_ENV, BundleError, BundleWriter, _digest, check_out, load_manifest, sha256
 from vidrt.runtime.pipeline import Pipeline
 
 PROMPTS = ["a red circle moving left on a blue background", "a white square moving down on a black background"]
@@ -319,7 +321,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
 
 
 def test_signals_wait_until_the_swap_is_done(tmp_path):
-    from vidrt.export.bundle import _signals_held
+    from vidrt.core.bundle import _signals_held
     done, before = [], signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         with BundleWriter(tmp_path / "b", log=lambda s: None):  # SIGTERM now unwinds like Ctrl-C

@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vidrt.app.cli import main
-from vidrt.models.config import ConfigError, check_memory, estimate_memory, memory_limit, preset
+from vidrt.core.errors import ConfigError
+from vidrt.core.memory import memory_limit
+from vidrt.core.video import check_output, save_video
+from vidrt.models.config import check_memory, estimate_memory, preset
 from vidrt.runtime.pipeline import NonFiniteError, Pipeline
-from vidrt.runtime.video import check_output, save_video
 
 PROMPT = "a red circle moving left on a blue background"
 FAST = settings(max_examples=30, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -154,7 +156,7 @@ def test_long_prompt_warns_with_token_counts(pipe):
 # --- item 5: memory estimate and limits ----------------------------------------------------------------------------
 
 def test_memory_estimate_scales_and_limit_is_configurable(pipe, monkeypatch, tmp_path):
-    monkeypatch.setattr("vidrt.models.config.available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
+    monkeypatch.setattr("vidrt.core.memory.available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
     cfg = preset("tiny")
     small, big = estimate_memory(cfg, 9, 32, 32, 2), estimate_memory(cfg, 9, 64, 64, 2)
     assert big["VAE decode tile"] == 4 * small["VAE decode tile"]  # linear in pixels
@@ -182,8 +184,8 @@ def test_memory_estimate_scales_and_limit_is_configurable(pipe, monkeypatch, tmp
 
 
 def test_export_engines_refuses_before_work(tmp_path):
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
     t = time.time()
     with pytest.raises(ConfigError, match=r"9x8192x8192 \(DiT batch 2, scale 1\) needs about 2\.95e\+05 GiB \(largest: "
                        r"DiT attention scores.*VIDRT_MAX_MEMORY_GB=N"):
@@ -220,7 +222,7 @@ def test_memory_refusal_suggests_a_shape_that_fits():
 
 def test_wan_memory_refusal_suggests_a_shape_that_fits(monkeypatch, tmp_path):
     pytest.importorskip("diffusers")
-    from vidrt.models.tiny_dirs import save_wan
+    from vidrt.families.wan.tiny import save_wan
     wan = Pipeline(str(save_wan(tmp_path / "wan")))
     big = wan.request(PROMPT, num_frames=81, height=480, width=832)  # under the default limit
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", str(wan.check_memory(big) / 4 / 2 ** 30))
@@ -238,7 +240,7 @@ def test_steps_cap_is_configurable(pipe, monkeypatch):
 
 
 def test_cli_refuses_before_work(tmp_path, monkeypatch):
-    monkeypatch.setattr("vidrt.models.config.available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
+    monkeypatch.setattr("vidrt.core.memory.available_ram", lambda: 16 * 2 ** 30)  # the same limit on every host
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "1")  # so that teardown removes what --max-memory-gb sets below
     monkeypatch.delenv("VIDRT_MAX_MEMORY_GB")
     out = str(tmp_path / "v.mp4")
@@ -312,7 +314,7 @@ def test_non_finite_named_by_step_and_part(pipe):
         w.data.copy_(keep)
     text, mask = pipe.encode_prompts([PROMPT])
     lat = torch.randn(1, 8, 3, 4, 4)
-    from vidrt.runtime.schedulers import make_solver
+    from vidrt.core.schedulers import make_solver
     with pytest.raises(NonFiniteError, match="text embeddings"):
         pipe.denoise(lat, torch.where(text == text.max(), math.nan, text), mask, 1.0, make_solver("euler", 2), False)
     with pytest.raises(NonFiniteError, match="initial latents: 128 of 384"):
@@ -344,14 +346,15 @@ def test_fp16_overflow_is_reported_not_hidden():
 @pytest.fixture(scope="module")
 def ort_pipe(tmp_path_factory):
     """A Pipeline whose DiT and VAE decoder are onnxruntime sessions with IO binding (the CUDA default) on CPU."""
+    from vidrt.core.backends import OrtPart
     from vidrt.export import onnx_export as ox
-    from vidrt.runtime.backends import OrtPart
+    from vidrt.families.vidrt import export as vx
     p = Pipeline("tiny")
     d = tmp_path_factory.mktemp("onnx")
     shape = p.cfg.latent_shape(9, 32, 32)[1:]
-    ox.export_onnx(p.dit, ox.dit_inputs(p.cfg, 2, shape), ox.DIT_IO, d / "dit.onnx")
-    dec = ox.DecoderPart(p.vae, p.cfg.vae.latent_mean, p.cfg.vae.latent_std)
-    ox.export_onnx(dec, ox.vae_inputs(p.cfg, 1, shape), ox.VAE_IO, d / "vae.onnx")
+    ox.export_onnx(p.dit, vx.dit_inputs(p.cfg, 2, shape), ox.DIT_IO, d / "dit.onnx")
+    dec = vx.DecoderPart(p.vae, p.cfg.vae.latent_mean, p.cfg.vae.latent_std)
+    ox.export_onnx(dec, vx.vae_inputs(p.cfg, 1, shape), vx.VAE_IO, d / "vae.onnx")
     sf, tf = p.cfg.vae.spatial_factor, p.cfg.vae.temporal_factor
     p.dit = OrtPart("dit", d / "dit.onnx", io_binding=True, out_shape=lambda x, *_: x.shape, reuse_output=True)
     p.vae_part = OrtPart("vae_decoder", d / "vae.onnx", io_binding=True, out_shape=lambda z: (

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vidrt.runtime.schedulers import flow_timesteps, make_solver
+from vidrt.core.schedulers import flow_timesteps, make_solver
 
 
 def test_timesteps_shift():

@@ -9,9 +9,10 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from vidrt.export.tensorrt import Bucket  # noqa: E402
-from vidrt.models.config import ConfigError  # noqa: E402
-from vidrt.models.tiny_dirs import save_ltx, save_wan  # noqa: E402
+from vidrt.core.buckets import Bucket  # noqa: E402
+from vidrt.core.errors import ConfigError  # noqa: E402
+from vidrt.families.ltx.tiny import save_ltx
+from vidrt.families.wan.tiny import save_wan  # noqa: E402
 
 BUCKETS = [Bucket(9, 32, 32), Bucket(5, 32, 64)]  # sides multiples of 32: valid for TI2V (x16 VAE) too
 
@@ -31,8 +32,8 @@ def dirs(tmp_path_factory):
 
 
 def _dit_spec(d, stream: bool):
-    from vidrt.models.wan import WanFamily
-    fam = WanFamily(d, stream_dit=stream)
+    from vidrt.families.wan.family import WanFamily
+    fam = WanFamily.from_dir(d, stream_dit=stream)
     return fam, fam.export_parts(("dit",), BUCKETS, 2, 4)[0]
 
 
@@ -42,9 +43,9 @@ def test_streamed_graph_is_the_whole_export(dirs, kind, tmp_path):
     outputs of the two graphs agree to 1e-6 (measured: identical), and the layers the quantizer sees (MatMul, Gemm,
     Conv) carry the same names, so a recipe's skip patterns and statistics apply to either. ti2v: the timestep
     embedding has a token axis inside the blocks (dynamic there)."""
+    from vidrt.core.onnx_files import data_files
     from vidrt.export import onnx_export as ox
     from vidrt.export.streamed import export_streamed
-    from vidrt.runtime.onnx_files import data_files
     _, whole = _dit_spec(dirs["t2v" if kind == "sharded" else kind], stream=False)
     fam, spec = _dit_spec(dirs[kind], stream=True)
     assert all(p.is_meta for n, p in fam.dit.named_parameters() if ".blocks." in n)
@@ -90,8 +91,8 @@ def test_export_engines_streams_fp32_fp16_int8_fp8(dirs, tmp_path):
     2.4e-7 and 6.4e-3, bounds 1e-4 / 1e-2, as every fp16 export's), int8/fp8 calibrated on the streamed fp32 graph
     with the fp32 graph as the quality report's reference: held-out rel L2 int8 0.0032, fp8 0.0113 (bounds 0.03 /
     0.05, as the whole export's test), video PSNR int8 51.8 dB, fp8 45.7 dB (bound 35)."""
+    from vidrt.builder.engines import export_engines
     from vidrt.calibration.capture import capture
-    from vidrt.export.engines import export_engines
     from vidrt.runtime.pipeline import Pipeline
     d = dirs["t2v"]
     man = export_engines(str(d), tmp_path / "f", ["fp32", "fp16"], BUCKETS, progress=False, parts=("dit",),
@@ -123,8 +124,9 @@ def test_too_big_to_run_whole_is_checked_block_by_block(dirs, tmp_path, monkeypa
     and fp16 pass on their blocks' and skeleton's parity against torch in the same type (measured: fp32 blocks
     9e-8; fp16 blocks 4.2e-4, skeleton 6.5e-4, tolerance 1e-2), and int8/fp8 (which run the whole graph) are
     refused; both experts of a Wan 2.2 A14B layout stream."""
+    from vidrt.builder.cli import summary_table
+    from vidrt.builder.engines import export_engines
     from vidrt.export import streamed
-    from vidrt.export.engines import export_engines, summary_table
     monkeypatch.setattr(streamed, "ORT_PER_DIT_BYTE", 1e6)
     man = export_engines(str(dirs["experts"]), tmp_path / "b", ["fp32", "fp16"], BUCKETS, progress=False,
                          parts=("dit",), stream_blocks=True)
@@ -143,7 +145,7 @@ def test_too_big_to_run_whole_is_checked_block_by_block(dirs, tmp_path, monkeypa
 
 
 def test_streaming_is_refused_where_it_cannot_apply(tmp_path):
-    from vidrt.models.family import load_family
+    from vidrt.families.registry import load_family
     ltx = save_ltx(tmp_path / "ltx")
     with pytest.raises(ConfigError, match="available for wan directories, and .* is a ltx directory"):
         load_family(str(ltx), stream_dit=True)
@@ -171,7 +173,7 @@ def test_a_block_missing_from_the_weights_is_refused_at_load(dirs, tmp_path):
     not when the export reaches that block: the error names the missing key."""
     from safetensors.torch import load_file, save_file
 
-    from vidrt.models.wan import WanFamily
+    from vidrt.families.wan.family import WanFamily
     d = tmp_path / "wan"
     shutil.copytree(dirs["t2v"], d)
     f = d / "transformer" / "diffusion_pytorch_model.safetensors"
@@ -179,4 +181,4 @@ def test_a_block_missing_from_the_weights_is_refused_at_load(dirs, tmp_path):
     del state["blocks.1.ffn.net.2.weight"]
     save_file(state, f)
     with pytest.raises(ConfigError, match=r"lack blocks\.1\.ffn\.net\.2\.weight"):
-        WanFamily(d, stream_dit=True)
+        WanFamily.from_dir(d, stream_dit=True)

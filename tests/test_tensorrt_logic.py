@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vidrt.export.tensorrt import (build_notes, check_profile_inputs, engine_incompatibility, keyed_cache_path,
-                                   persist_timing_cache, timing_cache_key, write_atomic)
-from vidrt.runtime.backends import (BackendError, ContextTable, SharedDeviceMemory, check_inputs, cuda_device,
-                                    engine_memory_bytes, pick_profile, trt_torch_dtype)
+from vidrt.core.backends import (BackendError, ContextTable, SharedDeviceMemory, check_inputs, cuda_device,
+                                 engine_memory_bytes, pick_profile, trt_torch_dtype)
+from vidrt.core.trt import engine_incompatibility
+from vidrt.export.tensorrt import (build_notes, check_profile_inputs, keyed_cache_path, persist_timing_cache,
+                                   timing_cache_key, write_atomic)
 
 DIT = ["latents", "timestep", "text", "text_mask"]
 
@@ -263,8 +264,8 @@ def test_gpu_kit_run_writes_a_report_of_skips_without_cuda(tmp_path):
 
 
 def test_manifest_records_what_tensorrt_engines_compute_in(tmp_path):
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
     man = export_engines("tiny", tmp_path / "b", ["fp32", "fp16"], [Bucket(9, 32, 32)], build=False, progress=False,
                          parts=("dit",))
     rts = {n: p["runtimes"]["tensorrt"] for n, p in man["parts"].items()}

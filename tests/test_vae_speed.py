@@ -5,11 +5,12 @@ import onnx
 import pytest
 import torch
 
+from vidrt.core.ort import ort_session
 from vidrt.export import onnx_export as ox
+from vidrt.families.vidrt import export as vx
+from vidrt.families.registry import load_family
 from vidrt.models.config import preset
-from vidrt.models.family import load_family
 from vidrt.models.vae import CausalConv3d, CausalVAE, Upsample, conv_frames, time_taps
-from vidrt.runtime.ort import ort_session
 
 
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (1, 3, 3), (1, 1, 1), (2, 3, 3)])
@@ -44,9 +45,9 @@ def test_forward_2d_is_the_decoder(shape):
 def tiny_graph(tmp_path_factory):
     fam = load_family("tiny")
     cfg = fam.cfg
-    part = ox.DecoderPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
+    part = vx.DecoderPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     path = tmp_path_factory.mktemp("vae") / "vae.onnx"
-    ox.export_onnx(part, ox.vae_inputs(cfg, 1, (5, 8, 8)), ox.VAE_IO, path)
+    ox.export_onnx(part, vx.vae_inputs(cfg, 1, (5, 8, 8)), vx.VAE_IO, path)
     return fam, path
 
 

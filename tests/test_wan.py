@@ -1,4 +1,4 @@
-"""The Wan family (models/wan.py) on tiny random directories written by diffusers' save_pretrained: parity with
+"""The Wan family (families/wan/family.py) on tiny random directories written by diffusers' save_pretrained: parity with
 diffusers' own WanPipeline, and the errors a user gets for directories that are not what vidrt needs."""
 import json
 import shutil
@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from vidrt.models.config import ConfigError  # noqa: E402
-from vidrt.models.tiny_dirs import save_wan  # noqa: E402
+from vidrt.core.errors import ConfigError  # noqa: E402
+from vidrt.families.wan.tiny import save_wan  # noqa: E402
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT, NEG = "a red circle moving left", "blue"
@@ -52,7 +52,7 @@ def test_generate_cli_writes_the_video(dirs, tmp_path):
     from click.testing import CliRunner
 
     from vidrt.app.cli import main
-    from vidrt.runtime.video import read_video
+    from vidrt.core.video import read_video
     out = tmp_path / "wan.mp4"
     res = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(dirs["unipc"]), "--frames", "5", "--height",
                                     "32", "--width", "48", "--steps", "2", "-o", str(out)])
@@ -106,8 +106,8 @@ BUCKETS = ("9x32x32", "5x32x48")
 
 @pytest.fixture(scope="module")
 def bundle(dirs, tmp_path_factory):
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
     out = tmp_path_factory.mktemp("wanb") / "b"
     return out, export_engines(str(dirs["unipc"]), out, ["fp32"], [Bucket.parse(b) for b in BUCKETS],
                                progress=False)
@@ -132,7 +132,7 @@ def test_bundle_on_onnxruntime_matches_diffusers(dirs, bundle):
     """The exported bundle on onnxruntime vs diffusers' WanPipeline: measured max abs 6.3e-7, bound 1e-2."""
     from diffusers import WanPipeline
 
-    from vidrt.runtime.backends import BackendError
+    from vidrt.core.backends import BackendError
     pipe = Pipeline.from_bundle(bundle[0])
     lat = torch.randn(1, *pipe.cfg.latent_shape(F, H, W), generator=torch.Generator().manual_seed(0))
     want = WanPipeline.from_pretrained(dirs["unipc"])(
@@ -146,11 +146,10 @@ def test_bundle_on_onnxruntime_matches_diffusers(dirs, bundle):
 def test_validation_catches_a_shape_baked_into_the_graph(dirs, tmp_path, monkeypatch):
     """Without the RoPE swap the DiT graph bakes the export shape (batch 2 here): the export must fail on its own
     validation, not later in a user's run."""
-    from vidrt.export import swaps
-    from vidrt.export.engines import ExportError, export_engines
-    from vidrt.export.tensorrt import Bucket
-    real = swaps.exportable
-    monkeypatch.setattr(swaps, "exportable", lambda m: real(m, ["rms_norm"]))
+    from vidrt.builder.engines import ExportError, export_engines
+    from vidrt.core.buckets import Bucket
+    from vidrt.families.wan import export as wan_export
+    monkeypatch.delitem(wan_export.WAN_SWAPS, "wan_rope")  # the DiT exported with its RoPE's shape baked in
     with pytest.raises(ExportError, match=r"dit.fp32: onnxruntime cannot run the graph at input shape 1x16x3x4x4: "
                                           r"output 0 is \S+, PyTorch gives 1x16x3x4x4 \(a shape baked"):
         export_engines(str(dirs["unipc"]), tmp_path / "b", ["fp32"], [Bucket(9, 32, 32)], parts=("dit",),
@@ -163,8 +162,8 @@ def test_real_size_presets_match_the_published_models():
     the published sizes: Wan2.1-T2V-1.3B 1.419B ("1.42B"), 14B 14.29B, Wan2.2-TI2V-5B 5.00B."""
     from diffusers import WanTransformer3DModel
 
-    from vidrt.models import wan
-    from vidrt.models.family import family_config
+    from vidrt.families.registry import family_config
+    from vidrt.families.wan import config as wan
 
     def n(name):
         with torch.device("meta"):
@@ -203,9 +202,9 @@ def test_int8_and_fp8_bundles_with_the_wan_recipe(dirs, tmp_path):
     held-out rel L2 int8 0.0032, fp8 0.0113 (with nothing kept in float: 0.0155, 0.0554), bound 0.03 / 0.05; video
     PSNR vs fp32 on held-out prompts, 8 steps, mean int8 51.7 dB, fp8 45.9 dB (nothing kept: 35.9, 27.6), bound 35.
     TensorRT's graph (the same quantization on the fp16 export): int8 0.0032, fp8 0.0117, same bounds."""
+    from vidrt.builder.engines import export_engines
     from vidrt.calibration.capture import capture
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.core.buckets import Bucket
     pipe = Pipeline(dirs["unipc"])
     capture(pipe, ["a red circle moving left", "a blue square moving up slowly", "a green circle moving right"],
             tmp_path / "cal", F, H, W, num_inference_steps=8, progress=False)
@@ -229,8 +228,8 @@ def test_int8_and_fp8_bundles_with_the_wan_recipe(dirs, tmp_path):
 def test_a_directory_wins_over_the_preset_of_its_name(dirs, tmp_path, monkeypatch):
     """`--model wan2.1-1.3b` with a downloaded ./wan2.1-1.3b directory loads the directory, not random weights; a
     preset is refused by export-engines (no text encoder) before any work."""
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
     shutil.copytree(dirs["unipc"], tmp_path / "wan2.1-1.3b")
     monkeypatch.chdir(tmp_path)
     assert Pipeline("wan2.1-1.3b").cfg.text_dim == 32  # the tiny directory's, not the preset's 4096
@@ -244,9 +243,9 @@ def test_big_model_validated_at_reduced_shapes(dirs, tmp_path, monkeypatch):
     a probe beyond them, not at its buckets: a bucket the CPU could not validate (81x480x832, refused by the memory
     check at the buckets) is exported for TensorRT's profiles, its graph matching torch at every reduced shape.
     --validate-buckets keeps the old rule (and its refusal)."""
-    from vidrt.export import torch_side
-    from vidrt.export.engines import export_engines
-    from vidrt.export.tensorrt import Bucket
+    from vidrt.builder import torch_side
+    from vidrt.builder.engines import export_engines
+    from vidrt.core.buckets import Bucket
     monkeypatch.setattr(torch_side, "BIG_DIT_BYTES", 0)
     monkeypatch.setenv("VIDRT_MAX_MEMORY_GB", "4")
     big, small = Bucket(81, 480, 832), Bucket(9, 32, 32)
@@ -262,6 +261,6 @@ def test_big_model_validated_at_reduced_shapes(dirs, tmp_path, monkeypatch):
     assert max(p["rel_l2"] for p in man["validation"]["dit.fp32"]["parity"]) <= 1e-4
     prof = man["parts"]["dit.fp32"]["profiles"][0]["latents"]  # TensorRT's profile: still the real bucket
     assert prof[2] == [2, 16, 21, 60, 104]
-    from vidrt.models.family import load_family  # buckets no bigger than the reduced shapes are validated as they are
+    from vidrt.families.registry import load_family  # buckets no bigger than the reduced shapes are validated as they are
     small_buckets = [small, Bucket(13, 96, 96)]
     assert torch_side.validation_buckets(load_family(str(dirs["unipc"])), small_buckets, False) == small_buckets

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("onnxruntime")
 
-from vidrt.export.tensorrt import Bucket  # noqa: E402
-from vidrt.models.tiny_dirs import save_wan  # noqa: E402
+from vidrt.core.buckets import Bucket  # noqa: E402
+from vidrt.families.wan.tiny import save_wan  # noqa: E402
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 PROMPT, NEG, STEPS, G = "a red circle moving left", "blue", 4, 5.0
@@ -41,7 +41,7 @@ def _latents(pipe, f, h, w):
 
 
 def _export(d, out, buckets, **kw):
-    from vidrt.export.engines import export_engines
+    from vidrt.builder.engines import export_engines
     return export_engines(str(d), out, kw.pop("precisions", ["fp32"]), [Bucket.parse(b) for b in buckets],
                           progress=False, **kw)
 
@@ -53,7 +53,7 @@ def test_two_expert_bundle_on_onnxruntime_matches_diffusers(dirs, tmp_path):
     rel L2 <= 2.5e-7); the bundle switches them at boundary_ratio x 1000 = 875 (steps at 999, 900 on "dit", 750,
     500 on "dit_2"): measured max abs 3.6e-7 vs WanPipeline's frames, bound 1e-2. Discriminative: with the
     high-noise graph in every step the frames are off by 0.46."""
-    from vidrt.models.family import RoutedDit
+    from vidrt.core.dit_call import RoutedDit
     f, h, w = 9, 32, 32
     man = _export(dirs["experts"], tmp_path / "b", ("9x32x32", "5x32x48"))
     val = man["validation"]
@@ -171,7 +171,7 @@ def test_low_noise_expert_guidance_matches_wan_pipeline(tmp_path):
     1e-3; it moves the latents by 8.7e-3 against one guidance for both, bound > 1e-3); refused for one-DiT models."""
     from diffusers import WanPipeline
 
-    from vidrt.models.config import ConfigError
+    from vidrt.core.errors import ConfigError
     root = save_wan(tmp_path / "a14b", two_experts=True)
     pipe = Pipeline(root)
     f, h, w, steps = 9, 32, 32, 6

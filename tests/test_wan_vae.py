@@ -1,4 +1,4 @@
-"""Streaming Wan VAE decode (export/wan_vae.py) against diffusers' AutoencoderKLWan.decode on a tiny random VAE."""
+"""Streaming Wan VAE decode (families/wan/vae_export.py) against diffusers' AutoencoderKLWan.decode on a tiny random VAE."""
 import pytest
 
 pytest.importorskip("diffusers")
@@ -7,10 +7,10 @@ pytest.importorskip("onnxruntime")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vidrt.export.wan_vae import (OrtStep, WanDecodeStep, cache_shapes, export_decode_step,  # noqa: E402
-                                  nearest_for_export, stream_decode)
-from vidrt.models.tiny_dirs import save_wan  # noqa: E402
-from vidrt.models.wan import WanFamily  # noqa: E402
+from vidrt.families.wan.family import WanFamily  # noqa: E402
+from vidrt.families.wan.tiny import save_wan  # noqa: E402
+from vidrt.families.wan.vae_export import (OrtStep, WanDecodeStep, cache_shapes, export_decode_step,
+                                           nearest_for_export, stream_decode)
 
 H, W = 4, 6  # export latent shape
 
@@ -18,7 +18,7 @@ H, W = 4, 6  # export latent shape
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
     root = save_wan(tmp_path_factory.mktemp("wan") / "tiny")
-    return WanFamily(root).vae.float().eval()
+    return WanFamily.from_dir(root).vae.float().eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import math
 
 import torch
 
-
 SHIFT_RANGE = (0.01, 100.0)  # beyond it nearly every step sits at t ~ 0 or t ~ 1 (and 1e-320 divides by zero)
 
 

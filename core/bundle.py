@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from vidrt.core.trt import engine_incompatibility, trt_version
+
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: parts say which graph each runtime uses ("runtimes")
 KINDS = ("vidrt-bundle", "vidrt-calibration")
@@ -57,7 +59,6 @@ def versions() -> dict:
         out["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         out["onnxruntime"] = None
-    from .tensorrt import trt_version
     out["tensorrt"] = trt_version()
     return out
 
@@ -387,7 +388,6 @@ def load_manifest(bundle: str | Path, check_versions: bool = True, fmt: int = FO
             if lib == "tensorrt" and not any(p.get("engine") for p in m.get("parts", {}).values()):
                 continue  # no engines: any TensorRT (or none) is fine
             if lib == "tensorrt" and want and have.get(lib):  # engines: exact version unless version-compatible
-                from .tensorrt import engine_incompatibility
                 why = engine_incompatibility(want, have[lib], m.get("engines", {}).get("version_compatible", False))
                 if why:
                     raise BundleError(f"bundle {root}: {why}")

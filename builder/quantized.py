@@ -6,11 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vidrt.models.config import ConfigError
-
-from . import onnx_export as ox
-from .precisions import TOLERANCE, ExportError
-from .onnx_export import Reference
+from vidrt.calibration import quantize as Q
+from vidrt.calibration.qdq_check import check_tensorrt_qdq
+from vidrt.calibration.report import psnr
+from vidrt.calibration.report import quality_reference as reference
+from vidrt.calibration.report import quality_report
+from vidrt.core.backends import OrtPart
+from vidrt.core.errors import ConfigError
+from vidrt.core.ort import cpu_int8
+from vidrt.core.precisions import TOLERANCE, ExportError
+from vidrt.export import onnx_export as ox
+from vidrt.export.onnx_export import Reference
+from vidrt.export.ort_cpu import write_checked
+from vidrt.core.dit_call import DitCall, RoutedDit
 
 
 @dataclass
@@ -42,7 +50,6 @@ def dit_samples(spec, calib_set: dict) -> tuple[list[dict], list[dict], list[flo
     timesteps the part serves (spec.calib_select; all of them for a single DiT), a quarter held out."""
     import torch
 
-    from vidrt.calibration import quantize as Q
     # the captured call has every DIT_CALL input; the graph takes the ones its family declares (Wan: no text mask)
     samples = {k: v for k, v in calib_set["dit"].items() if k in spec.io[0]}
     if spec.calib_select is not None:
@@ -67,7 +74,6 @@ def export_base16(d: Path, spec, prep: PreparedDit, qdq_float: str, module16) ->
 def calibrate(prep: PreparedDit, recipe: dict):
     """The activation statistics of the part's calibration feeds on its fp32 graph (recipe-independent: every
     candidate layer is observed, so int8 and fp8 share them)."""
-    from vidrt.calibration import quantize as Q
     return Q.collect(prep.fp32, prep.cal, Q.QuantRecipe(**recipe))
 
 
@@ -76,9 +82,6 @@ def quantized_dit(prep: PreparedDit, stats, name: str, prec: str, recipe: dict,
     """Quantize the part's fp32 DiT graph; check TensorRT's Q/DQ rules; parity on its held-out captured inputs.
     cpu_flavour: the graph is onnxruntime's alone (TensorRT builds a 16-bit one): rewrite it for onnxruntime's CPU.
     Returns (path, validation)."""
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.qdq_check import check_tensorrt_qdq
-    from vidrt.runtime.ort import cpu_int8
     rec = Q.QuantRecipe(precision=prec, **recipe)
     model_q = Q.quantize(prep.fp32, stats, rec)
     path = ox.save_onnx(model_q, prep.fp32.with_name(f"{name}.{prec}.onnx"), prep.threshold)
@@ -103,7 +106,6 @@ def quantized_dit(prep: PreparedDit, stats, name: str, prec: str, recipe: dict,
     rt = ox.check_parity(prep.val, path) if prec == "int8" else par
     flavour = None
     if cpu_flavour:  # rewritten in place: this graph is onnxruntime's alone
-        from .ort_cpu import write_checked
         flavour, par_cpu = write_checked(prep.val, path, path, rt, basic_opt=prec == "fp8")
         rt = par_cpu if flavour["kept"] else rt
     report["onnxruntime_cpu"] = {**cpu_int8(), "graph_optimization": "basic" if prec == "fp8" else "all",
@@ -118,8 +120,6 @@ def quantized_16bit(d: Path, prep: PreparedDit, stats, name: str, prec: str, rec
     fp32 graph's statistics (same layers, same scales rounded to 16 bit). Validated like the fp32 Q/DQ graph (Q/DQ in
     float on onnxruntime CPU, held-out captured inputs); bf16, which onnxruntime's CPU cannot run, is reported
     unvalidated. Returns (path, validation)."""
-    from vidrt.calibration import quantize as Q
-    from vidrt.calibration.qdq_check import check_tensorrt_qdq
     model_q = Q.quantize(prep.base16, stats, Q.QuantRecipe(precision=prec, **recipe))
     path = ox.save_onnx(model_q, d / f"{name}.{prec}.{qdq_float}.onnx", prep.threshold)
     report = {"graph": path.name, "checker": ox.check_graph(path), "tensorrt_qdq": check_tensorrt_qdq(path),
@@ -144,7 +144,6 @@ def quantized_16bit(d: Path, prep: PreparedDit, stats, name: str, prec: str, rec
 def quality_reference(ref_pipe, calib_set: dict, faithfulness: bool = False):
     """The fp32 side of the quality report (calibration.report.quality_reference), at the calibrated trajectory's
     shape and step count, run while the torch DiT is loaded."""
-    from vidrt.calibration.report import quality_reference as reference
     f, h, w = calib_set["manifest"]["video_shape"]
     return reference(ref_pipe, faithfulness=faithfulness, num_frames=f, height=h, width=w,
                      num_inference_steps=calib_set["manifest"]["steps"])
@@ -153,8 +152,6 @@ def quality_reference(ref_pipe, calib_set: dict, faithfulness: bool = False):
 def graph_dit(dits: list, basic_opt: bool = False):
     """The DiT parts' graphs [(spec, path)] on onnxruntime behind the runtime's DiT call, each at the timesteps it
     serves (spec.calib_select)."""
-    from vidrt.models.family import DitCall, RoutedDit
-    from vidrt.runtime.backends import OrtPart
     return RoutedDit([(spec.calib_select, DitCall(OrtPart(spec.name, path, basic_opt=basic_opt), spec.io[0]))
                       for spec, path in dits])
 
@@ -162,7 +159,6 @@ def graph_dit(dits: list, basic_opt: bool = False):
 def quality(pipe, dits: list, reference, prec: str) -> dict:
     """The quality report of the quantized DiT parts together (per-step error, video PSNR/SSIM, faithfulness on
     tiny) against the fp32 `reference` (quality_reference); `pipe` supplies the text encoder, sampler and VAE."""
-    from vidrt.calibration.report import quality_report
     qual = quality_report(pipe, graph_dit(dits, basic_opt=prec == "fp8"), reference)
     # both videos are decoded by the reference Pipeline's float VAE: this is the DiT's quality alone (an int8 bundle
     # on onnxruntime decodes with its INT8 VAE where it has one, checked on its own: validation["vae_decoder.int8"])
@@ -179,8 +175,6 @@ def int8_vae(d: Path, float_graph: Path, calib_set: dict, n_calib: int = 16) -> 
     Returns (path or None, validation)."""
     import numpy as np
 
-    from vidrt.calibration.report import psnr
-    from vidrt.runtime.ort import cpu_int8
 
     lat = calib_set["vae"]["latents"].numpy()
     n_calib = min(n_calib, len(lat) - 2)

@@ -9,14 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vidrt.models.config import ConfigError
-from vidrt.runtime.memory import trim_heap
-
-from .precisions import FLOAT, QUANT, is_dit
-from .tensorrt import Bucket
+from vidrt.builder import quantized as Qx
+from vidrt.core.buckets import Bucket
+from vidrt.core.errors import ConfigError
+from vidrt.core.memory import memory_limit, trim_heap
+from vidrt.core.onnx_files import save_graph
+from vidrt.core.precisions import FLOAT, QUANT, is_dit
+from vidrt.export import onnx_export as ox
+from vidrt.export.streamed import export_streamed, plan_stream
+from vidrt.runtime.pipeline import Pipeline
 
 if TYPE_CHECKING:
-    from .streamed import StreamPlan
+    from vidrt.export.streamed import StreamPlan
 
 # Past this many bytes of fp32 DiT weights, a torch + onnxruntime run at a real bucket on a CPU build machine takes
 # minutes to hours per case (Wan 1.3B at 81x480x832: 186 TFLOP a DiT call): validate at VALIDATION_SHAPES instead.
@@ -76,10 +80,8 @@ def check_export_memory(fam, precisions: list[str], qdq_float: str, resident: in
     weights may be mapped from safetensors and read later), exceeds the limit. The DiT's last 16-bit type converts it
     in place (torch_phase): only a second 16-bit type makes a copy. `streams`: the DiT parts' StreamSources when the
     DiT is a skeleton exported block by block (streamed.plan_stream)."""
-    from vidrt.models.config import memory_limit
     limit, source = memory_limit()
     if streams:
-        from .streamed import plan_stream
         return plan_stream(model_bytes(fam), dit_bytes(fam), max(s.block_bytes for s in streams.values()),
                            bool(set(precisions) & set(QUANT)), limit, source, resident)
     plan = MemoryPlan(model_bytes(fam), dit_bytes(fam), len(types16(set(precisions), qdq_float)) > 1)
@@ -143,10 +145,7 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     import torch
     from tqdm import tqdm
 
-    from vidrt.runtime.pipeline import Pipeline
 
-    from . import onnx_export as ox
-    from . import quantized as Qx
     side = TorchSide()
     for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] != "fp32"), desc="export fp32", disable=not progress):
         t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
@@ -196,9 +195,6 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
 def _stream_fp32(w, spec, precisions: set[str], calib_set, threshold: int, side: TorchSide, progress: bool) -> None:
     """A skeleton DiT part (spec.stream) exported block by block (export/streamed.py) in one pass that also gives
     torch's outputs on its validation cases and, for int8/fp8, on the held-out calibration calls."""
-    from . import onnx_export as ox
-    from . import quantized as Qx
-    from .streamed import export_streamed
     cal, held, served = Qx.dit_samples(spec, calib_set) if precisions & set(QUANT) else ([], [], [])
     path, ref, report = export_streamed(spec, spec.stream, w.dir / f"{spec.name}.fp32.onnx", spec.cases + held,
                                         threshold=threshold, progress=progress)
@@ -217,7 +213,6 @@ def _stream_16bit(w, spec, dt: str, jobs: list, qdq_float: str, side: TorchSide,
     block converted as it is read (one export serves both: the base is a copy of the graph)."""
     import torch
 
-    from .streamed import export_streamed
     base = spec.name in side.prepared and dt == qdq_float
     path = w.dir / (f"{spec.name}.{dt}.onnx" if (spec.name, dt) in jobs else f"{spec.name}.{dt}.qdq-base.onnx")
     *_, report = export_streamed(spec, spec.stream, path, spec.cases, getattr(torch, FLOAT[dt]), threshold,
@@ -235,7 +230,6 @@ def _copy_graph(src: Path, dst: Path) -> Path:
     """A graph and its side file copied under a new name (the side file's name inside the graph rewritten)."""
     import onnx
 
-    from vidrt.runtime.onnx_files import save_graph
     return save_graph(onnx.load(str(src), load_external_data=False), dst, src.parent)
 
 
@@ -260,7 +254,6 @@ def export_float(w, spec, name: str, module, threshold: int) -> Path:
     """`module` (the part, or a CastIO of it in 16 bit) as the part's graph, traced with its example input (the
     largest validation shape: the axes are dynamic, and the probe case proves any in-range shape serves), and the
     files the runtime needs beside it (a tokenizer)."""
-    from . import onnx_export as ox
     with spec.swaps(module):
         path = ox.export_onnx(module, spec.example, spec.io, w.dir / f"{name}.onnx", threshold)
     for rel, src in spec.files.items():

@@ -15,8 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidrt.models.config import ConfigError
-from vidrt.runtime.memory import available_bytes, rss_bytes, total_bytes, trim_heap
+from vidrt.app.bench_report import plot_png, to_markdown
+from vidrt.builder.torch_side import model_bytes
+from vidrt.core.backends import TorchPart
+from vidrt.core.errors import ConfigError
+from vidrt.core.fp8 import to_fp8
+from vidrt.core.memory import available_bytes, rss_bytes, total_bytes, trim_heap
+from vidrt.core.ort import cpu_int8, cpu_isa, ort_session, qdq_matmul
+from vidrt.families.registry import family_config, load_family
+from vidrt.runtime.pipeline import Pipeline
 
 STAGES = ("text_encoder", "dit_step", "vae_decode", "end_to_end")
 PROMPT = "a red circle moving left on a blue background"
@@ -87,7 +94,6 @@ def gemm_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, ru
 def int8_gemm_peak_gops(n: int = 2048, runs: int = 5) -> float:
     """Best measured int8 GEMM rate (n x n x n, 2 ops a multiply-add) of onnxruntime's CPU on the Q/DQ MatMul form
     the int8 DiT graphs use (fused into its integer kernel): the roofline of the int8 rows."""
-    from vidrt.runtime.ort import ort_session, qdq_matmul
     w = np.random.default_rng(0).integers(-127, 128, (n, n), dtype=np.int8)
     sess = ort_session(qdq_matmul(w, 0.05, np.full(n, 0.01, np.float32)))
     x = {"x": np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)}
@@ -103,8 +109,6 @@ def dit_flops(dit: torch.nn.Module, inputs: tuple) -> int:
 
 
 def make_pipeline(model: str, bundle: str | None, r: Runner, device: str):
-    from vidrt.runtime.backends import TorchPart
-    from vidrt.runtime.pipeline import Pipeline
     if r.backend in ("torch", "torch.compile"):
         if r.precision == "int8":
             raise ValueError("the torch backend has no INT8 path; INT8 runs on onnxruntime/TensorRT bundles")
@@ -113,7 +117,6 @@ def make_pipeline(model: str, bundle: str | None, r: Runner, device: str):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": fp8_base}[r.precision]
         pipe = Pipeline(model, device=device, dtype=dtype)
         if r.precision == "fp8":
-            from vidrt.runtime.fp8 import to_fp8
             to_fp8(pipe.dit, pipe.family.quant_skip)
         if r.backend == "torch.compile":
             pipe.dit = TorchPart("dit", pipe.dit, compile=True)
@@ -199,11 +202,9 @@ def machine(device: torch.device) -> dict:
     try:
         import onnxruntime
 
-        from vidrt.runtime.ort import cpu_int8
         info["onnxruntime"] = onnxruntime.__version__
         info.update(cpu_int8())  # isa, int8 kernel behaviour, the session options vidrt uses because of it
     except ImportError:
-        from vidrt.runtime.ort import cpu_isa
         info["isa"] = cpu_isa()
     info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)")
@@ -220,7 +221,6 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     a CPU where the runners fit in memory together (measured on the first), one at a time otherwise."""
     from tqdm import tqdm
 
-    from vidrt.models.family import family_config, load_family
     dev = torch.device(device)
     cfg = family_config(model)
     s = cfg.sample
@@ -253,7 +253,6 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     if together is None and dev.type == "cpu" and len(runners) > 1:
         before = rss_bytes()
         loaded[runners[0].label] = load(runners[0])
-        from vidrt.export.torch_side import model_bytes  # weights mapped from safetensors: before they are read too
         first = loaded[runners[0].label]
         size = max(rss_bytes() - before, model_bytes(first.family) if first else 0)
         # what is left once the first runner is all resident (its mapped weights are read on the first call)
@@ -310,7 +309,8 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     for r in results:
         for st in r.get("stages", {}).values():
             st.pop("_times", None)
-    if flops is None and _family_name(model) is None:  # bundles only: vidrt's own DiT counts in a moment on the host
+    # bundles only: vidrt's own DiT counts in a moment on the host
+    if flops is None and family_config(model).family == "vidrt":
         flops = count(load_family(model).dit, "cpu")
     for res in results:
         d = res.get("stages", {}).get("dit_step")
@@ -333,16 +333,9 @@ def run(model: str, runners: list[Runner], out: str | Path, bundle: str | None =
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
     (o / "results.json").write_text(json.dumps(rep, indent=2) + "\n")
-    from .bench_report import plot_png, to_markdown
     (o / "results.md").write_text(to_markdown(rep) + "\n")
     plot_png(rep, o / "results.png")
     return rep
-
-
-def _family_name(model) -> str | None:
-    """Not vidrt's own model (a diffusers directory or a family preset)?"""
-    from vidrt.models.family import family_config
-    return getattr(family_config(model), "family", None)
 
 
 def parse_runners(spec: str) -> list[Runner]:

@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from vidrt.core.ort import ort_session
 from vidrt.export.onnx_export import export_onnx
 
 
@@ -133,7 +134,6 @@ class OrtStep:
     """An exported step graph behind the WanDecodeStep call signature (torch tensors in and out, CPU)."""
 
     def __init__(self, path: str | Path, **session_kw):
-        from vidrt.runtime.ort import ort_session
         self.sess = ort_session(str(path), **session_kw)
         self.names = [i.name for i in self.sess.get_inputs()]
 

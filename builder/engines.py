@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import click
 
-# torch, onnx and the model code are imported by the functions that use them: `export-engines --help` answers at once
-from vidrt.models.config import ConfigError, check_memory
-from vidrt.runtime.memory import peak_rss_bytes, rss_bytes, trim_heap
-
-from .bundle import BundleError, BundleWriter, check_out, load_manifest
-from .tensorrt import Bucket, build_engine, build_notes, trt_unavailable_reason
-
+from vidrt.builder import quantized as Qx
+from vidrt.builder.torch_side import check_export_memory, torch_phase, validation_buckets, with_cases
+from vidrt.calibration.capture import load_set
+from vidrt.calibration.qdq_check import layer_precisions
+from vidrt.core.buckets import Bucket
+from vidrt.core.bundle import BundleWriter, check_out, load_manifest
+from vidrt.core.errors import ConfigError
+from vidrt.core.memory import peak_rss_bytes, rss_bytes, trim_heap
 # re-exported: callers import export_engines' names from here
-from .precisions import FLOAT, PARTS, QUANT, TOLERANCE, ExportError, is_dit  # noqa: F401
-from .torch_side import check_export_memory, torch_phase, validation_buckets, with_cases
+from vidrt.core.precisions import FLOAT, PARTS, QUANT, TOLERANCE, ExportError, is_dit  # noqa: F401
+from vidrt.core.request import Request
+from vidrt.core.trt import trt_unavailable_reason
+from vidrt.export import onnx_export as ox
+from vidrt.export.ort_cpu import write_checked
+from vidrt.export.tensorrt import build_engine, build_notes
+from vidrt.families.registry import family_config, is_preset, load_family
 
 
 def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
@@ -26,7 +30,6 @@ def _polygraphy_compare(path: Path, cases: list[dict], tol: float) -> dict:
     from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    from . import onnx_export as ox
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
     runners = [OnnxrtRunner(lambda: ox.ort_session(path), name="ort-all"),
@@ -46,7 +49,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     """Export, validate and write a bundle; returns the manifest. Raises ExportError if validation fails (nothing
     is written then) and ConfigError on bad input. int8/fp8 quantize the DiT from the calibration set at `calib`
     (recipe: calibration.quantize.QuantRecipe fields; the text encoder stays float; int8 also writes onnxruntime's
-    INT8 VAE decoder for vidrt models when its PSNR check passes, export/quantized.int8_vae). onnxruntime runs
+    INT8 VAE decoder for vidrt models when its PSNR check passes, builder/quantized.int8_vae). onnxruntime runs
     the Q/DQ graph quantized from the fp32 export; TensorRT gets the same layers and scales quantized from a
     `qdq_float` (fp16/bf16) export, so its layers outside Q/DQ build in 16 bit (fp32: one graph for both).
     external_threshold: initializer bytes above which weights go to a .data side file (default: onnx_export's).
@@ -56,10 +59,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     export holds one block of it, whatever its depth; its assembled graph is checked whole where that fits."""
     from tqdm import tqdm
 
-    from vidrt.models.family import VidrtFamily, _family_preset, family_config, load_family
 
-    from . import onnx_export as ox
-    from . import quantized as Qx
     external_threshold = ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
     bad = [p for p in precisions if p not in FLOAT and p not in QUANT]
     if bad or not precisions:
@@ -79,7 +79,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     if max_batch < 1:
         raise ConfigError(f"max_batch {max_batch}: the engines must serve a batch of at least 1 (2 for guidance)")
     check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
-    if _family_preset(model):
+    if is_preset(model):
         raise ConfigError(f"{model} is a random-init timing preset without a text encoder; export a diffusers "
                           "directory of the model instead (e.g. one written by save_pretrained)")
     cfg = family_config(model)
@@ -87,7 +87,6 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
         cfg.latent_shape(b.frames, b.height, b.width)
     calib_set = None
     if quant:
-        from vidrt.calibration.capture import load_set
         calib_set = load_set(calib, cfg)  # refuses another model's set, corrupt shards, NaN/inf
         if str(Bucket(*calib_set["manifest"]["video_shape"])) not in [str(b) for b in buckets]:
             raise ConfigError(f"calibration set {calib} was captured at {Bucket(*calib_set['manifest']['video_shape'])}"
@@ -95,7 +94,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                               "--bucket or capture a set at a bucket shape")
     before = rss_bytes()
     fam = load_family(model, stream_dit=stream_blocks)
-    cfg, own = fam.cfg, isinstance(fam, VidrtFamily)
+    cfg = fam.cfg
     # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
     recipe = {"skip": fam.quant_skip, **(recipe or {})}
     resident = max(0, rss_bytes() - before)
@@ -109,12 +108,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     calib_shape = [Bucket(*calib_set["manifest"]["video_shape"])] if quant else []  # int8/fp8 parity, quality
     for b in checked + [c for c in calib_shape if str(c) not in map(str, checked)]:
         # clear errors before any work; validation runs onnxruntime, which materialises attention
-        if own:
-            check_memory(cfg, b.frames, b.height, b.width, max_batch, 1, tile + fam.vae.decoder.tile_context(), True)
-        else:  # the family's memory estimate (onnxruntime's attention scores included)
-            fam.check_memory(SimpleNamespace(prompts=["-"] * max(1, max_batch // 2), guidance_scale=2.0,
-                                             num_frames=b.frames, height=b.height, width=b.width, decode_tile=None),
-                             "cpu", None, "onnxruntime")
+        fam.check_memory(_max_request(b, max_batch, tile), "cpu", None, "onnxruntime")
     skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
     manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
                 "validated_at": [str(b) for b in checked], "buckets_validated": checked == list(buckets),
@@ -134,7 +128,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
         # 1. torch: every graph written and torch's outputs on every validation feed; then the torch DiT is freed, so
         #    the onnxruntime half never holds its weights beside a session's copy of them
         torch_side = torch_phase(w, fam, specs, jobs, calib_set, qdq_float, external_threshold, progress,
-                                  quality=quality and bool(quant), faithfulness=own and cfg.name == "tiny")
+                                  quality=quality and bool(quant), faithfulness=fam.scores_faithfulness)
         # 2. onnxruntime: parity, calibration statistics, quantization, the quality report
         stats, quantized = {}, {}  # quantized: precision -> [(spec, graph path)]
         for part, prec in tqdm(jobs, desc="validate", disable=not progress):
@@ -161,7 +155,7 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
                                                  flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
             manifest["validation"][name] = report
             trim_heap()  # a job's sessions (a whole DiT each) given back before the next job opens its own
-        if "int8" in quant and own and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
+        if "int8" in quant and fam.int8_vae and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
             _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
         # the quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)
         for prec, dits in quantized.items() if torch_side.quality else ():
@@ -180,11 +174,19 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
+def _max_request(b: Bucket, max_batch: int, tile: int) -> Request:
+    """The largest request a bundle serves at bucket `b`: max_batch DiT rows (guided prompts where it is even),
+    decoded `tile` latent frames at a time."""
+    guided = max_batch % 2 == 0
+    n = max_batch // 2 if guided else max_batch
+    return Request(["-"] * n, [""] * n, b.frames, b.height, b.width, 1, 2.0 if guided else 1.0, 0, "default", 1.0,
+                   decode_tile=tile)
+
+
 def _validate_float(w, name: str, prec: str, path: Path, ref, dit: bool, streamed=None) -> dict:
     """Checker, parity against torch's outputs on every case, polygraphy (all vs basic optimizations); a DiT's fp32
     graph also gets onnxruntime's CPU flavour beside it. Raises ExportError past the tolerance. `streamed`: the
     block-streamed export's report of a DiT too big to run whole here (its blocks and skeleton were checked)."""
-    from . import onnx_export as ox
     report = {"graph": ox.check_graph(path), "tolerance_rel_l2": TOLERANCE[prec]}
     if streamed is not None:
         return _streamed_validation(name, prec, report, streamed)
@@ -243,7 +245,6 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
     trt_graph = trt_graph or path
     trt = {"graph": trt_graph.name, **build_notes(prec, qdq_float if prec in QUANT else "fp32")}
     if prec in QUANT:
-        from vidrt.calibration.qdq_check import layer_precisions
         trt["layers"] = layer_precisions(trt_graph)
     entry["runtimes"] = {"tensorrt": trt,
                          "onnxruntime": {"graph": path.name, "graph_optimization": "basic" if prec == "fp8" else "all",
@@ -266,8 +267,6 @@ def _fp32_flavour(w, ref, path: Path, standard: list) -> dict:
     the flavour costs the bundle its graph only. Returns ort_cpu.write_checked's report."""
     import onnx
 
-    from . import onnx_export as ox
-    from .ort_cpu import write_checked
     flav = path.with_name(path.name.replace(".onnx", ".cpu.onnx"))
     if not (w.dir / (path.name + ".data")).exists():
         ox.save_onnx(onnx.load(str(path)), path, external_threshold=0)
@@ -276,10 +275,8 @@ def _fp32_flavour(w, ref, path: Path, standard: list) -> dict:
 
 def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int) -> None:
     """vae_decoder.int8: onnxruntime CPU's INT8 VAE decoder, quantized from the fp32 VAE graph (exported for it if
-    the bundle has none) and checked by decoded-video PSNR (export/quantized.int8_vae). No TensorRT engine: its
+    the bundle has none) and checked by decoded-video PSNR (builder/quantized.int8_vae). No TensorRT engine: its
     asymmetric u8 form is onnxruntime's; TensorRT builds the float VAE."""
-    from . import onnx_export as ox
-    from . import quantized as Qx
     t0 = time.time()
     fp32 = w.dir / f"{spec.name}.fp32.onnx"
     temp = not fp32.exists()
@@ -298,94 +295,3 @@ def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int)
                                          "int8_kernels": "QLinearConv with 7-bit weights: exact on every x86 ISA"}}}
 
 
-def _flavour_note(rep: dict) -> str:
-    """The onnxruntime CPU flavour's rewrites, or why the standard graph was kept, for the summary."""
-    f = (rep.get("onnxruntime_cpu") or {}).get("cpu_flavour")
-    if not f or f["why_not"] == "nothing to rewrite":
-        return ""
-    if not f["kept"]:
-        return f"; onnxruntime CPU flavour NOT kept ({f['why_not']})"
-    return "; onnxruntime CPU graph: " + ", ".join(f"{v} {k}" for k, v in f["rewrites"].items() if v)
-
-
-def summary_table(manifest: dict) -> str:
-    rows = [f"{'part':<26}{'max abs':>11}{'rel L2':>11}{'cosine':>11}  status"]
-    for name, rep in manifest["validation"].items():
-        if "psnr_min_required" in rep:  # the INT8 VAE: checked by decoded-video PSNR
-            rows.append(f"{name:<26}{'-':>11}{'-':>11}{'-':>11}  " + (
-                f"ok on {rep['validation_latents']} held-out latents, video PSNR >= {rep['psnr_min']:.1f} dB "
-                "(onnxruntime only)" if rep["written"] else f"not written: {rep['why']}"))
-            continue
-        if rep.get("passed") is None:
-            rows.append(f"{name:<26}{'-':>11}{'-':>11}{'-':>11}  not validated: {rep['skipped'][:60]}")
-            continue
-        worst = max(rep["parity"], key=lambda p: p["rel_l2"])
-        if "tensorrt_qdq" in rep:
-            q = manifest.get("quality", {}).get(name)
-            trt = rep.get("tensorrt_graph")
-            status = (f"ok on {len(rep['parity'])} held-out inputs, TensorRT Q/DQ rules ok"
-                      + (f", video PSNR {q['psnr_mean']:.1f} dB" if q else "")
-                      + (f"; {trt['float_type']} TensorRT graph rel L2 {max(p['rel_l2'] for p in trt['parity']):.2e}"
-                         if trt and trt.get("passed") else "") + _flavour_note(rep))
-        elif "checked" in rep:  # block-streamed, not run whole
-            status = f"ok block by block (worst block rel L2 {rep['block_rel_l2_max']:.2e}), skeleton on " \
-                     f"{len(rep['parity'])} shapes; assembled graph not run (memory)"
-        else:
-            poly = "polygraphy ok" if rep["polygraphy"]["passed"] else "polygraphy MISMATCH"
-            status = f"ok on {len(rep['parity'])} shapes, {poly}" + _flavour_note(rep)
-        rows.append(f"{name:<26}{worst['max_abs']:>11.2e}{worst['rel_l2']:>11.2e}{worst['cosine']:>11.6f}  {status}")
-    for name, q in (manifest.get("quality") or {}).items():
-        if q:
-            from vidrt.calibration.report import format_report
-            rows.append(format_report(name, q))
-    return "\n".join(rows)
-
-
-@click.command()
-@click.option("--model", default="tiny", show_default=True,
-              help="a preset (tiny, small, ...), a vidrt CHECKPOINT_DIR or a diffusers DIR (Wan)")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Bundle directory to create")
-@click.option("--precision", default="fp32", show_default=True, help="Comma list of fp32,fp16,bf16,int8,fp8")
-@click.option("--frames", type=int, help="Bucket frames (with --height/--width; default: the model's)")
-@click.option("--height", type=int)
-@click.option("--width", type=int)
-@click.option("--bucket", "buckets", multiple=True, help="Extra shape bucket FRAMESxHEIGHTxWIDTH (repeatable)")
-@click.option("--vae-tile", type=int, default=4, show_default=True, help="Latent frames per VAE decoder tile")
-@click.option("--no-build", is_flag=True, help="Write the validated ONNX bundle only, never build engines")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out (atomically)")
-@click.option("--calib", type=click.Path(file_okay=False), help="Calibration set (`vidrt calibrate`) for int8/fp8")
-@click.option("--observer", type=click.Choice(["max", "percentile", "mse"]), default="max", show_default=True,
-              help="Activation range observer for int8/fp8")
-@click.option("--smoothquant", type=float, help="SmoothQuant alpha in (0, 1) (off by default; see docs)")
-@click.option("--quantize-all", is_flag=True, help="Also quantize the sensitive layers (embedders, adaLN, final)")
-@click.option("--no-quality", is_flag=True, help="Skip the quantized-video quality report")
-@click.option("--qdq-float", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
-              help="int8/fp8: the float type of TensorRT's Q/DQ graph, i.e. what its unquantized layers build in")
-@click.option("--validate-buckets", is_flag=True,
-              help="Validate a big model (DiT over 1 GiB) at the buckets themselves, not at reduced shapes")
-@click.option("--stream-blocks", is_flag=True,
-              help="Read and export the DiT one transformer block at a time (Wan): for models bigger than memory")
-def main(model, out, precision, frames, height, width, buckets, vae_tile, no_build, overwrite, calib, observer,
-         smoothquant, quantize_all, no_quality, qdq_float, validate_buckets, stream_blocks):
-    """Export MODEL to a validated ONNX (+ TensorRT when available) engine bundle."""
-    from vidrt.models.family import family_config
-    try:
-        cfg = family_config(model)
-        s = cfg.sample
-        pick = lambda v, default: default if v is None else v  # 0 is refused by the shape rules, never "default"
-        bks = [Bucket(pick(frames, s.num_frames), pick(height, s.height), pick(width, s.width))] + \
-            [Bucket.parse(b) for b in buckets]
-        recipe = {"observer": observer, "smoothquant": smoothquant, **({"skip": ()} if quantize_all else {})}
-        man = export_engines(model, out, [p.strip() for p in precision.split(",") if p.strip()], bks, tile=vae_tile,
-                             build=not no_build, overwrite=overwrite, calib=calib, recipe=recipe,
-                             quality=not no_quality, qdq_float=qdq_float, validate_buckets=validate_buckets,
-                             stream_blocks=stream_blocks)
-    except (ConfigError, ExportError, BundleError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(summary_table(man))
-    if not man["buckets_validated"]:
-        click.echo(f"validated at {', '.join(man['validated_at'])} and a probe shape beyond them, not at the buckets "
-                   f"({', '.join(man['buckets'])}): the graphs are shape-generic; --validate-buckets checks those too")
-    eng = man["engines"]
-    click.echo(f"bundle: {out} ({len(man['files'])} files, SHA-256 in manifest.json)")
-    click.echo("TensorRT engines: built" if eng["built"] else f"TensorRT engines: SKIPPED: {eng['skipped_reason']}")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vidrt.models.config import ConfigError, memory_limit
+from vidrt.core.bundle import pid_alive
+from vidrt.core.errors import ConfigError
+from vidrt.core.memory import memory_limit
 
 
 def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
@@ -85,7 +87,6 @@ def save_video(frames: np.ndarray, path: str | Path, fps: int = 8, scale: int = 
 
 def _remove_dead_partials(path: Path) -> None:
     """Temporary files of killed writers to this name (their PID is gone); a live writer's file is left alone."""
-    from vidrt.export.bundle import pid_alive  # one PID rule for bundles and videos; imported only when saving
     for p in path.parent.glob(f".{glob.escape(path.name)}.*.partial{path.suffix.lower()}"):  # names may hold * ? [
         pid = p.name[len(path.name) + 2:].split(".")[0]
         if pid.isdigit() and not pid_alive(int(pid)):

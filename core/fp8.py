@@ -1,6 +1,6 @@
 """FP8 (E4M3) linear layers for the torch backend via torch._scaled_mm: weights quantized once (per tensor),
 activations scaled per call from their absolute max (dynamic, so no calibration set is needed and CUDA graphs can
-capture it). The same layers as the ONNX recipe stay in float (SENSITIVE_MODULES, the vidrt family's quant_skip).
+capture it). The same layers as the ONNX recipe stay in float (QUANT_SKIP, the vidrt family's quant_skip).
 
     to_fp8(pipe.dit)   # in place; returns the names of the converted layers
 
@@ -16,10 +16,11 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-# vidrt's DiT layers kept in float by FP8 here and by the INT8/FP8 ONNX recipe (calibration/quantize.py): the patch
-# embedding, timestep and caption embedders, adaLN modulation, final projection. Matched against module paths
-# ("t_embed.mlp.0") and against ONNX node names in the same dotted form ("/t_embed/mlp.0/Gemm" -> "t_embed.mlp.0.Gemm")
-SENSITIVE_MODULES = (r"^patch_embed(\.|$)", r"^t_embed\.", r"^text_embed\.", r"adaLN", r"^final(\.|$)")
+# The default skip list (vidrt's own DiT's; a family declares its own as Family.quant_skip): kept in float by FP8 here
+# and by the INT8/FP8 ONNX recipe (calibration/quantize.py): the patch embedding, timestep and caption embedders, adaLN
+# modulation, final projection, which quantization hurts most (benchmarks/QUANTIZATION.md). Matched against module
+# paths ("t_embed.mlp.0") and ONNX node names in the same dotted form ("/t_embed/mlp.0/Gemm" -> "t_embed.mlp.0.Gemm").
+QUANT_SKIP = (r"^patch_embed(\.|$)", r"^t_embed\.", r"^text_embed\.", r"adaLN", r"^final(\.|$)")
 
 
 def quantize_act(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +63,7 @@ class Fp8Linear(nn.Module):
     quantize = staticmethod(quantize_act)  # to_fp8(compile_quant=True) sets a fused (compiled) one per instance
 
 
-def to_fp8(module: nn.Module, skip: tuple[str, ...] = SENSITIVE_MODULES, compile_quant: bool = False) -> list[str]:
+def to_fp8(module: nn.Module, skip: tuple[str, ...] = QUANT_SKIP, compile_quant: bool = False) -> list[str]:
     """Replace every nn.Linear whose dims are multiples of 16 and whose name matches no `skip` regex.
     compile_quant: quantize activations with one torch.compile'd (Triton) kernel instead of eager ops (CUDA)."""
     quant = torch.compile(quantize_act, dynamic=True) if compile_quant else None

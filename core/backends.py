@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ort import ort_session
+from vidrt.core.ort import ort_session
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -303,3 +303,4 @@ def make_part(backend: str, name: str, source, device: str = "cpu", **kw) -> Par
     if backend == "tensorrt":
         return TrtPart(name, source, device=device, **kw)
     raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
