@@ -323,7 +323,7 @@ def feed_and_flops(bundle: Path, calib: str) -> tuple[dict, int, str]:
 
     man = load_manifest(bundle)
     cfg, dit, _ = load_model(man["model_source"])
-    feed = Q.split_samples(load_set(calib, cfg)["dit"])[1][0]
+    feed = Q.split_samples(load_set(calib, cfg).dit)[1][0]
     feed = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in feed.items()}
     flops = dit_flops(dit, tuple(torch.from_numpy(feed[k]) for k in ("latents", "timestep", "text", "text_mask")))
     return feed, flops, cfg.name

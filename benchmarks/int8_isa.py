@@ -36,7 +36,7 @@ MODES = {"runtime (auto)": None, "exact int8 (u8u8)": True, "default kernels (u8
 
 
 def _feed(calib: str, cfg) -> dict:
-    return Q.split_samples(load_set(calib, cfg)["dit"])[1][0]
+    return Q.split_samples(load_set(calib, cfg).dit)[1][0]
 
 
 def step_ms(graphs: dict[str, tuple[Path, bool | None]], feed: dict, reps: int) -> dict[str, float]:
@@ -67,7 +67,7 @@ def _weights7(fp32: Path, calib: str, cfg, recipe: dict, out: Path) -> None:
     """The bundle's int8 recipe with 7-bit weights, from the same calibration feeds as export-engines uses."""
     import onnx
 
-    cal, _ = Q.split_samples(load_set(calib, cfg)["dit"])
+    cal, _ = Q.split_samples(load_set(calib, cfg).dit)
     rec = Q.QuantRecipe(**{**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()},
                            "weight_qmax": 63})
     onnx.save_model(Q.quantize(fp32, Q.collect(fp32, cal, rec), rec), str(out))

@@ -27,7 +27,7 @@ def main(model, calib, out_prefix):
     from modelopt.onnx.quantization import quantize
 
     cfg, dit, _ = load_model(model)
-    cal, val = Q.split_samples(load_set(calib, cfg)["dit"], n_val=20)  # the same split quant_compare uses
+    cal, val = Q.split_samples(load_set(calib, cfg).dit, n_val=20)  # the same split quant_compare uses
     fp32 = ox.export_onnx(dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO,
                           Path(f"{out_prefix}_fp32.onnx"))
     data = {k: np.concatenate([f[k] for f in cal]) for k in cal[0]}

@@ -75,7 +75,7 @@ def _step_ms(graphs: dict[str, tuple[Path, bool]], feed: dict, reps: int) -> dic
 @click.option("--quick", is_flag=True, help="Only the default recipes")
 def main(model, calib, out, steps, extra, reps, quick):
     pipe = Pipeline(model)
-    cal, val = Q.split_samples(load_set(calib, pipe.cfg)["dit"], n_val=20)
+    cal, val = Q.split_samples(load_set(calib, pipe.cfg).dit, n_val=20)
     d = Path(tempfile.mkdtemp(prefix="vidrt-quant-"))
     fp32 = ox.export_onnx(pipe.dit, {k: torch.from_numpy(v) for k, v in val[0].items()}, ox.DIT_IO, d / "dit.onnx")
     st = Q.collect(fp32, cal, Q.QuantRecipe())

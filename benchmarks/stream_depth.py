@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from vidrt.benchmarks.real_size import GEOMETRIES, Step, build_model_dir, machine, run_step
-from vidrt.families.wan.family import PRESETS
+from vidrt.families.wan.config import PRESETS
 
 EXPORT = """import json, sys
 from vidrt.builder.engines import export_engines
-from vidrt.export.tensorrt import Bucket
+from vidrt.core.buckets import Bucket
 model, out = sys.argv[1:]
 man = export_engines(model, out, ["fp32"], [Bucket(9, 64, 64)], parts=("dit",), stream_blocks=True, progress=False,
                      overwrite=True)

@@ -48,7 +48,7 @@ def prepare(bundle: Path, calib: Path, work: Path, n_calib: int) -> dict:
     m = load_manifest(bundle)
     fam = load_family(m["model_source"])
     cfg = fam.cfg
-    lat = load_set(calib, cfg)["vae"]["latents"].numpy()
+    lat = load_set(calib, cfg).vae_latents.numpy()
     cal, held = lat[:n_calib], lat[n_calib:]
     part = vx.DecoderPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)
     part3d = Conv3dPart(fam.vae, cfg.vae.latent_mean, cfg.vae.latent_std)

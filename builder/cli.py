@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from vidrt.core.bundle import BundleError
 from vidrt.core.buckets import Bucket
+from vidrt.core.bundle import BundleError
 from vidrt.core.errors import ConfigError
 from vidrt.core.precisions import ExportError
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from tqdm import tqdm
 
 from vidrt.builder import quantized as Qx
-from vidrt.builder.torch_side import check_export_memory, torch_phase, validation_buckets, with_cases
-from vidrt.calibration.capture import load_set
+from vidrt.builder.plan import ExportOptions, ExportPlan
+from vidrt.builder.torch_side import TorchSide, check_export_memory, torch_phase, validation_buckets, with_cases
+from vidrt.calibration.capture import CalibrationSet, load_set
 from vidrt.calibration.qdq_check import layer_precisions
 from vidrt.core.buckets import Bucket
 from vidrt.core.bundle import BundleWriter, check_out, load_manifest
 from vidrt.core.errors import ConfigError
 from vidrt.core.memory import peak_rss_bytes, rss_bytes, trim_heap
-# re-exported: callers import export_engines' names from here
-from vidrt.core.precisions import FLOAT, PARTS, QUANT, TOLERANCE, ExportError, is_dit  # noqa: F401
+from vidrt.core.precisions import PARTS, QUANT, TOLERANCE, ExportError, is_dit  # noqa: F401 (ExportError: callers')
 from vidrt.core.request import Request
 from vidrt.core.trt import trt_unavailable_reason
 from vidrt.export import onnx_export as ox
@@ -56,122 +57,125 @@ def export_engines(model: str, out: str | Path, precisions: list[str], buckets: 
     The torch work comes first, then the torch DiT is freed and the onnxruntime work runs (torch_side.torch_phase).
     A big DiT is validated at reduced shapes (torch_side.validation_buckets) unless `validate_buckets`.
     `stream_blocks`: the DiT is read and exported one transformer block at a time (export/streamed.py), so the
-    export holds one block of it, whatever its depth; its assembled graph is checked whole where that fits."""
-    from tqdm import tqdm
+    export holds one block of it, whatever its depth; its assembled graph is checked whole where that fits.
+    (Its 18 parameters are the command's flags, one each; past this line they travel as one ExportOptions.)"""
+    opts = ExportOptions(list(precisions), list(buckets), tile, max_batch, build, overwrite, opt_level,
+                         ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold, progress,
+                         tuple(parts), calib, recipe, quality, qdq_float, validate_buckets, stream_blocks)
+    plan = plan_export(model, Path(out), opts)
+    with BundleWriter(out, overwrite=overwrite) as w:
+        graphs = torch_phase(w, plan)  # 1. torch: every graph and torch's outputs; then the torch DiT is freed
+        manifest = plan.manifest()
+        quantized = validate(w, plan, graphs, manifest)  # 3.-4. onnxruntime parity (int8/fp8: quantized); engines
+        report_quality(plan, graphs, quantized, manifest)
+        path = write_bundle(w, plan, graphs, manifest)  # 5. the bundle, renamed into place
+    return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
 
 
-    external_threshold = ox.EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
-    bad = [p for p in precisions if p not in FLOAT and p not in QUANT]
-    if bad or not precisions:
-        raise ConfigError(f"unknown precision {', '.join(bad) or '(none)'}; choose from fp32,fp16,bf16,int8,fp8")
-    quant = [p for p in precisions if p in QUANT]
-    if quant and calib is None:
-        raise ConfigError(f"{','.join(quant)} need a calibration set: run `vidrt calibrate --model {model} --out DIR` "
-                          "and pass --calib DIR")
-    if calib is not None and not quant:  # it would be silently ignored
-        raise ConfigError(f"--calib is only used by int8/fp8 and --precision {','.join(precisions)} has neither: add "
-                          "int8 or fp8 to --precision, or drop --calib")
-    if qdq_float not in FLOAT:
-        raise ConfigError(f"--qdq-float {qdq_float}: the float type of the TensorRT Q/DQ graph is fp16, bf16 or fp32")
-    if tile < 1:  # a tile of 0 latent frames decodes nothing: every generate would fail
-        raise ConfigError(f"--vae-tile {tile}: the VAE decoder tile is a number of latent frames >= 1; use the "
-                          "default 4, or 1 for the least memory")
-    if max_batch < 1:
-        raise ConfigError(f"max_batch {max_batch}: the engines must serve a batch of at least 1 (2 for guidance)")
-    check_out(out, overwrite)  # before any work: an existing --out without --overwrite, or one that is not a bundle
+def plan_export(model: str, out: Path, opts: ExportOptions) -> ExportPlan:
+    """Every check that can fail before any work (flags, --out, shapes, the calibration set, memory), then the
+    family loaded and its parts declared."""
+    opts.check(model)
+    check_out(out, opts.overwrite)  # an existing --out without --overwrite, or one that is not a bundle
     if is_preset(model):
         raise ConfigError(f"{model} is a random-init timing preset without a text encoder; export a diffusers "
                           "directory of the model instead (e.g. one written by save_pretrained)")
     cfg = family_config(model)
-    for b in buckets:  # the family's frame/size rules, before anything is loaded
+    for b in opts.buckets:  # the family's frame/size rules, before anything is loaded
         cfg.latent_shape(b.frames, b.height, b.width)
-    calib_set = None
-    if quant:
-        calib_set = load_set(calib, cfg)  # refuses another model's set, corrupt shards, NaN/inf
-        if str(Bucket(*calib_set["manifest"]["video_shape"])) not in [str(b) for b in buckets]:
-            raise ConfigError(f"calibration set {calib} was captured at {Bucket(*calib_set['manifest']['video_shape'])}"
-                              f", which is not one of the buckets ({', '.join(map(str, buckets))}); add it with "
-                              "--bucket or capture a set at a bucket shape")
+    calib_set = _calibration_set(opts, cfg) if opts.quant else None
     before = rss_bytes()
-    fam = load_family(model, stream_dit=stream_blocks)
-    cfg = fam.cfg
-    # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
-    recipe = {"skip": fam.quant_skip, **(recipe or {})}
+    fam = load_family(model, stream_dit=opts.stream_blocks)
     resident = max(0, rss_bytes() - before)
-    checked = validation_buckets(fam, buckets, validate_buckets)
-    specs = fam.export_parts(parts, buckets, max_batch, tile)  # profiles: the buckets
-    if checked != list(buckets):  # validation feeds and tracing input: the reduced shapes
-        specs = with_cases(specs, fam.export_parts(parts, checked, max_batch, tile))
+    checked = validation_buckets(fam, opts.buckets, opts.validate_buckets)
+    specs = fam.export_parts(opts.parts, opts.buckets, opts.max_batch, opts.tile)  # profiles: the buckets
+    if checked != list(opts.buckets):  # validation feeds and tracing input: the reduced shapes
+        specs = with_cases(specs, fam.export_parts(opts.parts, checked, opts.max_batch, opts.tile))
     specs = {sp.name: sp for sp in specs}
-    memory = check_export_memory(fam, precisions, qdq_float, resident,
+    memory = check_export_memory(fam, opts.precisions, opts.qdq_float, resident,
                                  {n: sp.stream for n, sp in specs.items() if sp.stream is not None})
-    calib_shape = [Bucket(*calib_set["manifest"]["video_shape"])] if quant else []  # int8/fp8 parity, quality
+    calib_shape = [Bucket(*calib_set.video_shape)] if calib_set else []  # int8/fp8 parity, quality
     for b in checked + [c for c in calib_shape if str(c) not in map(str, checked)]:
-        # clear errors before any work; validation runs onnxruntime, which materialises attention
-        fam.check_memory(_max_request(b, max_batch, tile), "cpu", None, "onnxruntime")
-    skip_reason = trt_unavailable_reason() if build else "engine build disabled (--no-build)"
-    manifest = {"model": cfg.to_dict(), "model_source": str(model), "buckets": [str(b) for b in buckets],
-                "validated_at": [str(b) for b in checked], "buckets_validated": checked == list(buckets),
-                "max_batch": max_batch, "vae_tile": tile, "exporter": "torch.onnx.export(dynamo=False)",
-                "export_memory": memory.to_dict(),
-                "opset": ox.OPSET, "parts": {}, "validation": {},
-                "engines": {"built": skip_reason is None, "skipped_reason": skip_reason}}
-    # The text encoder runs once per video: it stays fp32 (HF BERT's fp16 export mixes types, and it is not the cost).
-    floats = [p for p in precisions if p in FLOAT] or ["fp32"]  # quantized bundles still need a float VAE
-    jobs = [(part, prec) for part in specs for prec in  # a family may export a part as several graphs
-            (["fp32"] if part == "text_encoder" else precisions if is_dit(part) else floats)]
-    if quant:
-        manifest["calibration"] = {"set": str(calib), "manifest_digest": calib_set["manifest"]["digest"],
-                                   "video_shape": calib_set["manifest"]["video_shape"]}
-        manifest["quality"] = {}
-    with BundleWriter(out, overwrite=overwrite) as w:
-        # 1. torch: every graph written and torch's outputs on every validation feed; then the torch DiT is freed, so
-        #    the onnxruntime half never holds its weights beside a session's copy of them
-        torch_side = torch_phase(w, fam, specs, jobs, calib_set, qdq_float, external_threshold, progress,
-                                  quality=quality and bool(quant), faithfulness=fam.scores_faithfulness)
-        # 2. onnxruntime: parity, calibration statistics, quantization, the quality report
-        stats, quantized = {}, {}  # quantized: precision -> [(spec, graph path)]
-        for part, prec in tqdm(jobs, desc="validate", disable=not progress):
-            name, spec = f"{part}.{prec}", specs[part]
-            t0 = time.time() - torch_side.seconds[name]
-            if prec in QUANT:
-                prep = torch_side.prepared[part]
-                if part not in stats:  # observed once, shared by int8 and fp8
-                    stats[part] = Qx.calibrate(prep, recipe)
-                path, report = Qx.quantized_dit(prep, stats[part], part, prec, recipe, cpu_flavour=qdq_float != "fp32")
-                trt_graph = path
-                if qdq_float != "fp32":  # the TensorRT graph: the same layers and scales on a 16-bit export
-                    trt_graph, report["tensorrt_graph"] = Qx.quantized_16bit(w.dir, prep, stats[part], part, prec,
-                                                                           recipe, qdq_float)
-                manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
-                                                 trt_graph=trt_graph, qdq_float=qdq_float,
-                                                 flavour=report["onnxruntime_cpu"]["cpu_flavour"])
-                quantized.setdefault(prec, []).append((spec, path))
-            else:
-                path = torch_side.graphs[name]
-                streamed = torch_side.streamed.get(name) if not memory.whole_graph else None
-                report = _validate_float(w, name, prec, path, torch_side.refs[part], is_dit(part), streamed)
-                manifest["parts"][name] = _entry(w, spec, prec, path, skip_reason, out, opt_level, t0,
-                                                 flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
-            manifest["validation"][name] = report
-            trim_heap()  # a job's sessions (a whole DiT each) given back before the next job opens its own
-        if "int8" in quant and fam.int8_vae and "vae_decoder" in specs:  # onnxruntime's INT8 VAE, written if its PSNR holds
-            _int8_vae(w, specs["vae_decoder"], calib_set, manifest, external_threshold)
-        # the quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)
-        for prec, dits in quantized.items() if torch_side.quality else ():
-            manifest["quality"][f"dit.{prec}"] = Qx.quality(torch_side.pipe, dits, torch_side.quality, prec)
-            trim_heap()
-        inputs_only = {prep.fp32.name for prep in torch_side.prepared.values()} | \
-            {torch_side.graphs[n].name for n in torch_side.streamed if n.endswith(".fp32")}
-        for graph in inputs_only if "fp32" not in precisions else ():
-            for f in w.dir.glob(graph + "*"):  # the fp32 DiT graph (and its .data) was only the quantizer's input
-                f.unlink()  # or the block-streamed export's, which gives the 16-bit graphs' references
-        for base in w.dir.glob("*.qdq-base.onnx*"):  # so were the 16-bit exports of the TensorRT Q/DQ graphs
-            base.unlink()
-        manifest["streamed"] = {n: r.to_dict() for n, r in torch_side.streamed.items()}
-        manifest["export_memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the process's, measured: vs the estimate
-        path = w.finish(manifest)
-    return load_manifest(path)  # the absolute path: `--out .` names the old directory once it is replaced
+        # validation runs onnxruntime, which materialises attention
+        fam.check_memory(_max_request(b, opts.max_batch, opts.tile), "cpu", None, "onnxruntime")
+    skip_reason = trt_unavailable_reason() if opts.build else "engine build disabled (--no-build)"
+    # the family's quantization recipe: which layers stay in float (measured per family); --quantize-all: none
+    recipe = {"skip": fam.quant_skip, **(opts.recipe or {})}
+    return ExportPlan(model, out, opts, fam, specs, checked, calib_set, recipe, memory, skip_reason)
+
+
+def _calibration_set(opts: ExportOptions, cfg) -> CalibrationSet:
+    """The set at --calib: refuses another model's set, corrupt shards, NaN/inf, and a shape no bucket has."""
+    calib_set = load_set(opts.calib, cfg)
+    shot = Bucket(*calib_set.video_shape)
+    if str(shot) not in [str(b) for b in opts.buckets]:
+        raise ConfigError(f"calibration set {opts.calib} was captured at {shot}, which is not one of the buckets "
+                          f"({', '.join(map(str, opts.buckets))}); add it with --bucket or capture a set at a bucket "
+                          "shape")
+    return calib_set
+
+
+def validate(w, plan: ExportPlan, graphs: TorchSide, manifest: dict) -> dict[str, list]:
+    """Every job on onnxruntime: a float graph's parity against torch; an int8/fp8 DiT calibrated (statistics once
+    per part, shared) and quantized; each entry with its TensorRT engine where one can be built. Returns the
+    quantized DiT graphs by precision [(spec, path)]."""
+    stats, quantized = {}, {}
+    for part, prec in tqdm(plan.jobs, desc="validate", disable=not plan.opts.progress):
+        name, spec = f"{part}.{prec}", plan.specs[part]
+        t0 = time.time() - graphs.seconds[name]
+        if prec in QUANT:
+            if part not in stats:
+                stats[part] = Qx.calibrate(graphs.prepared[part], plan.recipe)
+            report, manifest["parts"][name], path = _quantize(w, plan, graphs, spec, prec, stats[part], t0)
+            quantized.setdefault(prec, []).append((spec, path))
+        else:
+            path = graphs.graphs[name]
+            streamed = graphs.streamed.get(name) if not plan.memory.whole_graph else None
+            report = _validate_float(w, name, prec, path, graphs.refs[part], is_dit(part), streamed)
+            manifest["parts"][name] = _entry(w, plan, spec, prec, path, t0,
+                                             flavour=report.get("onnxruntime_cpu", {}).get("cpu_flavour"))
+        manifest["validation"][name] = report
+        trim_heap()  # a job's sessions (a whole DiT each) given back before the next job opens its own
+    if "int8" in plan.opts.quant and plan.family.int8_vae and "vae_decoder" in plan.specs:
+        _int8_vae(w, plan.specs["vae_decoder"], plan.calib_set, manifest, plan.opts.external_threshold)
+    return quantized
+
+
+def _quantize(w, plan: ExportPlan, graphs: TorchSide, spec, prec: str, stats,
+              t0: float) -> tuple[dict, dict, Path]:
+    """(report, manifest entry, onnxruntime's graph) of one int8/fp8 DiT part: onnxruntime's Q/DQ graph from the
+    fp32 export, and TensorRT's with the same layers and scales on a --qdq-float export."""
+    prep, qdq_float = graphs.prepared[spec.name], plan.opts.qdq_float
+    path, report = Qx.quantized_dit(prep, stats, spec.name, prec, plan.recipe, cpu_flavour=qdq_float != "fp32")
+    trt_graph = path
+    if qdq_float != "fp32":
+        trt_graph, report["tensorrt_graph"] = Qx.quantized_16bit(w.dir, prep, stats, spec.name, prec, plan.recipe,
+                                                               qdq_float)
+    entry = _entry(w, plan, spec, prec, path, t0, trt_graph=trt_graph,
+                   flavour=report["onnxruntime_cpu"]["cpu_flavour"])
+    return report, entry, path
+
+
+def report_quality(plan: ExportPlan, graphs: TorchSide, quantized: dict[str, list], manifest: dict) -> None:
+    """The quality report: once per precision for the whole pipeline (every quantized DiT part in its steps)."""
+    for prec, dits in quantized.items() if graphs.quality else ():
+        manifest["quality"][f"dit.{prec}"] = Qx.quality(graphs.pipe, dits, graphs.quality, prec)
+        trim_heap()
+
+
+def write_bundle(w, plan: ExportPlan, graphs: TorchSide, manifest: dict) -> Path:
+    """Drop the graphs that were only inputs (the fp32 DiT of an int8/fp8-only export, the 16-bit bases of the
+    TensorRT Q/DQ graphs), record what the export held at its peak, and write the manifest."""
+    inputs_only = {prep.fp32.name for prep in graphs.prepared.values()} | \
+        {graphs.graphs[n].name for n in graphs.streamed if n.endswith(".fp32")}
+    for graph in inputs_only if "fp32" not in plan.opts.precisions else ():
+        for f in w.dir.glob(graph + "*"):  # the quantizer's input, or the block-streamed export's references
+            f.unlink()
+    for base in w.dir.glob("*.qdq-base.onnx*"):
+        base.unlink()
+    manifest["streamed"] = {n: r.to_dict() for n, r in graphs.streamed.items()}
+    manifest["export_memory"]["peak_rss_bytes"] = peak_rss_bytes()  # the process's, measured: vs the estimate
+    return w.finish(manifest)
 
 
 def _max_request(b: Bucket, max_batch: int, tile: int) -> Request:
@@ -235,10 +239,11 @@ def _files_entry(w, spec, prec: str, path: Path, t0: float) -> dict:
             "engine": None, "seconds": round(time.time() - t0, 2)}
 
 
-def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None, qdq_float="fp32",
-           flavour=None) -> dict:
-    """flavour: ort_cpu.write_checked's report for a DiT part: onnxruntime runs the graph it kept (its CPU flavour)."""
-    part = spec.name
+def _entry(w, plan: ExportPlan, spec, prec: str, path: Path, t0: float, trt_graph: Path | None = None,
+           flavour: dict | None = None) -> dict:
+    """A part's manifest entry, with its TensorRT engine built where it can be (step 4). flavour:
+    ort_cpu.write_checked's report for a DiT part: onnxruntime runs the graph it kept (its CPU flavour)."""
+    part, qdq_float = spec.name, plan.opts.qdq_float
     entry = _files_entry(w, spec, prec, path, t0)
     # which graph each runtime uses, and how it opens it: one graph serves both, except int8/fp8, where TensorRT
     # builds the 16-bit-typed Q/DQ graph. tensorrt: what the strongly typed engine computes each layer in
@@ -253,10 +258,10 @@ def _entry(w, spec, prec, path, skip_reason, out, opt_level, t0, trt_graph=None,
     if flavour is not None:  # com.microsoft kernels in onnxruntime's graph: which rewrites, or None
         entry["runtimes"]["onnxruntime"].update(graph=flavour["graph"] or path.name,
                                                 cpu_flavour=flavour["rewrites"] if flavour["kept"] else None)
-    if skip_reason is None:
+    if plan.skip_reason is None:
         entry["engine"] = build_engine(trt_graph, w.dir / f"{part}.{prec}.plan", [
             {k: tuple(map(tuple, v)) for k, v in pr.items()} for pr in entry["profiles"]],
-            timing_cache=Path(out).parent / "timing.cache", opt_level=opt_level).name
+            timing_cache=plan.out.parent / "timing.cache", opt_level=plan.opts.opt_level).name
     return entry
 
 
@@ -273,7 +278,7 @@ def _fp32_flavour(w, ref, path: Path, standard: list) -> dict:
     return write_checked(ref, path, flav, standard)[0]
 
 
-def _int8_vae(w, spec, calib_set: dict, manifest: dict, external_threshold: int) -> None:
+def _int8_vae(w, spec, calib_set: CalibrationSet, manifest: dict, external_threshold: int) -> None:
     """vae_decoder.int8: onnxruntime CPU's INT8 VAE decoder, quantized from the fp32 VAE graph (exported for it if
     the bundle has none) and checked by decoded-video PSNR (builder/quantized.int8_vae). No TensorRT engine: its
     asymmetric u8 form is onnxruntime's; TensorRT builds the float VAE."""

@@ -7,18 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vidrt.calibration import quantize as Q
+from vidrt.calibration.capture import CalibrationSet
 from vidrt.calibration.qdq_check import check_tensorrt_qdq
 from vidrt.calibration.report import psnr
 from vidrt.calibration.report import quality_reference as reference
 from vidrt.calibration.report import quality_report
 from vidrt.core.backends import OrtPart
+from vidrt.core.dit_call import DitCall, RoutedDit
 from vidrt.core.errors import ConfigError
 from vidrt.core.ort import cpu_int8
 from vidrt.core.precisions import TOLERANCE, ExportError
 from vidrt.export import onnx_export as ox
 from vidrt.export.onnx_export import Reference
 from vidrt.export.ort_cpu import write_checked
-from vidrt.core.dit_call import DitCall, RoutedDit
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PreparedDit:
     threshold: int | None
 
 
-def prepare_dit(d: Path, spec, calib_set: dict, external_threshold: int | None = None) -> PreparedDit:
+def prepare_dit(d: Path, spec, calib_set: CalibrationSet, external_threshold: int | None = None) -> PreparedDit:
     """The part's fp32 graph (the fp32 job's if it ran), calibration and held-out feeds and torch's outputs on the
     held-out ones (dit_samples). The 16-bit base comes later (export_base16)."""
     cal, cases, served = dit_samples(spec, calib_set)
@@ -45,15 +46,15 @@ def prepare_dit(d: Path, spec, calib_set: dict, external_threshold: int | None =
     return PreparedDit(fp32, None, cal, ox.reference(spec.module, cases), served, external_threshold)
 
 
-def dit_samples(spec, calib_set: dict) -> tuple[list[dict], list[dict], list[float]]:
+def dit_samples(spec, calib_set: CalibrationSet) -> tuple[list[dict], list[dict], list[float]]:
     """(calibration feeds, held-out cases as torch tensors, the timesteps served): the captured DiT calls at the
     timesteps the part serves (spec.calib_select; all of them for a single DiT), a quarter held out."""
     import torch
 
     # the captured call has every DIT_CALL input; the graph takes the ones its family declares (Wan: no text mask)
-    samples = {k: v for k, v in calib_set["dit"].items() if k in spec.io[0]}
+    samples = {k: v for k, v in calib_set.dit.items() if k in spec.io[0]}
     if spec.calib_select is not None:
-        keep = spec.calib_select(calib_set["dit"]["timestep"])
+        keep = spec.calib_select(calib_set.dit["timestep"])
         if int(keep.sum()) < 8:  # split_samples holds a quarter out: too few leave nothing to calibrate or check
             raise ConfigError(f"{spec.name}: the calibration set has {int(keep.sum())} captured DiT calls at the "
                               f"timesteps this part serves (of {len(keep)}); capture with more steps or prompts")
@@ -141,12 +142,12 @@ def quantized_16bit(d: Path, prep: PreparedDit, stats, name: str, prec: str, rec
     return path, report
 
 
-def quality_reference(ref_pipe, calib_set: dict, faithfulness: bool = False):
+def quality_reference(ref_pipe, calib_set: CalibrationSet, faithfulness: bool = False):
     """The fp32 side of the quality report (calibration.report.quality_reference), at the calibrated trajectory's
     shape and step count, run while the torch DiT is loaded."""
-    f, h, w = calib_set["manifest"]["video_shape"]
+    f, h, w = calib_set.video_shape
     return reference(ref_pipe, faithfulness=faithfulness, num_frames=f, height=h, width=w,
-                     num_inference_steps=calib_set["manifest"]["steps"])
+                     num_inference_steps=calib_set.steps)
 
 
 def graph_dit(dits: list, basic_opt: bool = False):
@@ -168,7 +169,7 @@ def quality(pipe, dits: list, reference, prec: str) -> dict:
 VAE_PSNR_MIN = 35.0  # dB, decoded video of held-out latents vs the float graph; below it the INT8 VAE is not written
 
 
-def int8_vae(d: Path, float_graph: Path, calib_set: dict, n_calib: int = 16) -> tuple[Path | None, dict]:
+def int8_vae(d: Path, float_graph: Path, calib_set: CalibrationSet, n_calib: int = 16) -> tuple[Path | None, dict]:
     """onnxruntime CPU's INT8 VAE decoder (onnx_export.quantize_vae_decoder: QLinearConv, 7-bit weights), calibrated
     on the set's first `n_calib` VAE latents and checked on the rest: decoded-video PSNR vs the float graph (uint8
     frames, as the runtime writes them) must reach VAE_PSNR_MIN, else nothing is written and the report says why.
@@ -176,7 +177,7 @@ def int8_vae(d: Path, float_graph: Path, calib_set: dict, n_calib: int = 16) -> 
     import numpy as np
 
 
-    lat = calib_set["vae"]["latents"].numpy()
+    lat = calib_set.vae_latents.numpy()
     n_calib = min(n_calib, len(lat) - 2)
     report = {"graph": "vae_decoder.int8.onnx", "calibration_latents": max(n_calib, 0),
               "validation_latents": len(lat) - max(n_calib, 0), "psnr_min_required": VAE_PSNR_MIN,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vidrt.builder import quantized as Qx
+from vidrt.builder.plan import COPY16_PER_DIT_BYTE, WORKING_PER_DIT_BYTE, ExportPlan, MemoryPlan
 from vidrt.core.buckets import Bucket
 from vidrt.core.errors import ConfigError
 from vidrt.core.memory import memory_limit, trim_heap
@@ -32,33 +33,6 @@ VALIDATION_SHAPES = (Bucket(9, 64, 64), Bucket(17, 96, 128))
 
 def dit_bytes(fam) -> int:
     return sum(p.numel() * p.element_size() for p in fam.dit.parameters())
-
-
-# What export-engines holds beyond the loaded model, per byte of fp32 DiT weights, measured at the Wan 1.3B geometry
-# on this 2-core machine (benchmarks/results/real-size-wan2.1-1.3b-2026-12-07): torch's exporter's buffers (0.3 for
-# the fp32 graph, 0.47 for the fp16 one), heap freed but not yet given back, the quality report's sessions: the
-# process peaked at the loaded model + 0.96 x the DiT. A second 16-bit type of the DiT adds a 16-bit copy.
-WORKING_PER_DIT_BYTE = 1.0
-COPY16_PER_DIT_BYTE = 0.5
-
-
-@dataclass
-class MemoryPlan:
-    """export-engines' peak, estimated before any work from the loaded model (all its torch modules' bytes) and its
-    DiT; checked against the memory limit for what is not resident yet."""
-    model_bytes: int
-    dit_bytes: int
-    copy16: bool
-
-    whole_graph = True  # the DiT's graphs are checked whole on onnxruntime (streamed.StreamPlan may not)
-
-    @property
-    def peak(self) -> int:
-        return int(self.model_bytes + self.dit_bytes * (WORKING_PER_DIT_BYTE + COPY16_PER_DIT_BYTE * self.copy16))
-
-    def to_dict(self) -> dict:
-        return {"model_bytes": self.model_bytes, "dit_bytes": self.dit_bytes, "copy16": self.copy16,
-                "estimate_peak_bytes": self.peak}
 
 
 def model_bytes(fam) -> int:
@@ -136,8 +110,7 @@ class TorchSide:
     streamed: dict = field(default_factory=dict)  # job name -> streamed.StreamReport of its block-streamed export
 
 
-def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, threshold: int, progress: bool,
-                quality: bool, faithfulness: bool) -> TorchSide:
+def torch_phase(w, plan: ExportPlan) -> TorchSide:
     """fp32 first: the fp32 graphs, torch's outputs on every validation feed, the int8/fp8 parts' inputs and the
     quality reference. Then the 16-bit graphs (fp16/bf16 jobs, TensorRT's Q/DQ bases), from 16-bit copies of the
     parts, except a DiT's last 16-bit type, which converts it in place: its fp32 weights are not needed any more.
@@ -145,7 +118,8 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
     import torch
     from tqdm import tqdm
 
-
+    fam, specs, jobs, calib_set, o = plan.family, plan.specs, plan.jobs, plan.calib_set, plan.opts
+    qdq_float, threshold, progress = o.qdq_float, o.external_threshold, o.progress
     side = TorchSide()
     for part, prec in tqdm(sorted(jobs, key=lambda j: j[1] != "fp32"), desc="export fp32", disable=not progress):
         t0, name, spec = time.time(), f"{part}.{prec}", specs[part]
@@ -161,13 +135,13 @@ def torch_phase(w, fam, specs: dict, jobs: list, calib_set, qdq_float: str, thre
         if prec in FLOAT and part not in side.refs:
             side.refs[part] = ox.reference(spec.module, spec.cases)
         side.seconds[name] = time.time() - t0
-    if quality:
+    if o.quality and o.quant:
         side.pipe = Pipeline(fam.cfg.name, family=fam)  # shares the loaded family: no second copy
         skeleton = fam.dit
         if side.streamed:  # the torch DiT is a skeleton: its fp32 graphs (checked against torch) stand in for it
             side.pipe.dit = Qx.graph_dit([(s, side.prepared[s.name].fp32) for s in specs.values() if is_dit(s.name)])
         try:
-            side.quality = Qx.quality_reference(side.pipe, calib_set, faithfulness)
+            side.quality = Qx.quality_reference(side.pipe, calib_set, fam.scores_faithfulness)
         finally:
             side.pipe.dit = skeleton
     for part, dt, in_place in _sixteen_bit(jobs, qdq_float):

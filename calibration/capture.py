@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,7 +130,9 @@ def _record(pipe, rec: Recorder, prompt: str, seed: int, shape: tuple[int, int, 
     """One trajectory's shard: every DiT call's inputs (stacked over steps) and the VAE decoder's input."""
     rec.calls.clear()
     try:
-        lat = pipe.sample_latents(prompt, "", *shape, steps, guidance, seed, progress=False).float().cpu()
+        f, h, w = shape
+        lat = pipe.sample_latents(prompt, "", num_frames=f, height=h, width=w, num_inference_steps=steps,
+                                  guidance_scale=guidance, seed=seed, progress=False).float().cpu()
     except NonFiniteError as e:
         raise CalibrationError(f"{prompt!r}, seed {seed}: {e}; NaN/inf: the model or its inputs are broken (check the "
                                "checkpoint and the guidance scale) and cannot be calibrated on") from e
@@ -182,9 +185,30 @@ def _read_shard(path, name: str) -> dict[str, torch.Tensor]:
     return t
 
 
-def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, int] | None = None) -> dict:
-    """Verify and load a calibration set: {'dit': {name: (N, ...)}, 'vae': {'latents': (M, ...)}, 'manifest'}.
-    Refuses a set captured on another model or shape, a corrupt shard, or NaN/inf values."""
+@dataclass(frozen=True)
+class CalibrationSet:
+    """A verified calibration set: the captured DiT calls `dit` ({DIT_CALL input: (N, ...)}, in the call's order),
+    the VAE's input latents `vae_latents` (M, ...), and its manifest (video_shape, steps, digest, ...)."""
+    dit: dict[str, torch.Tensor]
+    vae_latents: torch.Tensor
+    manifest: dict
+
+    @property
+    def video_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["video_shape"])
+
+    @property
+    def steps(self) -> int:
+        return self.manifest["steps"]
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["digest"]
+
+
+def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, int] | None = None) -> CalibrationSet:
+    """Verify and load a calibration set. Refuses a set captured on another model or shape, a corrupt shard, or
+    NaN/inf values."""
     try:
         m = load_manifest(path, check_versions=False, fmt=FORMAT, kind="calibration set")
     except BundleError as e:
@@ -206,7 +230,7 @@ def load_set(path: str | Path, cfg: ModelConfig, video_shape: tuple[int, int, in
                     dit.setdefault(k[4:], []).append(v.flatten(0, 1))  # (steps * cfg_batch, ...)
             vae.append(t["vae.latents"])
         # the DiT call's argument order (shards store keys sorted)
-        return {"dit": {k: torch.cat(dit[k]) for k in DIT_CALL}, "vae": {"latents": torch.cat(vae)}, "manifest": m}
+        return CalibrationSet({k: torch.cat(dit[k]) for k in DIT_CALL}, torch.cat(vae), m)
     except (RuntimeError, IndexError) as e:  # shards whose tensors do not stack: not one capture
         raise CalibrationError(f"calibration set {path}: its shards do not fit together ({e}); re-run "
                                "`vidrt calibrate`") from e

@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -33,14 +34,21 @@ _DIT_AXES = {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"}, "tim
              "velocity": {0: "batch", 2: "frames", 3: "height", 4: "width"}}
 
 
-def dit_io(inputs: tuple[str, ...] = DIT_CALL) -> tuple:
-    """The DiT graph's (input names, output names, dynamic axes) for the runtime's DiT call, or the subset of its
-    inputs a family's graph takes (Wan: no text_mask), in the call's order."""
+class GraphIO(NamedTuple):
+    """A graph's input names, output names and dynamic axes ({name: {axis: label}}), declared once per part: export,
+    parity, TensorRT profiles and the runtime read it."""
+    inputs: list[str]
+    outputs: list[str]
+    axes: dict[str, dict[int, str]]
+
+
+def dit_io(inputs: tuple[str, ...] = DIT_CALL) -> GraphIO:
+    """The DiT graph's IO for the runtime's DiT call, or the subset of its inputs a family's graph takes (Wan: no
+    text_mask), in the call's order."""
     names = [n for n in DIT_CALL if n in inputs]
-    return names, ["velocity"], {k: v for k, v in _DIT_AXES.items() if k in names or k == "velocity"}
+    return GraphIO(names, ["velocity"], {k: v for k, v in _DIT_AXES.items() if k in names or k == "velocity"})
 
 
-# (input names, output names, dynamic axes) per part
 DIT_IO = dit_io()
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from vidrt.export.onnx_export import GraphIO
 from vidrt.models.diffusers_io import TEXT_PROMPTS
 
 if TYPE_CHECKING:
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class PartSpec:
-    """One exported graph, declared by its family. `io` = (input names, output names, dynamic axes {name: {axis:
-    label}}) is the one declaration export, parity, TensorRT profiles and the runtime read. `cases`: validation feeds
+    """One exported graph, declared by its family. `io` (export/onnx_export.GraphIO: input and output names, dynamic
+    axes) is the one declaration export, parity, TensorRT profiles and the runtime read. `cases`: validation feeds
     (every bucket, and a probe shape unlike every bucket, so a shape baked into the graph fails the export);
     `example`: the tracing feed; `swaps`: a context manager of exact export-time module swaps; `files`: files the
     runtime needs beside the graph (bundle name -> source path). `calib_select`: for a DiT part that serves only some
@@ -29,7 +30,7 @@ class PartSpec:
     `stream`: set when the module is a skeleton whose blocks are read one at a time (block-streamed export)."""
     name: str
     module: torch.nn.Module
-    io: tuple
+    io: GraphIO
     cases: list[dict]
     example: dict
     profiles: list[dict]
@@ -55,7 +56,7 @@ class StreamSource:
         return f"{rel}.{k}."
 
 
-def batch_profiles(io: tuple, feeds: list[dict]) -> list[dict]:
+def batch_profiles(io: GraphIO, feeds: list[dict]) -> list[dict]:
     """TensorRT profiles from one max-batch feed per bucket: every dim exact except the batch axis (1..max)."""
     names, _, axes = io
     out = []
@@ -83,7 +84,7 @@ def text_spec(module: nn.Module, tokenizer, root: Path, inputs: tuple[str, ...],
     family's encoder takes it) -> text; validated at batch 1, max_batch, and a shorter text at a larger batch; the
     tokenizer's files travel in the bundle."""
     axes = {n: {0: "batch", 1: "text_len"} for n in (*inputs, "text")}
-    io = (list(inputs), ["text"], axes)
+    io = GraphIO(list(inputs), ["text"], axes)
 
     def feed(n, length):
         tok = tokenizer((TEXT_PROMPTS * n)[:n], padding="max_length", max_length=length, truncation=True,

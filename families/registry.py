@@ -12,6 +12,7 @@ import torch
 from vidrt.core.backends import BackendError
 from vidrt.core.bundle_parts import BundleParts
 from vidrt.core.errors import ConfigError
+from vidrt.core.manifest import Manifest
 from vidrt.families.base import Family, FamilyConfig
 from vidrt.families.ltx.family import LTXFamily
 from vidrt.families.vidrt.family import VidrtFamily
@@ -97,11 +98,11 @@ def load_family(model: str | Path = "tiny", seed: int = 0, device="cpu", dtype: 
     return fam.from_dir(root, dtype=dtype, stream_dit=stream_dit)
 
 
-def family_of_bundle(manifest: dict, root: Path, backend: str) -> type[Family]:
+def family_of_bundle(manifest: Manifest, backend: str) -> type[Family]:
     """The family a bundle was exported from (its manifest's model.family; none: vidrt's own), or BackendError."""
-    name = manifest["model"].get("family") or OWN.name
+    name = manifest.model.get("family") or OWN.name
     if name not in FAMILIES:
-        raise BackendError(f"bundle {root} is of model family {name!r}, which this vidrt does not know "
+        raise BackendError(f"bundle {manifest.root} is of model family {name!r}, which this vidrt does not know "
                            f"({', '.join(sorted(FAMILIES))}); re-export it")
     fam = FAMILIES[name]
     if backend not in fam.bundle_backends:
@@ -111,5 +112,4 @@ def family_of_bundle(manifest: dict, root: Path, backend: str) -> type[Family]:
 
 
 def load_bundle_family(bundle: BundleParts, precision: str, vae_precision: str | None) -> Family:
-    return family_of_bundle(bundle.manifest, bundle.root, bundle.backend).from_bundle(bundle, precision,
-                                                                                      vae_precision)
+    return family_of_bundle(bundle.manifest, bundle.backend).from_bundle(bundle, precision, vae_precision)

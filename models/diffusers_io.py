@@ -1,7 +1,6 @@
-"""What every diffusers-directory family (families/wan/family.py, families/ltx/family.py) shares: reading the directory's configs and
+"""What every diffusers-directory family (families/wan/, families/ltx/) shares: reading the directory's configs and
 safetensors weights (local files only, never a pickle), dtype casting as diffusers loads models, random-init models
-at real sizes built on the meta device, the text encoder's export declaration, and the tiny word-level tokenizer of
-the tiny test directories (the memory refusal is models.config.refuse_over_limit)."""
+at real sizes built on the meta device, and the tiny word-level tokenizer of the tiny test directories."""
 from __future__ import annotations
 
 import json

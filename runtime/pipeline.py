@@ -11,9 +11,9 @@ import torch
 from tqdm import tqdm
 
 from vidrt.core.backends import BACKENDS, BackendError
-from vidrt.core.bundle import load_manifest
 from vidrt.core.bundle_parts import BundleParts
 from vidrt.core.errors import ConfigError
+from vidrt.core.manifest import Manifest
 from vidrt.core.memory import MAX_GUIDANCE, max_steps
 from vidrt.core.request import Request
 from vidrt.core.schedulers import SHIFT_RANGE
@@ -77,7 +77,7 @@ class Pipeline:
     """`Pipeline("tiny")(prompt, ...)` -> VideoOutput; `Pipeline.from_bundle(dir, backend=...)` runs an exported
     bundle. Safe to share between threads: a lock runs one call at a time (parts hold bound buffers and sessions);
     for parallel runs use one Pipeline per thread (no global state). `max_memory_gb`: the limit requests are checked
-    against before any work (default: VIDRT_MAX_MEMORY_GB, else 80% of the memory available; models.config)."""
+    against before any work (default: VIDRT_MAX_MEMORY_GB, else 80% of the memory available; core/memory.py)."""
 
     def __init__(self, model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
                  text_encoder=None, max_memory_gb: float | None = None, family: Family | None = None,
@@ -112,8 +112,8 @@ class Pipeline:
                     max_memory_gb: float | None = None) -> "Pipeline":
         """Load a verified export-engines bundle. backend: onnxruntime (ONNX parts) or tensorrt (engines);
         precision: the DiT's (fp32/fp16/bf16/int8/fp8); the VAE decoder uses `vae_precision`, else, for an int8 DiT
-        on onnxruntime's CPU, the bundle's validated INT8 VAE where it has one, else its first float one. The Pipeline API
-        is unchanged."""
+        on onnxruntime's CPU, the bundle's validated INT8 VAE where it has one, else its first float one. The
+        Pipeline API is unchanged."""
         if backend not in BACKENDS or backend == "torch":
             raise BackendError(f"backend {backend!r} cannot load a bundle; choose onnxruntime or tensorrt "
                                "(backend torch is Pipeline(model))")
@@ -121,12 +121,12 @@ class Pipeline:
             reason = trt_unavailable_reason()
             if reason:
                 raise BackendError(f"backend tensorrt cannot run here: {reason}; use backend='onnxruntime'")
-        m = load_manifest(bundle)
+        m = Manifest.read(bundle)
         if vae_precision is None and precision == "int8" and backend == "onnxruntime" and \
-                torch.device(device).type == "cpu" and "vae_decoder.int8" in m["parts"]:
-            vae_precision = "int8"  # a CPU form, written only after its PSNR check (build/quantized.int8_vae)
-        family = load_bundle_family(BundleParts(bundle, m, backend, device), precision, vae_precision)
-        served = Served(str(bundle), list(m["buckets"]), m["max_batch"])
+                torch.device(device).type == "cpu" and "vae_decoder.int8" in m.parts:
+            vae_precision = "int8"  # a CPU form, written only after its PSNR check (builder/quantized.int8_vae)
+        family = load_bundle_family(BundleParts(m, backend, device), precision, vae_precision)
+        served = Served(str(bundle), list(m.buckets), m.max_batch)
         return cls(family=family, device=device, max_memory_gb=max_memory_gb, backend=backend, served=served)
 
     def _check_bundle_shape(self, frames: int, height: int, width: int, dit_batch: int) -> None:
@@ -231,7 +231,8 @@ class Pipeline:
                 shift: float | None = None, decode_tile: int | None = None,
                 guidance_scale_2: float | None = None) -> "Request":
         """Resolve defaults (None only: 0 is an error, not "default") and validate a request without running
-        anything, memory included (raises ConfigError/BackendError with the fix). Servers call it before queueing."""
+        anything, memory included (raises ConfigError/BackendError with the fix). Servers call it before queueing.
+        (12 parameters: the diffusers-shaped call's fields, one each; sample_latents and __call__ forward them.)"""
         s = self.cfg.sample
         prompts = check_prompts(prompt, "prompt")
         if not prompts or any(not p.strip() for p in prompts):
@@ -281,15 +282,11 @@ class Pipeline:
         """Estimated peak bytes of `r` (saved at `scale`); ConfigError naming it and the limit when over the limit."""
         return self.family.check_memory(r, str(self.device), self.max_memory_gb, self.backend, scale)
 
-    def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
-                       num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                       num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
-                       solver: str | None = None, shift: float | None = None, progress: bool = True,
-                       callback=None, guidance_scale_2: float | None = None) -> torch.Tensor:
-        """Validate the request and run the sampling loop; returns normalised latents (B, C, T, H, W)."""
-        r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                         seed, solver, shift, guidance_scale_2=guidance_scale_2)
-        return self._sample(r, progress, callback)
+    def sample_latents(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, progress: bool = True,
+                       callback=None, **fields) -> torch.Tensor:
+        """Validate the request (`fields`: request()'s, e.g. num_frames=9, seed=1) and run the sampling loop; returns
+        normalised latents (B, C, T, H, W)."""
+        return self._sample(self.request(prompt, negative_prompt, **fields), progress, callback)
 
     def _sample(self, r: Request, progress: bool, callback) -> torch.Tensor:
         if callback is not None and not callable(callback):
@@ -306,13 +303,11 @@ class Pipeline:
             text, mask = self.encode_prompts(r.negative_prompts + r.prompts if g > 1.0 else r.prompts)
             return self.denoise(latents, text, mask, g, sched, progress, callback, r.guidance_scale_2)
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", num_frames: int | None = None,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, solver: str | None = None,
-                 shift: float | None = None, decode_tile: int | None = None, progress: bool = True,
-                 callback=None, guidance_scale_2: float | None = None) -> VideoOutput:
-        r = self.request(prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                         seed, solver, shift, decode_tile, guidance_scale_2)
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, progress: bool = True,
+                 callback=None, **fields) -> VideoOutput:
+        """Text -> video: request(prompt, negative_prompt, **fields), sampled and decoded. `callback(step, num_steps,
+        latents)` runs after every step; returning False cancels (Cancelled)."""
+        r = self.request(prompt, negative_prompt, **fields)
         with self._lock:
             latents = self._sample(r, progress, callback)
             return VideoOutput(self.decode(latents, tile=r.decode_tile), fps=self.cfg.sample.fps)

@@ -29,7 +29,7 @@ def test_capture_records_real_trajectories(pipe, calib):
     assert [(s["prompt"], s["seed"]) for s in m["shards"]] == [(p, s) for p in PROMPTS for s in (0, 5)]
     assert m["latent_shape"] == [8, 3, 4, 4] and m["cfg_batch"] == 2 and m["steps"] == 4
     data = load_set(out, pipe.cfg, (9, 32, 32))
-    dit = data["dit"]
+    dit = data.dit
     assert dit["latents"].shape == (4 * 4 * 2, 8, 3, 4, 4)  # shards x steps x both CFG rows
     ts = dit["timestep"].view(4, 4, 2)
     torch.testing.assert_close(ts[0], torch.tensor(flow_timesteps(4)[:4])[:, None].expand(4, 2))
@@ -40,7 +40,7 @@ def test_capture_records_real_trajectories(pipe, calib):
     assert torch.equal(dit["text_mask"].view(4, 4, 2, -1)[0, 0], mask)
     # the captured VAE input is exactly what the pipeline decodes for that prompt and seed
     want = pipe.sample_latents(PROMPTS[1], seed=5, num_inference_steps=4, progress=False)
-    torch.testing.assert_close(data["vae"]["latents"][3:4], want)
+    torch.testing.assert_close(data.vae_latents[3:4], want)
 
 
 def test_mismatched_sets_are_refused(calib):

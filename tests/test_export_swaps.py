@@ -1,5 +1,5 @@
-"""export/swaps.py and families/wan/export.py: exact export-time swaps that let diffusers' WanTransformer3DModel export with the TorchScript
-exporter (opset 18) as one shape-generic graph. Tiny random model, float32, CPU only."""
+"""export/swaps.py and families/wan/export.py: exact export-time swaps that let diffusers' WanTransformer3DModel
+export with the TorchScript exporter (opset 18) as one shape-generic graph. Tiny random model, float32, CPU only."""
 import pytest
 
 pytest.importorskip("diffusers")

@@ -1,4 +1,4 @@
-"""The LTX-Video family (families/ltx/family.py) on tiny random directories written by diffusers' save_pretrained: parity
+"""The LTX-Video family (families/ltx/) on tiny random directories written by diffusers' save_pretrained: parity
 with diffusers' own LTXPipeline (torch, and an exported bundle on onnxruntime), the frame/size rules, the errors."""
 import json
 

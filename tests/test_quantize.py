@@ -153,7 +153,7 @@ def test_int8_vae_decoder_in_int8_bundles(calib, tmp_path):
     q = Pipeline.from_bundle(out, precision="int8")
     f = Pipeline.from_bundle(out, precision="int8", vae_precision="fp32")
     assert q.vae_part.path.name == "vae_decoder.int8.onnx" and f.vae_part.path.name == "vae_decoder.fp32.onnx"
-    lat = load_set(calib, q.cfg)["vae"]["latents"][-1:]
+    lat = load_set(calib, q.cfg).vae_latents[-1:]
     whole = q.vae.decode_tiled(lat, tile=lat.shape[2], decode_fn=q.vae_part)
     tiled = q.vae.decode_tiled(lat, tile=1, decode_fn=q.vae_part)
     assert torch.equal(whole, tiled)
@@ -169,7 +169,7 @@ def test_observers_and_smoothquant(calib):
     by s and multiplies the weight rows by s, so the float graph is unchanged."""
     from vidrt.models.checkpoint import load_model
     cfg, dit, _ = load_model("tiny")
-    cal, val = Q.split_samples(load_set(calib, cfg)["dit"], n_calib=16, n_val=2)
+    cal, val = Q.split_samples(load_set(calib, cfg).dit, n_calib=16, n_val=2)
     rows = np.abs(np.random.default_rng(0).standard_t(3, size=(4096, 8))).astype(np.float32)
     chan = rows.max(axis=0)
     amax = {o: Q.observe(rows, chan, Q.QuantRecipe(observer=o)) for o in ("max", "percentile", "mse")}
@@ -342,7 +342,7 @@ def test_conv_layers_quantize_per_output_channel(calib, tmp_path):
     from vidrt.models.checkpoint import load_model
     cfg, _, vae = load_model("tiny")
     part = vx.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std)
-    lat = load_set(calib, cfg)["vae"]["latents"]
+    lat = load_set(calib, cfg).vae_latents
     fp32 = ox.export_onnx(part, {"latents": lat[:1]}, vx.VAE_IO, tmp_path / "vae.onnx")
     rec = Q.QuantRecipe("int8")
     m = Q.quantize(fp32, Q.collect(fp32, [{"latents": lat[i:i + 1].numpy()} for i in range(4)], rec), rec)
@@ -367,7 +367,7 @@ def test_int8_exact_on_cpus_without_vnni(bundle, calib):
     out, _ = bundle
     path = out / "dit.int8.onnx"
     from vidrt.models.checkpoint import load_model
-    val = Q.split_samples(load_set(calib, load_model("tiny")[0])["dit"])[1]  # 8 held-out feeds (CFG batch 2)
+    val = Q.split_samples(load_set(calib, load_model("tiny")[0]).dit)[1]  # 8 held-out feeds (CFG batch 2)
     ref, here = ort_session(path, basic_opt=True), ort_session(path)
     with contextlib.ExitStack() as stack:  # every valgrind child is closed, whatever fails
         saturating = stack.enter_context(contextlib.closing(EmulatedOrtPart("dit", path, exact_int8=False)))
@@ -396,7 +396,7 @@ def test_int8_vae_is_exact_on_cpus_without_vnni(calib, tmp_path):
         pytest.skip(emulator_unavailable_reason())
     from vidrt.models.checkpoint import load_model
     cfg, _, vae = load_model("tiny")
-    lat = load_set(calib, cfg)["vae"]["latents"]
+    lat = load_set(calib, cfg).vae_latents
     fp32 = ox.export_onnx(vx.DecoderPart(vae, cfg.vae.latent_mean, cfg.vae.latent_std), {"latents": lat[:1]},
                           vx.VAE_IO, tmp_path / "vae.onnx")
     err = {}

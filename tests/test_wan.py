@@ -261,6 +261,6 @@ def test_big_model_validated_at_reduced_shapes(dirs, tmp_path, monkeypatch):
     assert max(p["rel_l2"] for p in man["validation"]["dit.fp32"]["parity"]) <= 1e-4
     prof = man["parts"]["dit.fp32"]["profiles"][0]["latents"]  # TensorRT's profile: still the real bucket
     assert prof[2] == [2, 16, 21, 60, 104]
-    from vidrt.families.registry import load_family  # buckets no bigger than the reduced shapes are validated as they are
+    from vidrt.families.registry import load_family  # buckets no bigger than the reduced shapes: validated as they are
     small_buckets = [small, Bucket(13, 96, 96)]
     assert torch_side.validation_buckets(load_family(str(dirs["unipc"])), small_buckets, False) == small_buckets

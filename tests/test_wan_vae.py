@@ -1,4 +1,4 @@
-"""Streaming Wan VAE decode (families/wan/vae_export.py) against diffusers' AutoencoderKLWan.decode on a tiny random VAE."""
+"""Streaming Wan VAE decode (families/wan/vae_export.py) against diffusers' AutoencoderKLWan.decode, tiny random VAE."""
 import pytest
 
 pytest.importorskip("diffusers")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vidrt.core.buckets import Bucket
-from vidrt.export.onnx_export import dit_io
+from vidrt.export.onnx_export import GraphIO, dit_io
 from vidrt.export.swaps import exportable, set_forward, swap_rms_norm
 from vidrt.families.ltx.config import LTXConfig
 from vidrt.families.parts import PartSpec, batch_profiles
@@ -114,7 +114,7 @@ def vae_spec(c: LTXConfig, decode: nn.Module, buckets: list[Bucket], probe: tupl
              g: torch.Generator) -> PartSpec:
     """The VAE decoder over the whole latent video, de-normalising inside (LTXDecode)."""
     axes = {0: "batch", 2: "frames", 3: "height", 4: "width"}
-    io = (["latents"], ["video"], {"latents": axes, "video": axes})
+    io = GraphIO(["latents"], ["video"], {"latents": axes, "video": axes})
     per_bucket = [{"latents": torch.randn(1, *c.latent_shape(b.frames, b.height, b.width), generator=g)}
                   for b in buckets]
     probe_feed = {"latents": torch.randn(2, *c.latent_shape(*probe), generator=g)}

@@ -101,13 +101,14 @@ class LTXFamily(Family):
         """An LTX export-engines bundle on onnxruntime: the bundle's tokenizer, text encoder, DiT (with its text mask
         input) and whole-video VAE decoder graphs."""
         _, transformers = require_diffusers()
-        c = LTXConfig.from_dict(bundle.manifest["model"])
+        c = LTXConfig.from_dict(bundle.manifest.model)
         tokenizer = load_pretrained(transformers.AutoTokenizer, bundle.root / "tokenizer", "tokenizer")
-        text = bundle.part("text_encoder", bundle.entry("text_encoder"), lambda ids: (*ids.shape, c.text_dim))
-        vae_part = bundle.part("vae_decoder", bundle.entry("vae_decoder", vae_precision), lambda z: (
+        text = bundle.part(bundle.entry("text_encoder"), lambda ids: (*ids.shape, c.text_dim))
+        dit = bundle.dit(precision)
+        vae_part = bundle.part(bundle.entry("vae_decoder", vae_precision), lambda z: (
             z.shape[0], 3, (z.shape[2] - 1) * c.temporal_factor + 1, z.shape[3] * c.spatial_factor,
             z.shape[4] * c.spatial_factor))
-        fam = cls(c, bundle.dit(precision), vae_part, None, tokenizer, text, bundle.root)
+        fam = cls(c, dit, vae_part, None, tokenizer, text, bundle.root)
         fam.device = torch.device(bundle.device)
         return fam
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vidrt.core.buckets import Bucket, Profile
-from vidrt.export.onnx_export import DIT_IO
+from vidrt.export.onnx_export import DIT_IO, GraphIO
 from vidrt.models.config import ModelConfig
 from vidrt.models.vae import CausalVAE, Decoder
 
@@ -47,11 +47,11 @@ def _vae_context(cfg: ModelConfig) -> int:
         return Decoder(cfg.vae).tile_context()
 
 
-VAE_IO = (["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
+VAE_IO = GraphIO(["latents"], ["video"], {"latents": {0: "batch", 2: "frames", 3: "height", 4: "width"},
                                    "video": {0: "batch", 2: "video_frames", 3: "video_height", 4: "video_width"}})
 
 
-TEXT_IO = (["input_ids", "attention_mask"], ["text"], {
+TEXT_IO = GraphIO(["input_ids", "attention_mask"], ["text"], {
     "input_ids": {0: "batch", 1: "text_len"}, "attention_mask": {0: "batch", 1: "text_len"},
     "text": {0: "batch", 1: "text_len"}})
 

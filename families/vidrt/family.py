@@ -62,16 +62,16 @@ class VidrtFamily(Family):
     def from_bundle(cls, bundle: BundleParts, precision: str, vae_precision: str | None) -> "VidrtFamily":
         """The DiT, the VAE decoder (one temporal tile, sized for the bundle's tile) and the text encoder as parts;
         the VAE itself only on the meta device, for its tiling logic."""
-        cfg = ModelConfig.from_dict(bundle.manifest["model"])
+        cfg = ModelConfig.from_dict(bundle.manifest.model)
         sf, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
         dit = bundle.dit(precision, reuse=True)
-        vae_part = bundle.part("vae_decoder", bundle.entry("vae_decoder", vae_precision), lambda z: (
+        vae_part = bundle.part(bundle.entry("vae_decoder", vae_precision), lambda z: (
             z.shape[0], 3, (z.shape[2] - 1) * tf + 1, z.shape[3] * sf, z.shape[4] * sf))
-        te = bundle.part("text_encoder", bundle.entry("text_encoder"), lambda ids, _: (*ids.shape, cfg.text.dim))
+        te = bundle.part(bundle.entry("text_encoder"), lambda ids, _: (*ids.shape, cfg.text.dim))
         with torch.device("meta"):
             vae = CausalVAE(cfg.vae)
         fam = cls(cfg, dit, vae, _BundleTextEncoder(cfg.text, te), vae_part,
-                  bundle.manifest["vae_tile"])
+                  bundle.manifest.vae_tile)
         fam.device = torch.device(bundle.device)
         return fam
 

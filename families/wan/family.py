@@ -108,14 +108,14 @@ class WanFamily(Family):
         """A Wan export-engines bundle on onnxruntime: the tokenizer saved in the bundle, the text encoder and DiT
         graphs, the VAE's two streaming step graphs."""
         _, transformers = require_diffusers()
-        cfg = WanConfig.from_dict(bundle.manifest["model"])
+        cfg = WanConfig.from_dict(bundle.manifest.model)
         tokenizer = load_pretrained(transformers.AutoTokenizer, bundle.root / "tokenizer", "tokenizer")
-        text = bundle.part("text_encoder", bundle.entry("text_encoder"), lambda ids, _: (*ids.shape, cfg.text_dim))
+        text = bundle.part(bundle.entry("text_encoder"), lambda ids, _: (*ids.shape, cfg.text_dim))
         dit = bundle.dit(precision)
         if cfg.boundary_ratio is not None:  # Wan 2.2 A14B: "dit" the high-noise expert, "dit_2" the low-noise one,
             low = bundle.dit(precision, "dit_2")  # switched as WanDiT and WanPipeline: t < boundary
             dit = RoutedDit([(Served(boundary_timestep(cfg), high=False), low), (None, dit)])
-        steps = [OrtStep(bundle.root / bundle.entry(n, vae_precision)["runtimes"]["onnxruntime"]["graph"])
+        steps = [OrtStep(bundle.root / bundle.entry(n, vae_precision).graph)
                  for n in ("vae_first", "vae_step")]
         fam = cls(cfg, dit, lambda z: stream_decode(steps[0], steps[1], z.float()), None, tokenizer, text,
                   bundle.root)
@@ -182,8 +182,8 @@ class WanFamily(Family):
         graphs (families/wan/export.py)."""
         pf = probe_shape(buckets, self.cfg.temporal_factor, self.cfg.hw_multiple)
         g = torch.Generator().manual_seed(0)
-        specs = [text_spec(self.text_part, self.tokenizer, self.root, ("input_ids", "attention_mask"), self.cfg.text_len,
-                           max_batch)] if "text_encoder" in parts else []
+        specs = [text_spec(self.text_part, self.tokenizer, self.root, ("input_ids", "attention_mask"),
+                           self.cfg.text_len, max_batch)] if "text_encoder" in parts else []
         if "dit" in parts:
             specs += dit_specs(self.cfg, self.dit, self.streams, buckets, max_batch, pf, g)
         if "vae_decoder" in parts:

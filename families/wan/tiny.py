@@ -61,11 +61,11 @@ def save_wan(out: str | Path, scheduler: str = "unipc", seed: int = 0, two_exper
 
 def save_wan_geometry(out: str | Path, transformer: dict, vae: dict, text_layers: int = 2, text_d_model: int = 4096,
                       flow_shift: float = 3.0, seed: int = 0) -> Path:
-    """A random-init Wan directory at a given geometry (families/wan/config.py PRESETS' transformer/vae kwargs), written by
-    WanPipeline.save_pretrained: the transformer as wan.from_preset builds it (meta device, then N(0, 0.02): one copy,
-    which safetensors writes from memory), the VAE with its class's init, a `text_layers`-deep UMT5 at width
-    `text_d_model` (UMT5-XXL's 64-wide heads and FFN ratio) behind the tiny word-level tokenizer, save_wan's
-    scheduler with `flow_shift`. For real-size benchmarks (benchmarks/real_size.py)."""
+    """A random-init Wan directory at a given geometry (families/wan/config.py PRESETS' transformer/vae kwargs),
+    written by WanPipeline.save_pretrained: the transformer as WanFamily.from_preset builds it (meta device, then
+    N(0, 0.02): one copy, which safetensors writes from memory), the VAE with its class's init, a `text_layers`-deep
+    UMT5 at width `text_d_model` (UMT5-XXL's 64-wide heads and FFN ratio) behind the tiny word-level tokenizer,
+    save_wan's scheduler with `flow_shift`. For real-size benchmarks (benchmarks/real_size.py)."""
     diffusers, transformers = require_diffusers()
     torch.manual_seed(seed)
     tokenizer, vocab_size = tiny_tokenizer()

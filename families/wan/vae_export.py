@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from vidrt.core.ort import ort_session
-from vidrt.export.onnx_export import export_onnx
+from vidrt.export.onnx_export import GraphIO, export_onnx
 
 
 def _wan_modules():
@@ -161,8 +161,8 @@ def nearest_for_export(vae: nn.Module) -> Iterator[nn.Module]:
             m.mode = "nearest-exact"
 
 
-def step_io(n_cache: int, scales: list[tuple[int, int]], first: bool, dynamic: bool = True):
-    """(input names, output names, dynamic axes) of a step graph. Dynamic: batch, and latent height/width, which
+def step_io(n_cache: int, scales: list[tuple[int, int]], first: bool, dynamic: bool = True) -> GraphIO:
+    """The IO of a step graph. Dynamic: batch, and latent height/width, which
     every cache and the video follow (cache i's height is latent height x its scale; ONNX names a dim per scale)."""
     cin, cout = [f"cache_{i}" for i in range(n_cache)], [f"cache_out_{i}" for i in range(n_cache)]
     names, outs = ["latent"] + ([] if first else cin), ["video"] + cout
@@ -175,7 +175,7 @@ def step_io(n_cache: int, scales: list[tuple[int, int]], first: bool, dynamic: b
             axes[cout[i]] = dims
             if not first:
                 axes[cin[i]] = dims
-    return names, outs, axes
+    return GraphIO(names, outs, axes)
 
 
 def export_decode_step(vae: nn.Module, out_dir: str | Path, batch: int = 1, h: int = 8, w: int = 8,
