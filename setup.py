@@ -21,7 +21,8 @@ setup(
     # ray: `vidrt batch` and `vidrt serve` (Ray Core actors, Ray Serve deployments with FastAPI)
     # diffusers: model families loaded from diffusers pipeline directories (Wan); accelerate is what diffusers needs to
     # load Wan's transformer (low_cpu_mem_usage)
-    extras_require={"test": ["pytest", "hypothesis"], "ray": ["ray[serve]>=2.40"],
+    # openai: the official SDK as a test client of `vidrt serve`; python-multipart: the SDK's multipart create bodies
+    extras_require={"test": ["pytest", "hypothesis", "openai"], "ray": ["ray[serve]>=2.40", "python-multipart"],
                     "diffusers": ["diffusers>=0.35", "accelerate"]},
     entry_points={"console_scripts": ["vidrt=vidrt.app.cli:main", "export-engines=vidrt.builder.cli:main"]},
 )

@@ -2,6 +2,8 @@
 `Api` (one replica: it holds the job table) is the OpenAI-style HTTP front (see app/serve.py for the contract)."""
 
 import asyncio
+import hmac
+import json
 import threading
 import time
 import uuid
@@ -11,9 +13,10 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayError
+from starlette.exceptions import HTTPException
 
 from vidrt.app.batch import Engine, Worker
 from vidrt.core.errors import ConfigError
@@ -86,14 +89,39 @@ class Generator:
                 await asyncio.wait({run})
 
 
+MAX_PROMPT_CHARS = 4096  # a prompt (or negative prompt) longer than this is refused with 422, never tokenized
+MAX_BODY_BYTES = 1 << 20  # a create body over this is refused with 413 before it is read
+POLL_AFTER_MS = 250  # the pace the OpenAI SDK's poll helper follows (openai-poll-after-ms)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the Api replica checks on every /v1 request before any work: the API keys (none: loopback only, which
+    app/serve.start enforces) and the body size limit."""
+    keys: tuple[str, ...] = ()
+    max_body: int = MAX_BODY_BYTES
+
+    def refuse(self, request: Request) -> JSONResponse | None:
+        if self.keys:
+            auth = request.headers.get("authorization", "")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.keys):
+                return error(401, "missing or wrong API key: send 'Authorization: Bearer KEY' (OpenAI(api_key=KEY))",
+                             "invalid_api_key", kind="authentication_error")
+        n = request.headers.get("content-length")
+        if n is not None and (not n.isdigit() or int(n) > self.max_body):
+            return error(413, f"request body of {n} bytes; the limit is {self.max_body}", "body_too_large")
+        return None
+
+
 class VideoRequest(BaseModel):
     """OpenAI's create-video body (model, prompt, seconds, size) plus the Pipeline's own knobs."""
     model_config = ConfigDict(extra="forbid")
-    prompt: str
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     seconds: float | str | None = None  # rounded to the nearest k * (the VAE's time factor) + 1 frames
     size: str | None = None  # "WIDTHxHEIGHT"
-    negative_prompt: str = ""
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     seed: int = 0
     num_frames: int | None = None
     height: int | None = None
@@ -120,36 +148,67 @@ class Job:
     result: dict | None = None
     call: object = None  # the streaming Serve call, for cancel
 
-    def view(self, model: str) -> dict:
+    def view(self, model: str, fps: int) -> dict:
+        """The OpenAI Video object (every field the SDK's type declares) plus vidrt's own."""
         p, r = self.params, self.result or {}
         return {"id": self.id, "object": "video", "model": model, "status": self.status, "progress": self.progress,
                 "created_at": int(self.created_at), "completed_at": self.completed_at and int(self.completed_at),
                 "expires_at": self.expires_at and int(self.expires_at), "prompt": p["prompt"], "seed": p["seed"],
-                "size": f"{p['width']}x{p['height']}", "num_frames": p["num_frames"], "error": self.error,
+                "seconds": f"{p['num_frames'] / fps:g}", "size": f"{p['width']}x{p['height']}",
+                "remixed_from_video_id": None, "num_frames": p["num_frames"], "error": self.error,
                 "sha256": r.get("sha256"), "worker": self.worker, "attempts": self.attempts,
                 "timings": r.get("timings")}
 
 
-def error(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None):
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+def error(status: int, message: str, code: str, param: str | None = None, headers: dict | None = None,
+          kind: str = "invalid_request_error"):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 api = FastAPI(title="vidrt")
 
 
+def _invalid_response(errors: list[dict], skip: int) -> JSONResponse:
+    e = errors[0]
+    where = ".".join(str(x) for x in e["loc"][skip:]) or None
+    return error(422, f"{where}: {e['msg']}" if where else e["msg"], "invalid_value", where)
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(_req: Request, exc: RequestValidationError):
-    e = exc.errors()[0]
-    where = ".".join(str(x) for x in e["loc"][1:]) or None
-    return error(422, f"{where}: {e['msg']}" if where else e["msg"], "invalid_value", where)
+    return _invalid_response(exc.errors(), 1)
+
+
+async def read_create(request: Request, max_body: int) -> VideoRequest | JSONResponse:
+    """The create body as the OpenAI SDK sends it (multipart/form-data; extra_body fields as more form fields) or as
+    JSON; an uploaded input_reference is refused with 422 naming what this server does."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            fields = dict(await request.form(max_files=1, max_fields=32, max_part_size=max_body))
+        except HTTPException as e:  # a malformed body, or past the part/field limits
+            return error(e.status_code, f"multipart body refused: {e.detail}", "invalid_form")
+        if "input_reference" in fields:
+            return error(422, "input_reference (image-to-video) is not served yet: this server generates text-to-video"
+                         " only; send the prompt alone", "unsupported_value", "input_reference")
+    else:
+        try:
+            fields = json.loads(await request.body() or b"null")
+        except ValueError as e:
+            return error(422, f"the body is not JSON: {e}", "invalid_json")
+    try:
+        return VideoRequest.model_validate(fields)
+    except ValidationError as e:
+        return _invalid_response(e.errors(), 0)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Api:
     def __init__(self, generator, engine: Engine, model_name: str, max_queued: int, ttl_s: float,
-                 queue_timeout_s: float, retries: int):
+                 queue_timeout_s: float, retries: int, guard: Guard = Guard()):
+        # checked in each /v1 route, on this replica (a FastAPI middleware may run in Serve's proxy, without them)
+        self.guard = guard
         # Requests are validated here, before queueing, on a CPU copy of the engine (the replica checks again)
         pipe = Engine(engine.model, engine.bundle, "onnxruntime", engine.precision).load()
         self.check, self.fps = pipe.request, pipe.cfg.sample.fps
@@ -241,11 +300,18 @@ class Api:
         return {"status": "ok"}
 
     @api.get("/v1/models")
-    def models(self):
+    def models(self, request: Request):
+        if refused := self.guard.refuse(request):
+            return refused
         return {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "vidrt"}]}
 
     @api.post("/v1/videos")
-    async def create(self, body: VideoRequest):
+    async def create(self, request: Request):
+        if refused := self.guard.refuse(request):
+            return refused
+        body = await read_create(request, self.guard.max_body)
+        if isinstance(body, JSONResponse):
+            return body
         self._job("")  # sweep first: expired jobs free their queue places
         if body.model not in (None, self.model):
             return error(404, f"model {body.model!r} is not served here; this server serves {self.model!r}",
@@ -274,22 +340,32 @@ class Api:
         j = Job(f"video_{uuid.uuid4().hex}", params)
         self.jobs[j.id] = j
         asyncio.get_running_loop().create_task(self._run(j))
-        return j.view(self.model)
+        return j.view(self.model, self.fps)
 
     # async: FastAPI runs plain `def` routes in worker threads, and the job table, the sweeper task and Serve's call
     # handles belong to the event loop
     @api.get("/v1/videos")
-    async def list_videos(self):
+    async def list_videos(self, request: Request):
+        if refused := self.guard.refuse(request):
+            return refused
         self._sweep()
-        return {"object": "list", "data": [j.view(self.model) for j in self.jobs.values()]}
+        return {"object": "list", "data": [j.view(self.model, self.fps) for j in self.jobs.values()]}
 
     @api.get("/v1/videos/{video_id}")
-    async def get(self, video_id: str):
+    async def get(self, video_id: str, request: Request):
+        if refused := self.guard.refuse(request):
+            return refused
         j = self._job(video_id)
-        return j.view(self.model) if isinstance(j, Job) else j
+        if not isinstance(j, Job):
+            return j
+        busy = j.status in ("queued", "in_progress")
+        return JSONResponse(j.view(self.model, self.fps),
+                            headers={"openai-poll-after-ms": str(POLL_AFTER_MS)} if busy else None)
 
     @api.get("/v1/videos/{video_id}/content")
-    async def content(self, video_id: str):
+    async def content(self, video_id: str, request: Request):
+        if refused := self.guard.refuse(request):
+            return refused
         j = self._job(video_id)
         if not isinstance(j, Job):
             return j
@@ -301,13 +377,15 @@ class Api:
                         headers={"Content-Disposition": f'attachment; filename="{video_id}.mp4"'})
 
     @api.delete("/v1/videos/{video_id}")
-    async def delete(self, video_id: str):
+    async def delete(self, video_id: str, request: Request):
+        if refused := self.guard.refuse(request):
+            return refused
         """A queued or running video is cancelled (kept, status cancelled); a finished one is deleted."""
         j = self._job(video_id)
         if not isinstance(j, Job):
             return j
         if j.status in ("queued", "in_progress"):
             self._stop(j, "cancelled", {"code": "cancelled", "message": "cancelled by DELETE"})
-            return j.view(self.model)
+            return j.view(self.model, self.fps)
         self._forget(j)
         return {"id": video_id, "object": "video.deleted", "deleted": True}

@@ -18,6 +18,7 @@ from vidrt.app.batch import BatchConfig, read_items, run_batch, sha256  # noqa: 
 from vidrt.runtime.pipeline import Pipeline  # noqa: E402
 
 RED = "a red circle moving left on a blue background"
+KEY = "test-key-0123"  # the serve fixture's API key
 YELLOW = "a yellow square moving right on a black background"
 
 
@@ -205,15 +206,17 @@ def server(cluster):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    yield start(ServeConfig(max_queued=1, ttl_s=3, queue_timeout_s=3, port=port))
+    yield start(ServeConfig(max_queued=1, ttl_s=3, queue_timeout_s=3, port=port, api_keys=(KEY,)))
     serve.shutdown()
 
 
-def http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | bytes, dict]:
+def http(method: str, url: str, body: dict | bytes | None = None, key: str | None = KEY) -> tuple[int, dict | bytes,
+                                                                                                 dict]:
     import urllib.error
     import urllib.request
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             status, data, headers = r.status, r.read(), dict(r.headers)
@@ -264,6 +267,55 @@ def test_serve_generates_the_in_process_video_then_expires(server, reference):
 def test_serve_refuses_invalid_requests_with_422(server, body, param):
     status, err, _ = http("POST", f"{server}/v1/videos", body)
     assert status == 422 and err["error"]["message"] and err["error"]["param"] == param
+
+
+def test_serve_with_the_official_openai_sdk(server, reference):
+    """The OpenAI SDK unchanged (multipart create, poll helper, download): the mp4 is the in-process one of the same
+    seed; vidrt's own fields travel as extra_body."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    v = client.videos.create_and_poll(prompt=RED, size="32x32", seconds="1",
+                                      extra_body={"seed": 4, "num_inference_steps": 3})
+    assert (v.status, v.progress, v.size, v.seconds, v.object) == ("completed", 100, "32x32", "1.125", "video")
+    data = client.videos.download_content(v.id).read()
+    assert hashlib.sha256(data).hexdigest() == reference(prompt=RED, seed=4, num_inference_steps=3)
+    assert client.videos.retrieve(v.id).id == v.id
+
+
+def test_serve_keys_and_limits(server):
+    """401 without or with a wrong key (health stays open), 413 past the body limit before it is read, 422 for a
+    prompt past the limit and for an input_reference upload (text-to-video only), all as OpenAI errors."""
+    openai = pytest.importorskip("openai")
+    status, err, _ = http("GET", f"{server}/v1/videos", key=None)
+    assert status == 401 and err["error"]["type"] == "authentication_error"
+    assert http("GET", f"{server}/v1/models", key="wrong-key-123")[0] == 401
+    assert http("GET", f"{server}/healthz", key=None)[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong-key-123", max_retries=0).videos.list()
+    status, err, _ = http("POST", f"{server}/v1/videos", b"x" * (2 << 20))
+    assert status == 413 and err["error"]["code"] == "body_too_large"
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.videos.create(prompt="a red circle " * 400)  # 5200 characters
+    assert e.value.body["param"] == "prompt" and "4096" in e.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.videos.create(prompt=RED, input_reference=("frame.png", b"\x89PNG", "image/png"))
+    assert e.value.body["param"] == "input_reference"
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_key(monkeypatch):
+    from vidrt.app.serve import ServeConfig, check_auth
+    monkeypatch.delenv("VIDRT_API_KEY", raising=False)
+    check_auth(ServeConfig(host="127.0.0.1"))
+    with pytest.raises(ValueError, match="--api-key KEY"):
+        check_auth(ServeConfig(host="0.0.0.0"))
+    check_auth(ServeConfig(host="0.0.0.0", insecure_no_auth=True))
+    check_auth(ServeConfig(host="0.0.0.0", api_keys=("long-enough-key",)))
+    with pytest.raises(ValueError, match="at least 8"):
+        check_auth(ServeConfig(host="0.0.0.0", api_keys=("short",)))
+    monkeypatch.setenv("VIDRT_API_KEY", "from-the-env-1, from-the-env-2")
+    assert ServeConfig(host="0.0.0.0").keys == ("from-the-env-1", "from-the-env-2")
+    check_auth(ServeConfig(host="0.0.0.0"))
 
 
 def test_serve_not_found_and_not_ready(server):
