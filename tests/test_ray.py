@@ -174,8 +174,10 @@ def _kill_when_running(stop: threading.Event, plan: dict, killed: list) -> None:
 
 
 def test_batch_actor_killed_mid_item_is_retried_then_failed(cluster, reference, tmp_path):
+    # item 2 is killed on both attempts: 400 steps keep it running until the killer (polling every 0.05 s, each
+    # status call up to 2 s on a loaded machine) sees it; with 40 a second attempt once finished first (CI, f51a9c3)
     suite = write_jsonl(tmp_path / "suite.jsonl", [{"prompt": RED, "steps": 40, "seed": 1},
-                                                   {"prompt": YELLOW, "steps": 40, "seed": 2},
+                                                   {"prompt": YELLOW, "steps": 400, "seed": 2},
                                                    {"prompt": YELLOW, "steps": 2, "seed": 3}])
     stop, killed, plan = threading.Event(), [], {1: 1, 2: 5}
     killer = threading.Thread(target=_kill_when_running, args=(stop, plan, killed), daemon=True)
