@@ -6,6 +6,7 @@ on which family it is. Optional capabilities are typed class attributes or prope
 from __future__ import annotations
 
 import abc
+import functools
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, ClassVar, Mapping, Protocol
 import torch
 
 from vidrt.core.errors import ConfigError
+from vidrt.core.memory import refuse_over_limit
 from vidrt.core.request import Request
 from vidrt.models.config import SampleDefaults
 
@@ -152,3 +154,17 @@ class Family(abc.ABC):
     def scores_faithfulness(self) -> bool:
         """Whether calibration/evaluate.py's synthetic-scene faithfulness score means anything for this model."""
         return False
+
+
+class DiffusersFamily(Family, abc.ABC):
+    """What the families loaded from diffusers directories share: a config class with from_dir(root) and
+    estimate_memory(frames, height, width, videos, batch, backend, scale) (models/diffusers_io.DirConfig)."""
+
+    @classmethod
+    def config_from_dir(cls, root: Path) -> FamilyConfig:
+        return cls.config.from_dir(root)
+
+    def check_memory(self, r: Request, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
+        est = functools.partial(self.cfg.estimate_memory, videos=len(r.prompts), batch=r.dit_batch, backend=backend,
+                                scale=scale)
+        return refuse_over_limit(est, (r.num_frames, r.height, r.width), f"DiT batch {r.dit_batch}", limit_gb, device)

@@ -23,7 +23,6 @@ materialised on the run's device in its dtype (models/diffusers_io.random_init);
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +34,8 @@ from vidrt.core.buckets import Bucket
 from vidrt.core.bundle_parts import BundleParts
 from vidrt.core.dit_call import DitFn
 from vidrt.core.errors import ConfigError
-from vidrt.core.memory import refuse_over_limit
-from vidrt.core.request import Request
 from vidrt.core.schedulers import solver_from_diffusers
-from vidrt.families.base import Family
+from vidrt.families.base import DiffusersFamily
 from vidrt.families.ltx.config import PRESETS, LTXConfig, preset_config, vae_for_init
 from vidrt.families.ltx.export import dit_spec, vae_spec
 from vidrt.families.ltx.modules import LTXDecode, LTXDiT, LTXText
@@ -47,7 +44,7 @@ from vidrt.models.diffusers_io import load_pretrained, load_text, move, random_i
 from vidrt.models.text import offline
 
 
-class LTXFamily(Family):
+class LTXFamily(DiffusersFamily):
     """A loaded LTX-Video directory, preset or bundle (families/base.py: the contract)."""
     name = "ltx"
     config = LTXConfig
@@ -75,10 +72,6 @@ class LTXFamily(Family):
         as LTXPipeline runs it, with its `tokenizer` (None for a preset: no text encoder)."""
         self.cfg, self.dit, self.vae_part, self.vae, self.root = cfg, dit, vae_part, vae, root
         self.tokenizer, self.text_part, self.device = tokenizer, text_part, torch.device("cpu")
-
-    @classmethod
-    def config_from_dir(cls, root: Path) -> LTXConfig:
-        return LTXConfig.from_dir(root)
 
     @classmethod
     def preset_config(cls, name: str) -> LTXConfig:
@@ -156,11 +149,6 @@ class LTXFamily(Family):
             return self.vae_part(latents.float())
         p = next(self.vae.parameters())
         return self.vae_part(latents.to(p.device, p.dtype))
-
-    def check_memory(self, r: Request, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
-        est = functools.partial(self.cfg.estimate_memory, videos=len(r.prompts), batch=r.dit_batch, backend=backend,
-                                scale=scale)
-        return refuse_over_limit(est, (r.num_frames, r.height, r.width), f"DiT batch {r.dit_batch}", limit_gb, device)
 
     def export_parts(self, parts: list[str], buckets: list[Bucket], max_batch: int, tile: int) -> list[PartSpec]:
         """text_encoder (input_ids -> text), dit (with text_mask), vae_decoder (the whole latent video, de-normalising

@@ -14,7 +14,6 @@ the model code is copied. What vidrt adds is the family's side of the contract i
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Callable
 
@@ -26,10 +25,8 @@ from vidrt.core.buckets import Bucket
 from vidrt.core.bundle_parts import BundleParts
 from vidrt.core.dit_call import DitFn, RoutedDit
 from vidrt.core.errors import ConfigError
-from vidrt.core.memory import refuse_over_limit
-from vidrt.core.request import Request
 from vidrt.core.schedulers import solver_from_diffusers
-from vidrt.families.base import Family
+from vidrt.families.base import DiffusersFamily
 from vidrt.families.parts import PartSpec, StreamSource, probe_shape, text_spec
 from vidrt.families.wan.config import PRESETS, WanConfig, boundary_timestep, preset_config
 from vidrt.families.wan.export import dit_specs, vae_specs
@@ -50,7 +47,7 @@ def _load_streamed(root: Path, sub: str) -> tuple[nn.Module, StreamSource]:
     return tr, StreamSource("transformer.blocks", "transformer", weights, block)
 
 
-class WanFamily(Family):
+class WanFamily(DiffusersFamily):
     """A loaded Wan directory, preset or bundle (families/base.py: the contract)."""
     name = "wan"
     config = WanConfig
@@ -70,10 +67,6 @@ class WanFamily(Family):
         self.cfg, self.dit, self.vae_decode, self.vae, self.root = cfg, dit, vae_decode, vae, root
         self.tokenizer, self.text_part, self.streams, self.device = tokenizer, text_part, dict(streams or {}), \
             torch.device("cpu")
-
-    @classmethod
-    def config_from_dir(cls, root: Path) -> WanConfig:
-        return WanConfig.from_dir(root)
 
     @classmethod
     def preset_config(cls, name: str) -> WanConfig:
@@ -171,11 +164,6 @@ class WanFamily(Family):
         mean = torch.tensor(self.cfg.latents_mean, device=dev, dtype=dtype).view(1, c, 1, 1, 1)
         std = torch.tensor(self.cfg.latents_std, device=dev, dtype=dtype).view(1, c, 1, 1, 1)
         return self.vae_decode(latents.to(dev, dtype) * std + mean)
-
-    def check_memory(self, r: Request, device: str, limit_gb: float | None, backend: str, scale: int = 1) -> int:
-        est = functools.partial(self.cfg.estimate_memory, videos=len(r.prompts), batch=r.dit_batch, backend=backend,
-                                scale=scale)
-        return refuse_over_limit(est, (r.num_frames, r.height, r.width), f"DiT batch {r.dit_batch}", limit_gb, device)
 
     def export_parts(self, parts: list[str], buckets: list[Bucket], max_batch: int, tile: int) -> list[PartSpec]:
         """text_encoder (UMT5 -> zero-padded embeddings), one DiT graph per expert, the VAE's two streaming step
